@@ -1,0 +1,99 @@
+"""Settings: `multillm.toml` (or `--config PATH`), then environment overrides.
+
+Loaded once, by the CLI, into typed Structs. Unknown keys in the file are an
+error that names them (msgspec's `forbid_unknown_fields`), unlike messages,
+where unknown fields are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+from multillm.errors import ConfigError
+
+DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_SINK_URL: Final = "sqlite:///multillm-logs.db"
+DEFAULT_CONFIG_FILE: Final = "multillm.toml"
+DEFAULT_MOCK_PORT: Final = 8089
+
+ENV_BROKER_URL: Final = "MULTILLM_BROKER_URL"
+ENV_SINK_URL: Final = "MULTILLM_SINK_URL"
+ENV_CONFIG: Final = "MULTILLM_CONFIG"
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+
+class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One OpenAI-compatible endpoint. The key is inline or read from `api_key_env`."""
+
+    base_url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+    timeout: PositiveFloat = 60.0
+
+    def __repr__(self) -> str:
+        return f"ProviderConfig(base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+    def configured_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class RetryConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The one retry policy around model calls (see `multillm.providers.retry`)."""
+
+    max_attempts: Annotated[int, Meta(ge=1, le=20)] = 4
+    initial_wait: PositiveFloat = 0.5
+    max_wait: PositiveFloat = 10.0
+    budget_seconds: PositiveFloat = 60.0
+
+
+class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    broker_url: str = DEFAULT_BROKER_URL
+    sink_url: str = DEFAULT_SINK_URL
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    delivery_limit: Annotated[int, Meta(ge=1)] = 5
+    shutdown_grace_seconds: PositiveFloat = 30.0
+
+
+def default_providers() -> dict[str, ProviderConfig]:
+    """Used when there is no config file: the bundled mock and OpenAI."""
+    return {
+        "mock": ProviderConfig(base_url=f"http://127.0.0.1:{DEFAULT_MOCK_PORT}/v1", api_key="unused"),
+        "openai": ProviderConfig(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY"),
+    }
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the file (explicit path, `$MULTILLM_CONFIG`, or ./multillm.toml if present) and the env.
+
+    Raises:
+        ConfigError: the file is missing (when named), unreadable, or has a bad or unknown key.
+    """
+    named = path or os.environ.get(ENV_CONFIG)
+    file = Path(named) if named else Path(DEFAULT_CONFIG_FILE)
+    if file.exists():
+        try:
+            settings = msgspec.toml.decode(file.read_bytes(), type=Settings)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+    elif named:
+        raise ConfigError(f"config file {file} does not exist")
+    else:
+        settings = Settings(providers=default_providers())
+    overrides: dict[str, str] = {}
+    if broker := os.environ.get(ENV_BROKER_URL):
+        overrides["broker_url"] = broker
+    if sink := os.environ.get(ENV_SINK_URL):
+        overrides["sink_url"] = sink
+    return msgspec.structs.replace(settings, **overrides) if overrides else settings

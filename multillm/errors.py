@@ -1,0 +1,89 @@
+"""One error tree. Errors a caller can act on carry the RpcStatus code of the reply."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from multillm.schemas import RpcStatus
+
+
+class Code(IntEnum):
+    """gRPC status codes used in `RpcStatus` replies and in records' `error_code`."""
+
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class MultiLLMError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(MultiLLMError):
+    """The configuration file or environment is invalid; the message names the key."""
+
+
+class RequestTimeout(MultiLLMError, TimeoutError):
+    """No reply came before the caller's timeout."""
+
+
+class RpcError(MultiLLMError):
+    """The pipeline answered with an `RpcStatus` instead of a completion."""
+
+    code: int
+    message: str
+
+    def __init__(self, code: int, message: str, details: list[dict[str, object]] | None = None) -> None:
+        super().__init__(f"[{_code_name(code)}] {message}")
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+    @classmethod
+    def from_status(cls, status: RpcStatus) -> RpcError:
+        subclass = _BY_CODE.get(status.code, RpcError)
+        return subclass(status.code, status.message, status.details)
+
+    def to_status(self) -> RpcStatus:
+        return RpcStatus(code=self.code, message=self.message, details=self.details)
+
+
+class InvalidArgument(RpcError):
+    pass
+
+
+class DeadlineExceeded(RpcError):
+    pass
+
+
+class ResourceExhausted(RpcError):
+    pass
+
+
+class Internal(RpcError):
+    pass
+
+
+class Unavailable(RpcError):
+    pass
+
+
+_BY_CODE: dict[int, type[RpcError]] = {
+    Code.INVALID_ARGUMENT: InvalidArgument,
+    Code.DEADLINE_EXCEEDED: DeadlineExceeded,
+    Code.RESOURCE_EXHAUSTED: ResourceExhausted,
+    Code.INTERNAL: Internal,
+    Code.UNAVAILABLE: Unavailable,
+}
+
+
+def _code_name(code: int) -> str:
+    try:
+        return Code(code).name
+    except ValueError:
+        return str(code)
