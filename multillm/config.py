@@ -62,7 +62,6 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
-    delivery_limit: Annotated[int, Meta(ge=1)] = 5
     shutdown_grace_seconds: PositiveFloat = 30.0
 
 

@@ -2,9 +2,9 @@
 
 Every module that touches the broker takes its names from here, so that
 ../DESIGN.md's contract is spelled in exactly one place. Both the kombu
-producers and the pika workers declare topology from `Topology`, which keeps
-the queue arguments identical on both sides (RabbitMQ refuses a redeclaration
-whose arguments differ).
+producers and the pika workers declare queues from the `QueueSpec`s below, which
+keeps the queue arguments identical on both sides (RabbitMQ refuses a
+redeclaration whose arguments differ).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ DEAD_EXCHANGE: Final = "multillm.dead"
 DEAD_QUEUE: Final = "multillm.dead"
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+CLIENT_REPLY_QUEUE_PREFIX: Final = "multillm.reply."
 
 CONTENT_TYPE: Final = "application/json"
 PERSISTENT: Final = 2
@@ -47,42 +48,63 @@ def model_queue(model_name: str) -> str:
     return MODEL_QUEUE_PREFIX + model_name
 
 
+# A message that has been delivered this many times without an ack goes to
+# `multillm.dead`. Fixed here rather than configurable: producers and workers
+# both declare the queues, and RabbitMQ refuses a redeclaration whose arguments
+# differ. Operators tune it with a policy, which needs no redeclaration.
+DELIVERY_LIMIT: Final = 5
+
+
+# Every exchange and its type; all are durable. Declared by whoever connects.
+EXCHANGES: Final = {REQUEST_EXCHANGE: "direct", MODEL_EXCHANGE: "direct", DEAD_EXCHANGE: "fanout"}
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """One durable queue and the exchange and key that feed it."""
+    """One durable queue and the exchange (one of EXCHANGES, or "" for the default) that feeds it."""
 
     name: str
     exchange: str
-    exchange_type: str
     routing_key: str
     arguments: dict[str, object] = field(default_factory=dict)
+    durable: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """Queue arguments shared by every declaration.
+def _work_queue_arguments() -> dict[str, object]:
+    # Quorum queues are replicated and count deliveries; at-least-once
+    # dead-lettering needs `reject-publish` overflow.
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
-    Work queues are quorum queues: replicated, and with `x-delivery-limit` a
-    message that keeps killing workers goes to `multillm.dead` instead of
-    looping. At-least-once dead-lettering needs `reject-publish` overflow.
+
+def requests_queue() -> QueueSpec:
+    return QueueSpec(REQUEST_QUEUE, REQUEST_EXCHANGE, REQUEST_ROUTING_KEY, _work_queue_arguments())
+
+
+def model_queue_spec(model_name: str) -> QueueSpec:
+    return QueueSpec(model_queue(model_name), MODEL_EXCHANGE, model_name, _work_queue_arguments())
+
+
+def dead_queue() -> QueueSpec:
+    return QueueSpec(DEAD_QUEUE, DEAD_EXCHANGE, "", {"x-queue-type": "quorum"})
+
+
+def named_reply_queue(name: str) -> QueueSpec:
+    """A durable reply queue that a service names; fed by the default exchange."""
+    return QueueSpec(name, "", name, {"x-queue-type": "quorum"})
+
+
+def client_reply_queue(unique: str) -> QueueSpec:
+    """The private reply queue of one `Client`.
+
+    Not exclusive, not auto-delete: it must outlive a dropped connection so
+    that replies arriving during a reconnect wait in it. `x-expires` removes it
+    once no client has used it for ten minutes.
     """
-
-    delivery_limit: int = 5
-
-    def _work_arguments(self) -> dict[str, object]:
-        return {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": self.delivery_limit,
-            "x-dead-letter-exchange": DEAD_EXCHANGE,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
-
-    def requests(self) -> QueueSpec:
-        return QueueSpec(REQUEST_QUEUE, REQUEST_EXCHANGE, "direct", REQUEST_ROUTING_KEY, self._work_arguments())
-
-    def model(self, model_name: str) -> QueueSpec:
-        return QueueSpec(model_queue(model_name), MODEL_EXCHANGE, "direct", model_name, self._work_arguments())
-
-    def dead(self) -> QueueSpec:
-        return QueueSpec(DEAD_QUEUE, DEAD_EXCHANGE, "fanout", "", {"x-queue-type": "quorum"})
+    name = CLIENT_REPLY_QUEUE_PREFIX + unique
+    return QueueSpec(name, "", name, {"x-expires": 10 * 60 * 1000}, durable=False)

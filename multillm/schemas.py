@@ -194,6 +194,13 @@ class FanOutCopy(_Wire, frozen=True):
     request: V1CreateMultiLLMChatCompletionRequest
     deadline_ms: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.model_index >= len(self.request.models):
+            raise ValueError(
+                f"modelIndex {self.model_index} is out of range for {len(self.request.models)} model(s)"
+                " - at `$.modelIndex`"
+            )
+
     @property
     def model(self) -> V1Model:
         return self.request.models[self.model_index]

@@ -1,0 +1,5 @@
+import sys
+
+from multillm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""`multillm ...`: run workers, send a request, run the demo and the mock, read the logs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from multillm.cli import commands
+from multillm.config import DEFAULT_MOCK_PORT
+from multillm.errors import ConfigError
+from multillm.logging_setup import configure_logging
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multillm", description=__doc__)
+    parser.add_argument("--config", help="settings file (default: ./multillm.toml if present)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = sub.add_parser("worker", help="run a worker until SIGTERM")
+    kinds = worker.add_subparsers(dest="kind", required=True, metavar="KIND")
+    primary = kinds.add_parser("primary", help="serve multillm.requests: call the primary model, reply")
+    model = kinds.add_parser("model", help="serve multillm.model.<NAME>: call one model, write its record")
+    model.add_argument("--model", required=True, help="provider/model, e.g. openai/gpt-4o-mini")
+    for p in (primary, model):
+        p.add_argument("--concurrency", type=_positive, default=4, help="model calls in flight (default 4)")
+
+    request = sub.add_parser("request", help="send one request, print the reply")
+    request.add_argument("prompt")
+    request.add_argument("--model", action="append", required=True, help="provider/model; repeat for more")
+    request.add_argument("--display-model", type=int, default=0, help="index of the primary model")
+    request.add_argument("--system", help="a system message before the prompt")
+    request.add_argument("--timeout", type=float, default=60.0)
+    request.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+    mock = sub.add_parser("mock-llm", help="an OpenAI-compatible mock server")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=DEFAULT_MOCK_PORT)
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+
+    demo = sub.add_parser("demo", help="the whole pipeline end to end against the mock")
+    demo.add_argument("--requests", type=_positive, default=3, help="how many requests to send")
+    demo.add_argument("--latency-ms", type=float, default=150.0, help="the mock's latency")
+
+    logs = sub.add_parser("logs", help="read the log records in the sink")
+    logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = logs_sub.add_parser("list", help="the latest requests, one line each")
+    listing.add_argument("--limit", type=_positive, default=20)
+    show = logs_sub.add_parser("show", help="one request's models side by side")
+    show.add_argument("request_id")
+    logs_sub.add_parser("stats", help="per-model figures")
+    for p in logs_sub.choices.values():
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    try:
+        return commands.dispatch(args)
+    except ConfigError as exc:
+        print(f"multillm: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except commands.CommandError as exc:
+        print(f"multillm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,84 @@
+"""What each subcommand does; argument parsing stays in `multillm.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import kombu.exceptions
+import msgspec
+
+from multillm.config import Settings, load_settings
+from multillm.errors import MultiLLMError, RpcError
+from multillm.producers import Client, make_request
+from multillm.schemas import ChatMessage, encode
+from multillm.urls import safe_url
+
+
+class CommandError(Exception):
+    """A failure the user can act on, printed as one line without a traceback."""
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "mock-llm":
+        from multillm.mock_llm import main as serve_mock
+
+        serve_mock(args.host, args.port, args.latency_ms)
+        return 0
+    settings = load_settings(args.config)
+    if args.command == "worker":
+        return _worker(settings, args)
+    if args.command == "request":
+        return _request(settings, args)
+    if args.command == "demo":
+        from multillm.cli.demo import run_demo
+
+        return run_demo(settings, requests=args.requests, latency_ms=args.latency_ms)
+    if args.command == "logs":
+        from multillm.cli.logs import run_logs
+
+        return run_logs(settings, args)
+    raise CommandError(f"unknown command {args.command!r}")
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from multillm.workers import run_model_worker, run_primary_worker
+
+    if args.kind == "primary":
+        return run_primary_worker(settings, args.concurrency)
+    return run_model_worker(settings, args.model, args.concurrency)
+
+
+def _request(settings: Settings, args: argparse.Namespace) -> int:
+    messages = [ChatMessage(role="user", content=args.prompt)]
+    if args.system:
+        messages.insert(0, ChatMessage(role="system", content=args.system))
+    try:
+        request = make_request(args.model, messages, display_model=args.display_model)
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise CommandError(f"invalid request: {exc}") from None
+    try:
+        with connect_client(settings) as client:
+            reply = client.create(request, timeout=args.timeout)
+    except RpcError as exc:
+        print(encode(exc.to_status()).decode() if args.json else f"error: {exc}")
+        return 1
+    except MultiLLMError as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        print(encode(reply).decode())
+    else:
+        print(reply.text)
+        print(f"\n(id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})", file=sys.stderr)
+    return 0
+
+
+def connect_client(settings: Settings) -> Client:
+    """A client, or a one-line error naming the broker (without its password) when none answers."""
+    try:
+        return Client(settings.broker_url)
+    except (OSError, kombu.exceptions.OperationalError, MultiLLMError) as exc:
+        raise CommandError(
+            f"cannot reach the broker at {safe_url(settings.broker_url)} ({exc}); "
+            "start RabbitMQ or set MULTILLM_BROKER_URL"
+        ) from None

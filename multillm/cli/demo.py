@@ -1,0 +1,101 @@
+"""`multillm demo`: the whole pipeline on this machine, against the bundled mock LLM.
+
+Starts the mock (in this process, on a free port), a primary worker and one
+worker per extra model (as child processes, exactly as an operator would run
+them), sends a few multi-model requests, prints each reply and every model's
+record side by side, then stops everything with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from multillm import contract
+from multillm.cli.commands import CommandError, connect_client
+from multillm.cli.logs import side_by_side
+from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.config import ENV_CONFIG, Settings
+from multillm.mock_llm import MockLLM
+from multillm.producers import Client, make_request
+from multillm.schemas import LLMLogRecord
+from multillm.sinks import Sink, open_sink
+
+MODELS = ("mock/alpha-large", "mock/beta-small", "mock/gamma-instruct")
+PROMPTS = (
+    "Summarise the plot of Hamlet in one sentence.",
+    "What is a message queue good for?",
+    "Name three prime numbers above one hundred.",
+    "Translate 'good morning' into French.",
+)
+
+
+def _worker_config(settings: Settings, mock_url: str, folder: Path) -> Path:
+    # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
+    path = folder / "multillm.toml"
+    path.write_text(
+        f"broker_url = {json.dumps(settings.broker_url)}\n"
+        f"sink_url = {json.dumps(settings.sink_url)}\n\n"
+        f"[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = \"unused\"\n"
+    )
+    return path
+
+
+def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = 150.0) -> int:
+    client = connect_client(settings)  # fails first, in one line, if no broker answers
+    workers: list[WorkerProcess] = []
+    with tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp, MockLLM(latency_ms=latency_ms) as mock:
+        env = {ENV_CONFIG: str(_worker_config(settings, mock.url, Path(tmp)))}
+        logs = os.path.join(tmp, "workers.log")
+        print(f"mock LLM at {mock.url} ({latency_ms:g} ms a call); sink {settings.sink_url}")
+        try:
+            workers.append(WorkerProcess(["primary", "--concurrency", "4"], env=env, log_path=logs))
+            for model in MODELS:
+                workers.append(WorkerProcess(["model", "--model", model, "--concurrency", "4"], env=env, log_path=logs))
+            wait_for_consumers(settings.broker_url, contract.REQUEST_QUEUE, 1, workers=workers)
+            for model in MODELS:
+                wait_for_consumers(settings.broker_url, contract.model_queue(model), 1, workers=workers)
+            print(f"started {len(workers)} workers: primary + one per model ({', '.join(MODELS)})\n")
+            _send(client, settings, requests)
+        except RuntimeError as exc:
+            raise CommandError(f"{exc}; worker logs: {Path(logs).read_text()[-2000:]}") from None
+        finally:
+            client.close()
+            codes = [w.stop() for w in workers]
+            print(f"\nstopped {len(workers)} workers (exit codes {codes}); mock stopped")
+    return 0
+
+
+def _send(client: Client, settings: Settings, count: int) -> None:
+    pending = []
+    started = time.monotonic()
+    for i in range(count):
+        request = make_request(
+            list(MODELS), PROMPTS[i % len(PROMPTS)], display_model=i % len(MODELS), log_attributes={"demo": str(i)}
+        )
+        pending.append((request, client.submit(request, timeout=60)))
+    sink = open_sink(settings.sink_url)
+    try:
+        for request, future in pending:
+            reply = future.result(timeout=60)
+            print(f"reply to request {future.request_id} in {time.monotonic() - started:.2f}s")
+            print(f"  primary {request.primary.name}: {reply.text}")
+            print(f"  id {reply.id}   external id {reply.primary_external_id}")
+            print(side_by_side(_all_records(sink, future.request_id, len(request.models))))
+            print()
+    finally:
+        sink.close()
+    print("see them again with: multillm logs show REQUEST_ID   (or: multillm logs list / stats)")
+
+
+def _all_records(sink: Sink, request_id: str, expected: int, timeout: float = 30.0) -> list[LLMLogRecord]:
+    """The per-model workers finish on their own time: wait until every model has its record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = sink.records(request_id)
+        if len(records) >= expected or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)

@@ -1,0 +1,87 @@
+"""Starting and stopping worker processes: for the demo, and for tests that need real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import kombu
+
+from multillm.producers.publishing import connect
+
+
+class WorkerProcess:
+    """One `multillm worker ...` child process."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.args = list(args)
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - kept open while it runs
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "multillm", "--log-json", "worker", *self.args],
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it has not exited within `timeout`. Returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if hasattr(self._log, "close"):
+            self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def consumer_count(broker_url: str, queue: str) -> int:
+    """How many consumers `queue` has now; 0 when it does not exist yet."""
+    with connect(broker_url) as connection:
+        try:
+            _, _, consumers = connection.default_channel.queue_declare(queue, passive=True)
+        except kombu.exceptions.ChannelError:
+            return 0
+        return int(consumers)
+
+
+def wait_for_consumers(
+    broker_url: str, queue: str, count: int, *, timeout: float = 30.0, workers: Sequence[WorkerProcess] = ()
+) -> None:
+    """Block until `queue` has at least `count` consumers.
+
+    Raises:
+        RuntimeError: a worker exited first, or the time ran out.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [w for w in workers if not w.alive()]
+        if dead:
+            raise RuntimeError(f"worker {dead[0].args} exited with {dead[0].process.returncode}")
+        if consumer_count(broker_url, queue) >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"queue {queue!r} did not get {count} consumer(s) within {timeout:g}s")

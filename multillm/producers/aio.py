@@ -1,0 +1,49 @@
+"""`AsyncClient`: `Client.create` for asyncio services.
+
+It wraps a `Client`: the confirmed publish runs in a worker thread (kombu is
+blocking), and the reply's future is awaited without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from multillm.config import DEFAULT_BROKER_URL
+from multillm.errors import RequestTimeout
+from multillm.producers.client import DEFAULT_TIMEOUT, Client
+from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
+
+
+class AsyncClient:
+    """Example:
+    async with AsyncClient() as client:
+        reply = await client.create(make_request(["mock/a", "mock/b"], "Hello"))
+    """
+
+    def __init__(
+        self, broker_url: str = DEFAULT_BROKER_URL, *, timeout: float = DEFAULT_TIMEOUT, pool_size: int = 8
+    ) -> None:
+        self.timeout = timeout
+        self._client = Client(broker_url, timeout=timeout, pool_size=pool_size)
+
+    async def create(
+        self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
+    ) -> V1MultiLLMChatCompletion:
+        """Publish `request` and await its reply; raises like `Client.create`."""
+        timeout = self.timeout if timeout is None else timeout
+        pending = await asyncio.to_thread(self._client.submit, request, timeout=timeout)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(pending), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to request {pending.request_id} within {timeout:g}s") from None
+        finally:
+            self._client.forget(pending)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

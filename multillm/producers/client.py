@@ -1,0 +1,205 @@
+"""`Client`: publish a request and wait for its reply, from any number of threads.
+
+Threads: callers publish through `RequestPublisher` (a producer, connection and
+channel each, from a pool). One daemon thread, `_ReplyListener`, owns the reply
+connection: it blocks in `drain_events` on the client's own reply queue and
+completes the waiting call whose correlation id the reply carries.
+
+The reply queue is not exclusive and not auto-delete but expires when unused
+(`x-expires`), so it outlives a dropped connection: replies that arrive while
+the listener reconnects wait in it instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Final
+
+import kombu
+import structlog
+
+from multillm import contract
+from multillm.config import DEFAULT_BROKER_URL
+from multillm.errors import MultiLLMError, RequestTimeout
+from multillm.producers.publishing import RequestPublisher, connect, kombu_queue, new_request_id
+from multillm.producers.replies import Reply, decode_reply_message
+from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TIMEOUT: Final = 120.0
+
+
+class PendingReply(Future[V1MultiLLMChatCompletion]):
+    """The future of one submitted request; `request_id` is its AMQP message and correlation id."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__()
+        self.request_id = request_id
+
+
+class Client:
+    """Sends multi-LLM requests and returns the primary model's reply. Thread-safe.
+
+    Example:
+        with Client() as client:
+            reply = client.create(make_request(["mock/a", "mock/b"], "Hello"))
+            print(reply.text)
+    """
+
+    def __init__(
+        self, broker_url: str = DEFAULT_BROKER_URL, *, timeout: float = DEFAULT_TIMEOUT, pool_size: int = 8
+    ) -> None:
+        self.timeout = timeout
+        self._pending: dict[str, PendingReply] = {}
+        self._lock = threading.Lock()
+        spec = contract.client_reply_queue(uuid.uuid4().hex)
+        self.reply_queue = spec.name
+        self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply)
+        self._listener.start()
+        self._listener.wait_ready(timeout=30.0)
+        self._publisher = RequestPublisher(broker_url, pool_size=pool_size)
+
+    def create(
+        self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
+    ) -> V1MultiLLMChatCompletion:
+        """Publish `request` and wait for its reply.
+
+        Raises:
+            RpcError: (a subclass per code) the pipeline answered with an RpcStatus.
+            RequestTimeout: no reply within `timeout` seconds (default: the client's).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        future = self.submit(request, timeout=timeout)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            raise RequestTimeout(f"no reply to request {future.request_id} within {timeout:g}s") from None
+        finally:
+            self.forget(future)
+
+    def submit(
+        self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
+    ) -> PendingReply:
+        """Publish `request` and return at once; the future completes with the reply.
+
+        Its result raises like `create`, except that the caller applies the
+        timeout (`future.result(timeout)`) and then calls `forget(future)`.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        future = PendingReply(new_request_id())
+        with self._lock:
+            self._pending[future.request_id] = future
+        try:
+            self._publisher.publish(
+                request, reply_to=self.reply_queue, request_id=future.request_id, timeout=timeout
+            )
+        except BaseException:
+            self.forget(future)
+            raise
+        return future
+
+    def publish(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        *,
+        reply_to: str,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Publish without waiting; the reply goes to the named durable queue `reply_to`.
+
+        The queue is declared (durable, quorum) so that no reply is lost before
+        its consumer starts; read it with `ReplyQueue(broker_url, reply_to)`.
+
+        Returns:
+            the request id, which the reply carries as its correlation id.
+        """
+        if not reply_to.startswith("amq."):
+            self._publisher.declare(contract.named_reply_queue(reply_to))
+        return self._publisher.publish(request, reply_to=reply_to, request_id=request_id, timeout=timeout)
+
+    def _on_reply(self, reply: Reply) -> None:
+        with self._lock:
+            future = self._pending.pop(reply.request_id or "", None)
+        if future is None:
+            # A duplicate (at-least-once) or a reply to a call that timed out.
+            log.debug("reply.unmatched", correlation_id=reply.request_id)
+            return
+        try:
+            future.set_result(reply.result())
+        except MultiLLMError as exc:
+            future.set_exception(exc)
+
+    def forget(self, future: PendingReply) -> None:
+        """Stop waiting for a submitted request's reply (after a timeout)."""
+        with self._lock:
+            self._pending.pop(future.request_id, None)
+
+    def close(self) -> None:
+        """Stop the reply listener and close every connection. Calls still waiting time out."""
+        self._listener.stop()
+        self._publisher.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _ReplyListener(threading.Thread):
+    """Owns the reply connection; runs `on_reply` on its own thread for every reply."""
+
+    def __init__(self, broker_url: str, queue: kombu.Queue, on_reply: Callable[[Reply], None]) -> None:
+        super().__init__(name="multillm-replies", daemon=True)
+        self._broker_url = broker_url
+        self._queue = queue
+        self._on_reply = on_reply
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise self._error or RequestTimeout(f"could not reach the broker within {timeout:g}s")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+                return
+            except Exception as exc:  # any broker failure: reconnect, the queue outlives it
+                self._error = exc
+                log.warning("reply_listener.reconnecting", error=f"{type(exc).__name__}: {exc}")
+                self._stopping.wait(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 5.0)
+
+    def _consume(self) -> None:
+        with connect(self._broker_url) as connection:
+            with kombu.Consumer(connection, [self._queue], on_message=self._on_message, no_ack=True):
+                self._ready.set()
+                while not self._stopping.is_set():
+                    try:
+                        # The timeout only bounds how late stop() is noticed; replies wake it at once.
+                        connection.drain_events(timeout=0.5)
+                    except TimeoutError:
+                        continue
+
+    def _on_message(self, message: kombu.Message) -> None:
+        props = message.properties
+        self._on_reply(decode_reply_message(message.body, props.get("type"), props.get("correlation_id")))
+
+
+__all__ = ["DEFAULT_TIMEOUT", "Client", "PendingReply"]

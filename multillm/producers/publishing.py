@@ -1,0 +1,132 @@
+"""Publishing requests with kombu: confirmed, persistent, mandatory, reconnecting.
+
+Threads: `RequestPublisher.publish` may be called from any number of threads.
+Each call borrows a producer from a kombu `ProducerPool`; every pooled producer
+has a connection and channel of its own (py-amqp connections are not
+thread-safe), and `confirm_publish` makes the publish wait for the broker's ack.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from typing import Any, Final
+
+import kombu
+import kombu.pools
+import structlog
+
+from multillm import contract
+from multillm.contract import QueueSpec
+from multillm.errors import Code, Unavailable
+from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
+
+log = structlog.get_logger(__name__)
+
+# kombu's own reconnect loop around a publish: a broker restart takes seconds.
+RETRY_POLICY: Final = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+
+
+def connect(broker_url: str) -> kombu.Connection:
+    """A kombu connection whose channels publish with confirms."""
+    return kombu.Connection(broker_url, transport_options={"confirm_publish": True}, heartbeat=30)
+
+
+def kombu_queue(spec: QueueSpec) -> kombu.Queue:
+    exchange = kombu.Exchange(spec.exchange, contract.EXCHANGES[spec.exchange], durable=True) if spec.exchange else ""
+    return kombu.Queue(
+        spec.name, exchange, routing_key=spec.routing_key, durable=spec.durable, queue_arguments=spec.arguments
+    )
+
+
+def declare_queues(connection: kombu.Connection, *specs: QueueSpec) -> None:
+    """Declare exchanges, queues and bindings, idempotently (same arguments as the workers')."""
+    channel = connection.default_channel
+    for name, kind in contract.EXCHANGES.items():
+        kombu.Exchange(name, kind, durable=True)(channel).declare()
+    for spec in specs:
+        kombu_queue(spec)(channel).declare()
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+class RequestPublisher:
+    """Publishes requests to `multillm.requests`; see the module docstring for threading."""
+
+    def __init__(self, broker_url: str, *, pool_size: int = 8) -> None:
+        self._connection = connect(broker_url)
+        declare_queues(self._connection, contract.requests_queue(), contract.dead_queue())
+        self._returned: set[str] = set()
+        self._lock = threading.Lock()
+        producer = functools.partial(kombu.Producer, on_return=self._on_return)
+        self._pool = kombu.pools.ProducerPool(self._connection.Pool(pool_size), limit=pool_size, Producer=producer)
+
+    def declare(self, spec: QueueSpec) -> None:
+        with self._pool.connections.acquire(block=True) as connection:
+            declare_queues(connection, spec)
+
+    def publish(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        *,
+        reply_to: str | None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Publish one request and wait for the broker's confirm; returns the request id.
+
+        Args:
+            request: the request to send.
+            reply_to: the queue the reply goes to (None: no reply is sent).
+            request_id: the AMQP `message_id`; a fresh UUID when None.
+            correlation_id: echoed on the reply; the request id when None.
+            timeout: seconds the caller will wait: becomes the message's `expiration`
+                and an absolute deadline header, so a worker never calls a model for it late.
+
+        Raises:
+            Unavailable: no queue is bound to the requests exchange.
+        """
+        request_id = request_id or new_request_id()
+        headers: dict[str, Any] = {}
+        if timeout is not None:
+            headers[contract.HEADER_DEADLINE] = int((time.time() + timeout) * 1000)
+        with self._pool.acquire(block=True) as producer:
+            producer.publish(
+                encode(request),
+                exchange=contract.REQUEST_EXCHANGE,
+                routing_key=contract.REQUEST_ROUTING_KEY,
+                content_type=contract.CONTENT_TYPE,
+                content_encoding="utf-8",
+                delivery_mode=contract.PERSISTENT,
+                message_id=request_id,
+                correlation_id=correlation_id or request_id,
+                reply_to=reply_to,
+                expiration=timeout,
+                type=contract.TYPE_REQUEST,
+                headers=headers,
+                mandatory=True,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+            )
+        with self._lock:
+            returned = request_id in self._returned
+            self._returned.discard(request_id)
+        if returned:
+            raise Unavailable(Code.UNAVAILABLE, f"no queue is bound to exchange {contract.REQUEST_EXCHANGE!r}")
+        return request_id
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        # The broker sends basic.return before the confirm, so publish() sees it.
+        message_id = message.properties.get("message_id")
+        with self._lock:
+            self._returned.add(str(message_id))
+
+    def close(self) -> None:
+        self._pool.force_close_all()
+        self._pool.connections.force_close_all()
+        self._connection.release()

@@ -1,0 +1,95 @@
+"""Reading replies: decoding them, and consuming a named, durable reply queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import kombu
+import msgspec
+import structlog
+
+from multillm import contract
+from multillm.errors import Code, RpcError
+from multillm.producers.publishing import connect, declare_queues, kombu_queue
+from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One reply as it arrived: a completion, or an RpcStatus, for the request `request_id`."""
+
+    request_id: str | None
+    completion: V1MultiLLMChatCompletion | None = None
+    status: RpcStatus | None = None
+
+    def result(self) -> V1MultiLLMChatCompletion:
+        """The completion, or the typed RpcError the status stands for."""
+        if self.completion is not None:
+            return self.completion
+        assert self.status is not None
+        raise RpcError.from_status(self.status)
+
+
+def decode_reply_message(body: bytes, message_type: str | None, correlation_id: str | None) -> Reply:
+    """A reply from its body and AMQP `type`; an undecodable body becomes an INTERNAL status."""
+    try:
+        if message_type == contract.TYPE_ERROR:
+            return Reply(correlation_id, status=decode_status(body))
+        return Reply(correlation_id, completion=decode_reply(body))
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return Reply(correlation_id, status=RpcStatus(code=Code.INTERNAL, message=f"undecodable reply: {exc}"))
+
+
+class ReplyQueue:
+    """A named, durable reply queue: publish with `reply_to=name`, read the replies later.
+
+    Replies survive the consumer being away and the broker restarting; each is
+    acked only after the handler returns, so a handler that raises loses nothing.
+    """
+
+    def __init__(self, broker_url: str, name: str) -> None:
+        self.name = name
+        self._spec = contract.named_reply_queue(name)
+        self._connection = connect(broker_url)
+
+    def declare(self) -> None:
+        declare_queues(self._connection, self._spec)
+
+    def consume(
+        self, handler: Callable[[Reply], None], *, limit: int | None = None, idle_timeout: float | None = None
+    ) -> int:
+        """Call `handler` for each reply until `limit` replies, or `idle_timeout` seconds without one.
+
+        Returns:
+            how many replies were handled.
+        """
+        self.declare()
+        handled = 0
+
+        def on_message(message: kombu.Message) -> None:
+            nonlocal handled
+            props = message.properties
+            reply = decode_reply_message(message.body, props.get("type"), props.get("correlation_id"))
+            try:
+                handler(reply)
+            except Exception:
+                message.requeue()
+                raise
+            message.ack()
+            handled += 1
+
+        with kombu.Consumer(
+            self._connection, [kombu_queue(self._spec)], on_message=on_message, prefetch_count=16
+        ):
+            while limit is None or handled < limit:
+                try:
+                    self._connection.drain_events(timeout=idle_timeout)
+                except TimeoutError:
+                    break
+        return handled
+
+    def close(self) -> None:
+        self._connection.release()

@@ -1,0 +1,100 @@
+"""Identity and content of log records: pure functions, shared by both workers.
+
+Identities are derived, never drawn at random, so that a redelivered message
+produces the same `log_id` and `span_id` again and the sink's idempotent write
+keeps exactly one record per model per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Final
+
+from multillm.providers import ModelResult, ProviderError
+from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, V1Tracing
+
+_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c1e-4c55-9b55-2f0f3b7b9a10")
+
+
+def request_id_for(message_id: str | None, correlation_id: str | None, body: bytes) -> str:
+    """The request's id: its `message_id`, or, for a producer that sets none, one derived from
+    the correlation id and body, so that a redelivery still maps to the same id."""
+    if message_id:
+        return message_id
+    digest = hashlib.sha256((correlation_id or "").encode() + b"\0" + body).hexdigest()
+    return str(uuid.uuid5(_NAMESPACE, digest))
+
+
+def log_id_for(request_id: str, model_index: int) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{request_id}/{model_index}"))
+
+
+def _hex(seed: str, length: int) -> str:
+    return hashlib.sha256(seed.encode()).hexdigest()[:length]
+
+
+def record_tracing(tracing: V1Tracing | None, request_id: str, log_id: str) -> V1Tracing:
+    """Each model's record is a new span under the request's span, in the request's trace.
+
+    A request without a trace id gets one derived from its id, so its sibling
+    records can still be found by `trace_id`.
+    """
+    tracing = tracing or V1Tracing()
+    return V1Tracing(
+        session_id=tracing.session_id,
+        trace_id=tracing.trace_id or _hex("trace/" + request_id, 32),
+        span_id=_hex("span/" + log_id, 16),
+        parent_span_id=tracing.span_id,
+    )
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_record(
+    request: V1CreateMultiLLMChatCompletionRequest,
+    request_id: str,
+    model_index: int,
+    outcome: ModelResult | ProviderError,
+    created_at: str,
+    completed_at: str,
+) -> LLMLogRecord:
+    """The record of one model's call. The api key is not a field: it cannot leak here."""
+    model = request.models[model_index]
+    log_id = log_id_for(request_id, model_index)
+    tracing = record_tracing(request.tracing, request_id, log_id)
+    record = LLMLogRecord(
+        log_id=log_id,
+        request_id=request_id,
+        model_name=model.name,
+        model_index=model_index,
+        is_primary=model_index == request.display_model,
+        messages=request.messages,
+        temperature=model.temperature,
+        max_tokens=model.max_tokens,
+        attempts=outcome.attempts,
+        latency_ms=round(outcome.latency_ms, 3),
+        session_id=tracing.session_id,
+        trace_id=tracing.trace_id,
+        span_id=tracing.span_id,
+        parent_span_id=tracing.parent_span_id,
+        user_id=request.user_id,
+        mode=request.stored_mode,
+        log_attributes=request.log_attributes,
+        created_at=created_at,
+        completed_at=completed_at,
+    )
+    if isinstance(outcome, ProviderError):
+        record.status = "error"
+        record.error_code = outcome.code
+        record.error_message = outcome.message
+    else:
+        record.external_id = outcome.external_id
+        record.output = outcome.choices
+        record.prompt_tokens = outcome.usage.prompt_tokens
+        record.completion_tokens = outcome.usage.completion_tokens
+        record.total_tokens = outcome.usage.total_tokens
+    return record

@@ -1,0 +1,23 @@
+"""Keeping api keys out of everything we write: logs, records, replies, dead letters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Final
+
+_API_KEY_FIELD: Final = re.compile(rb'("api_?[kK]ey"\s*:\s*)"(?:[^"\\]|\\.)*"')
+MASK: Final = "***"
+
+
+def redact_body(body: bytes) -> bytes:
+    """Mask every `apiKey` value in a JSON body, even one too broken to decode."""
+    return _API_KEY_FIELD.sub(rb'\1"' + MASK.encode() + rb'"', body)
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace each secret that occurs in `text` (a provider's error, an exception) by a mask."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return text

@@ -1,0 +1,50 @@
+"""The per-model worker's part: take a fan-out copy, call that model, write its record.
+
+The ack waits for the record: when the sink cannot take it, the copy is
+requeued, and the queue's delivery limit dead-letters it if that never ends.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+
+from multillm import contract
+from multillm.errors import Code
+from multillm.redact import redact_body
+from multillm.schemas import FanOutCopy, decode_fanout
+from multillm.workers.consumer import Delivery, Io, Settlement, dead_letter
+from multillm.workers.model_run import ModelRunner
+
+log = structlog.get_logger(__name__)
+
+
+class ModelHandler:
+    def __init__(self, model_name: str, runner: ModelRunner, max_body_bytes: int) -> None:
+        self.model_name = model_name
+        self.queue = contract.model_queue_spec(model_name)
+        self._runner = runner
+        self._max_body_bytes = max_body_bytes
+
+    def on_delivery(self, delivery: Delivery, io: Io) -> None:
+        try:
+            if len(delivery.body) > self._max_body_bytes:
+                raise ValueError(f"body is {len(delivery.body)} bytes, over the limit of {self._max_body_bytes}")
+            copy = decode_fanout(delivery.body)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            reason = f"invalid fan-out copy: {exc}"
+            log.warning("copy.invalid", error=reason, message_id=delivery.properties.message_id)
+            dead = dead_letter(delivery, self.queue.name, reason, Code.INVALID_ARGUMENT, redact_body(delivery.body))
+            io.settle(delivery, Settlement([dead]))
+            return
+        if copy.model.name != self.model_name:
+            log.warning("copy.misrouted", expected=self.model_name, got=copy.model.name)
+        io.submit(delivery, lambda: self._work(copy))
+
+    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
+        reason = f"internal error while serving the copy: {type(error).__name__}"
+        return Settlement([dead_letter(delivery, self.queue.name, reason, Code.INTERNAL, redact_body(delivery.body))])
+
+    def _work(self, copy: FanOutCopy) -> Settlement:
+        run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms)
+        return Settlement(requeue=not run.stored)

@@ -1,0 +1,95 @@
+"""Calling one model of a request and writing its record: the part both workers share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from multillm.errors import Code
+from multillm.providers import ModelResult, ProviderError, Providers
+from multillm.records import build_record, utc_now
+from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest
+from multillm.sinks import Sink
+
+log = structlog.get_logger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRun:
+    record: LLMLogRecord
+    outcome: ModelResult | ProviderError
+    # The record is in the sink, written now or by an earlier delivery of the same message.
+    stored: bool
+
+
+class ModelRunner:
+    """Calls a model through the providers and records the outcome in the sink.
+
+    Runs on the worker's pool threads; providers and sinks are thread-safe.
+    """
+
+    def __init__(self, providers: Providers, sink: Sink) -> None:
+        self._providers = providers
+        self._sink = sink
+
+    def run(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        model_index: int,
+        deadline_ms: int | None = None,
+    ) -> ModelRun:
+        """Call `request.models[model_index]` unless the deadline has passed, then record it."""
+        created_at = utc_now()
+        model = request.models[model_index]
+        outcome: ModelResult | ProviderError
+        if deadline_ms is not None and now_ms() > deadline_ms:
+            outcome = ProviderError(
+                Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called"
+            )
+        else:
+            outcome = self._providers.complete(model, request.messages)
+        return self._record(request, request_id, model_index, outcome, created_at)
+
+    def record_failure(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        model_index: int,
+        error: ProviderError,
+    ) -> ModelRun:
+        """Record a model that was never called (e.g. no worker queue took its copy)."""
+        return self._record(request, request_id, model_index, error, utc_now())
+
+    def _record(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        model_index: int,
+        outcome: ModelResult | ProviderError,
+        created_at: str,
+    ) -> ModelRun:
+        record = build_record(request, request_id, model_index, outcome, created_at, utc_now())
+        bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
+        try:
+            written = self._sink.write(record)
+        except Exception as exc:
+            bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}")
+            return ModelRun(record, outcome, stored=False)
+        bound.info(
+            "record.written" if written else "record.duplicate",
+            status=record.status,
+            error_code=record.error_code,
+            attempts=record.attempts,
+            latency_ms=record.latency_ms,
+        )
+        return ModelRun(record, outcome, stored=True)
+
+
+__all__ = ["ModelRun", "ModelRunner", "now_ms"]

@@ -1,0 +1,204 @@
+"""The primary worker's part of a request's life: validate, fan out, call, record, reply.
+
+On the connection's thread: decode and validate the request, then publish the
+fan-out copies (confirmed) *before* the primary model is called, so the other
+models run at the same time as the primary. On a pool thread: call the primary
+model, write its record, build the reply. Back on the connection's thread, the
+consumer publishes the reply (confirmed) and only then acks the request.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pika
+import structlog
+
+from multillm import contract
+from multillm.errors import Code
+from multillm.providers import ProviderError, Providers
+from multillm.records import request_id_for
+from multillm.redact import redact_body
+from multillm.schemas import (
+    FanOutCopy,
+    RpcStatus,
+    V1ChatCompletion,
+    V1CreateMultiLLMChatCompletionRequest,
+    V1MultiLLMChatCompletion,
+    decode_request,
+    encode,
+)
+from multillm.workers.consumer import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
+
+log = structlog.get_logger(__name__)
+
+_ACCEPTED_ENCODINGS = {None, "", "utf-8", "utf8", "identity"}
+
+
+class InvalidRequest(Exception):
+    """The request cannot be served as sent; the text says why and goes into the RpcStatus."""
+
+
+class PrimaryHandler:
+    queue = contract.requests_queue()
+
+    def __init__(self, providers: Providers, runner: ModelRunner, max_body_bytes: int) -> None:
+        self._providers = providers
+        self._runner = runner
+        self._max_body_bytes = max_body_bytes
+
+    def on_delivery(self, delivery: Delivery, io: Io) -> None:
+        props = delivery.properties
+        request_id = request_id_for(props.message_id, props.correlation_id, delivery.body)
+        bound = log.bind(request_id=request_id)
+        try:
+            request = self._parse(delivery)
+        except InvalidRequest as exc:
+            bound.warning("request.invalid", error=str(exc), reply_to=props.reply_to)
+            status = RpcStatus(code=Code.INVALID_ARGUMENT, message=str(exc))
+            dead = dead_letter(
+                delivery, self.queue.name, str(exc), Code.INVALID_ARGUMENT, redact_body(delivery.body)
+            )
+            io.settle(delivery, Settlement([*self._reply(delivery, request_id, status), dead]))
+            return
+        deadline = _deadline(props)
+        if deadline is not None and now_ms() > deadline:
+            bound.warning("request.expired", deadline_ms=deadline)
+            status = RpcStatus(code=Code.DEADLINE_EXCEEDED, message="the request's deadline passed before it was served")
+            io.settle(delivery, Settlement(self._reply(delivery, request_id, status)))
+            return
+        unrouted = [
+            index
+            for index in range(len(request.models))
+            if index != request.display_model and not io.publish(_fanout(request, request_id, index, deadline))
+        ]
+        bound.info("request.accepted", models=request.model_names(), unrouted=unrouted)
+        io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
+
+    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
+        request_id = request_id_for(delivery.properties.message_id, delivery.properties.correlation_id, delivery.body)
+        message = f"internal error while serving the request: {type(error).__name__}"
+        status = RpcStatus(code=Code.INTERNAL, message=message)
+        dead = dead_letter(delivery, self.queue.name, message, Code.INTERNAL, redact_body(delivery.body))
+        return Settlement([*self._reply(delivery, request_id, status), dead])
+
+    def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
+        props, body = delivery.properties, delivery.body
+        if len(body) > self._max_body_bytes:
+            raise InvalidRequest(f"request body is {len(body)} bytes, over the limit of {self._max_body_bytes}")
+        if props.content_type not in (None, "", contract.CONTENT_TYPE):
+            raise InvalidRequest(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r}")
+        if (props.content_encoding or "").lower() not in _ACCEPTED_ENCODINGS:
+            raise InvalidRequest(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
+        try:
+            request = decode_request(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidRequest(f"invalid request: {exc}") from None
+        for model in request.models:
+            if not self._providers.has(model.provider):
+                raise InvalidRequest(
+                    f"unknown provider {model.provider!r} in model {model.name!r}"
+                    f" (configured: {', '.join(self._providers.names()) or 'none'})"
+                )
+        return request
+
+    # --- on a pool thread -------------------------------------------------
+
+    def _answer(
+        self,
+        delivery: Delivery,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        unrouted: list[int],
+        deadline: int | None,
+    ) -> Settlement:
+        for index in unrouted:
+            name = request.models[index].name
+            error = ProviderError(
+                Code.UNAVAILABLE,
+                f"no queue took the fan-out copy for model {name!r}: start `multillm worker model --model {name}`",
+            )
+            self._runner.record_failure(request, request_id, index, error)
+        run = self._runner.run(request, request_id, request.display_model, deadline)
+        return Settlement(self._reply(delivery, request_id, _reply_body(request, run)))
+
+    def _reply(
+        self, delivery: Delivery, request_id: str, reply: V1MultiLLMChatCompletion | RpcStatus
+    ) -> list[Outgoing]:
+        props = delivery.properties
+        if not props.reply_to:
+            return []
+        kind = contract.TYPE_ERROR if isinstance(reply, RpcStatus) else contract.TYPE_REPLY
+        return [
+            Outgoing(
+                exchange="",
+                routing_key=props.reply_to,
+                body=encode(reply),
+                properties=pika.BasicProperties(
+                    content_type=contract.CONTENT_TYPE,
+                    delivery_mode=contract.PERSISTENT,
+                    correlation_id=props.correlation_id or request_id,
+                    message_id=request_id,
+                    type=kind,
+                ),
+                dead_letter_reason="reply could not be delivered",
+            )
+        ]
+
+
+def _reply_body(
+    request: V1CreateMultiLLMChatCompletionRequest, run: ModelRun
+) -> V1MultiLLMChatCompletion | RpcStatus:
+    outcome = run.outcome
+    if isinstance(outcome, ProviderError):
+        return RpcStatus(
+            code=outcome.code,
+            message=outcome.message,
+            details=[{"logId": run.record.log_id if run.stored else "", "attempts": outcome.attempts}],
+        )
+    log_id = run.record.log_id if run.stored else ""
+    return V1MultiLLMChatCompletion(
+        id=log_id,
+        primary_external_id=outcome.external_id,
+        model_names=request.model_names(),
+        display_model=request.display_model,
+        tracing=request.tracing,
+        mode=request.stored_mode,
+        completion=V1ChatCompletion(
+            id=log_id,
+            external_id=outcome.external_id,
+            model=request.primary.name,
+            choices=outcome.choices,
+            usage=outcome.usage,
+        ),
+    )
+
+
+def _fanout(
+    request: V1CreateMultiLLMChatCompletionRequest, request_id: str, index: int, deadline: int | None
+) -> Outgoing:
+    # Each copy keeps only its own model's api key.
+    models = [m if i == index else m.without_key() for i, m in enumerate(request.models)]
+    copy = FanOutCopy(
+        request_id=request_id,
+        model_index=index,
+        request=msgspec.structs.replace(request, models=models),
+        deadline_ms=deadline,
+    )
+    return Outgoing(
+        exchange=contract.MODEL_EXCHANGE,
+        routing_key=request.models[index].name,
+        body=encode(copy),
+        properties=pika.BasicProperties(
+            content_type=contract.CONTENT_TYPE,
+            delivery_mode=contract.PERSISTENT,
+            message_id=f"{request_id}/{index}",
+            type=contract.TYPE_FANOUT,
+        ),
+    )
+
+
+def _deadline(props: pika.BasicProperties) -> int | None:
+    value = (props.headers or {}).get(contract.HEADER_DEADLINE)
+    # pika decodes 64-bit header integers as its own int subclass; msgspec wants a plain int.
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
