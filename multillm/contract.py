@@ -22,6 +22,9 @@ MODEL_QUEUE_PREFIX: Final = "multillm.model."
 DEAD_EXCHANGE: Final = "multillm.dead"
 DEAD_QUEUE: Final = "multillm.dead"
 
+# The table of log records in SQL sinks (columns: the fields of schemas.LLMLogRecord).
+LOG_TABLE: Final = "llm_logs"
+
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 CLIENT_REPLY_QUEUE_PREFIX: Final = "multillm.reply."
 

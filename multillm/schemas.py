@@ -33,11 +33,11 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 
 
-class _Wire(Struct, rename="camel", omit_defaults=True, kw_only=True):
+class _Wire(Struct, rename="camel", omit_defaults=True, kw_only=True, frozen=True):
     """Base of the wire messages: camelCase names, defaults left out when encoding."""
 
 
-class V1Model(_Wire, frozen=True):
+class V1Model(_Wire):
     name: ModelName
     temperature: Temperature | None = None
     max_tokens: PositiveInt | None = None
@@ -64,18 +64,18 @@ class V1Model(_Wire, frozen=True):
         return msgspec.structs.replace(self, api_key=None)
 
 
-class ToolCallFunction(_Wire, frozen=True):
+class ToolCallFunction(_Wire):
     name: str
     arguments: str = ""
 
 
-class ToolCall(_Wire, frozen=True):
+class ToolCall(_Wire):
     id: str
     type: str = "function"
     function: ToolCallFunction | None = None
 
 
-class ChatMessage(_Wire, frozen=True):
+class ChatMessage(_Wire):
     role: Role
     # A list holds OpenAI content parts (text, image_url, ...), passed through as given.
     content: str | list[dict[str, object]] | None = None
@@ -84,19 +84,19 @@ class ChatMessage(_Wire, frozen=True):
     tool_call_id: str | None = None
 
 
-class V1Tracing(_Wire, frozen=True):
+class V1Tracing(_Wire):
     session_id: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
     parent_span_id: str | None = None
 
 
-class LogAttribute(_Wire, frozen=True):
+class LogAttribute(_Wire):
     key: str
     value: str
 
 
-class V1CreateMultiLLMChatCompletionRequest(_Wire, frozen=True):
+class V1CreateMultiLLMChatCompletionRequest(_Wire):
     models: Annotated[list[V1Model], Meta(min_length=1, max_length=64)]
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     display_model: NonNegativeInt = 0
@@ -128,25 +128,25 @@ class V1CreateMultiLLMChatCompletionRequest(_Wire, frozen=True):
 # --- the reply --------------------------------------------------------------
 
 
-class V1ChatCompletionMessage(_Wire, frozen=True):
+class V1ChatCompletionMessage(_Wire):
     role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class V1Choice(_Wire, frozen=True):
+class V1Choice(_Wire):
     index: int
     message: V1ChatCompletionMessage
     finish_reason: str | None = None
 
 
-class V1Usage(_Wire, frozen=True):
+class V1Usage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class V1ChatCompletion(_Wire, frozen=True):
+class V1ChatCompletion(_Wire):
     id: str
     external_id: str
     model: str
@@ -154,7 +154,7 @@ class V1ChatCompletion(_Wire, frozen=True):
     usage: V1Usage = msgspec.field(default_factory=V1Usage)
 
 
-class V1MultiLLMChatCompletion(_Wire, frozen=True):
+class V1MultiLLMChatCompletion(_Wire):
     id: str
     primary_external_id: str
     model_names: list[str]
@@ -171,7 +171,7 @@ class V1MultiLLMChatCompletion(_Wire, frozen=True):
         return self.completion.choices[0].message.content or ""
 
 
-class RpcStatus(_Wire, frozen=True):
+class RpcStatus(_Wire):
     """gRPC-style error reply; codes as in `multillm.errors.Code`."""
 
     code: int
@@ -182,7 +182,7 @@ class RpcStatus(_Wire, frozen=True):
 # --- worker to worker -------------------------------------------------------
 
 
-class FanOutCopy(_Wire, frozen=True):
+class FanOutCopy(_Wire):
     """What the primary sends to the queue of each other model.
 
     `request` keeps only the api key of the model this copy is for, so a copy

@@ -12,7 +12,7 @@ from multillm.config import Settings, load_settings
 from multillm.errors import MultiLLMError, RpcError
 from multillm.producers import Client, make_request
 from multillm.schemas import ChatMessage, encode
-from multillm.urls import safe_url
+from multillm.urls import mask_url
 
 
 class CommandError(Exception):
@@ -79,6 +79,6 @@ def connect_client(settings: Settings) -> Client:
         return Client(settings.broker_url)
     except (OSError, kombu.exceptions.OperationalError, MultiLLMError) as exc:
         raise CommandError(
-            f"cannot reach the broker at {safe_url(settings.broker_url)} ({exc}); "
+            f"cannot reach the broker at {mask_url(settings.broker_url)} ({exc}); "
             "start RabbitMQ or set MULTILLM_BROKER_URL"
         ) from None

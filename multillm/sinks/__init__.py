@@ -1,0 +1,67 @@
+"""Where log records go: a JSON Lines file, SQLite or PostgreSQL, chosen by URL.
+
+Every sink is idempotent on `log_id`, so a redelivered message never makes a
+second record, and is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from multillm.errors import ConfigError
+from multillm.schemas import LLMLogRecord
+from multillm.sinks._url import file_path, mask_url, postgres_url, split_scheme
+from multillm.sinks.jsonl import JsonlSink
+from multillm.sinks.postgres import PostgresSink
+from multillm.sinks.sqlite import SqliteSink
+
+__all__ = ["JsonlSink", "PostgresSink", "Sink", "SqliteSink", "mask_url", "open_sink"]
+
+_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+psycopg"})
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where `LLMLogRecord`s are stored. Implementations are thread-safe."""
+
+    def write(self, record: LLMLogRecord) -> bool:
+        """Store `record`. True if written, False if a record with its `log_id` already existed."""
+        ...
+
+    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
+        """All records, or those of one request, ordered by `created_at` then `model_index`.
+
+        Args:
+            request_id: only the records of this request.
+            limit: at most this many records (the first in that order).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the file or connection."""
+        ...
+
+
+def open_sink(url: str) -> Sink:
+    """Open the sink named by `url`.
+
+    `jsonl:///relative/path` and `sqlite:///relative.db` are relative to the working
+    folder, `jsonl:////absolute/path` and `sqlite:////absolute.db` are absolute (as
+    SQLAlchemy reads them); `sqlite://` is an in-memory database. `postgresql://...`
+    and `postgres://...` are libpq URLs.
+
+    Raises:
+        ConfigError: the URL is malformed or its scheme unknown (the message masks any
+            password), or psycopg is missing for a PostgreSQL URL.
+    """
+    scheme, rest = split_scheme(url)
+    if scheme == "jsonl":
+        return JsonlSink(file_path(url, rest, memory_ok=False))
+    if scheme == "sqlite":
+        return SqliteSink(file_path(url, rest, memory_ok=True))
+    if scheme in _POSTGRES_SCHEMES:
+        return PostgresSink(postgres_url(url, rest))
+    raise ConfigError(
+        f"unknown sink URL scheme {scheme!r} in {mask_url(url)!r}: "
+        "use jsonl:///PATH, sqlite:///PATH or postgresql://..."
+    )

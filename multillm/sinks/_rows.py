@@ -1,0 +1,134 @@
+"""The one mapping between `LLMLogRecord` and a row of table `llm_logs`, shared by the SQL sinks.
+
+The columns are derived from the Struct's fields, so adding a field to the
+record adds a column everywhere and the schema cannot drift from the record.
+Each SQL sink only says how its dialect spells types and parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import msgspec.inspect as mi
+
+from multillm import contract
+from multillm.schemas import LLMLogRecord
+
+TABLE: Final = contract.LOG_TABLE
+# Columns that get an index: the records of one request, and the siblings of one trace.
+INDEXED: Final = ("request_id", "trace_id")
+# Timestamps are ISO-8601 text; ties on them are broken by model order, then id, for a stable order.
+ORDER_BY: Final = ("created_at", "model_index", "log_id")
+
+
+class Kind(enum.Enum):
+    """How a column is stored; each dialect maps a kind to one SQL type."""
+
+    TEXT = "text"
+    INTEGER = "integer"
+    REAL = "real"
+    BOOLEAN = "boolean"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    kind: Kind
+    nullable: bool
+    # Typed decoder for JSON columns: reading validates nested messages/choices like the wire does.
+    decoder: msgspec.json.Decoder[Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one database spells column types, parameters and JSON casts."""
+
+    types: dict[Kind, str]
+    param: str
+    json_param: str
+    json_select: str
+
+    def create_statements(self) -> list[str]:
+        """`CREATE TABLE` and `CREATE INDEX` statements, all `IF NOT EXISTS`."""
+        defs = []
+        for col in COLUMNS:
+            constraint = " PRIMARY KEY" if col.name == "log_id" else ("" if col.nullable else " NOT NULL")
+            defs.append(f"{col.name} {self.types[col.kind]}{constraint}")
+        statements = [f"CREATE TABLE IF NOT EXISTS {TABLE} ({', '.join(defs)})"]
+        statements += [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({c})" for c in INDEXED]
+        return statements
+
+    def insert_sql(self) -> str:
+        """Insert one row, doing nothing when its `log_id` is already there."""
+        params = ", ".join(self.json_param if c.kind is Kind.JSON else self.param for c in COLUMNS)
+        names = ", ".join(c.name for c in COLUMNS)
+        return f"INSERT INTO {TABLE} ({names}) VALUES ({params}) ON CONFLICT (log_id) DO NOTHING"
+
+    def select_sql(self, *, by_request: bool, limited: bool) -> str:
+        """Select rows in `ORDER_BY` order, optionally of one request and capped."""
+        names = ", ".join(self.json_select.format(c.name) if c.kind is Kind.JSON else c.name for c in COLUMNS)
+        sql = f"SELECT {names} FROM {TABLE}"
+        if by_request:
+            sql += f" WHERE request_id = {self.param}"
+        sql += f" ORDER BY {', '.join(ORDER_BY)}"
+        if limited:
+            sql += f" LIMIT {self.param}"
+        return sql
+
+
+def _column(name: str, annotation: Any) -> Column:
+    info = mi.type_info(annotation)
+    nullable = False
+    if isinstance(info, mi.UnionType):
+        rest = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        nullable = len(rest) < len(info.types)
+        if len(rest) == 1:
+            info = rest[0]
+    match info:
+        case mi.BoolType():
+            kind = Kind.BOOLEAN
+        case mi.IntType():
+            kind = Kind.INTEGER
+        case mi.FloatType():
+            kind = Kind.REAL
+        case mi.StrType() | mi.LiteralType():
+            kind = Kind.TEXT
+        case _:
+            kind = Kind.JSON
+    decoder = msgspec.json.Decoder(annotation) if kind is Kind.JSON else None
+    return Column(name, kind, nullable, decoder)
+
+
+COLUMNS: Final = tuple(_column(f.name, f.type) for f in msgspec.structs.fields(LLMLogRecord))
+
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+def to_row(record: LLMLogRecord) -> tuple[Any, ...]:
+    """The parameters of `Dialect.insert_sql` for `record`: JSON columns as JSON text."""
+    row: list[Any] = []
+    for col in COLUMNS:
+        value = getattr(record, col.name)
+        if col.kind is Kind.JSON and value is not None:
+            value = _json_encoder.encode(value).decode()
+        row.append(value)
+    return tuple(row)
+
+
+def from_row(row: Sequence[Any]) -> LLMLogRecord:
+    """The record of one row selected with `Dialect.select_sql`."""
+    values: dict[str, Any] = {}
+    for col, value in zip(COLUMNS, row, strict=True):
+        if value is not None:
+            if col.decoder is not None:
+                value = col.decoder.decode(value)
+            elif col.kind is Kind.BOOLEAN:
+                # SQLite has no boolean type and hands back 0/1.
+                value = bool(value)
+        values[col.name] = value
+    return LLMLogRecord(**values)

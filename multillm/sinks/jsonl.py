@@ -1,0 +1,139 @@
+"""JSON Lines sink: one `LLMLogRecord` (msgspec JSON, snake_case) a line, appended to one file.
+
+Several processes, each with several threads, may append to the same file.
+Idempotency on `log_id` holds across all of them: a writer takes an exclusive
+`flock` on the file, reads whatever other writers appended since it last
+looked, and appends only if the id is new. The lock is per open file, so
+threads of one process are serialised by a `threading.Lock` as well.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import structlog
+
+from multillm.schemas import LLMLogRecord, decode_record, encode
+
+_CHUNK: Final = 1 << 20
+_log = structlog.get_logger(__name__)
+
+
+class _LogId(msgspec.Struct):
+    log_id: str
+
+
+# Catching up only needs the ids; msgspec skips the rest of each line without building it.
+_id_decoder: Final = msgspec.json.Decoder(_LogId)
+
+
+class JsonlSink:
+    """Records appended to a JSON Lines file. Thread-safe and multi-process safe.
+
+    The ids seen so far are kept in memory (one set per sink), so each write
+    reads only the bytes other writers appended since the previous one.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        """Open (creating the file and its parent folders as needed) the file at `path`."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._offset = 0  # bytes of the file already read into _seen
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        self._pid = os.getpid()
+        # O_APPEND: every write lands at the end even if another process wrote since our last look.
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    @contextmanager
+    def _locked(self, operation: int) -> Iterator[int]:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child shares the parent's open file, and with it the flock,
+                # which would then exclude nothing: give the child its own.
+                self._fd = self._open()
+            fcntl.flock(self._fd, operation)
+            try:
+                yield self._fd
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _catch_up(self, fd: int) -> bool:
+        """Read the ids appended since the last look. True if the file ends mid-line."""
+        size = os.fstat(fd).st_size
+        if size < self._offset:
+            # Truncated or replaced under us: what we remember no longer describes the file.
+            self._seen.clear()
+            self._offset = 0
+        pos, tail = self._offset, b""
+        while pos < size:
+            chunk = os.pread(fd, min(_CHUNK, size - pos), pos)
+            if not chunk:
+                break
+            pos += len(chunk)
+            *lines, tail = (tail + chunk).split(b"\n")
+            for line in lines:
+                # A blank or torn line holds no record.
+                with suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    self._seen.add(_id_decoder.decode(line).log_id)
+        self._offset = pos - len(tail)
+        return bool(tail)
+
+    def write(self, record: LLMLogRecord) -> bool:
+        """Append `record`; False if a record with its `log_id` is already in the file."""
+        line = encode(record) + b"\n"
+        with self._locked(fcntl.LOCK_EX) as fd:
+            torn = self._catch_up(fd)
+            if record.log_id in self._seen:
+                return False
+            if torn:
+                # A writer died mid-line; end its line so ours stays whole and parseable.
+                line = b"\n" + line
+            _write_all(fd, line)
+            self._seen.add(record.log_id)
+            self._offset = os.fstat(fd).st_size
+        return True
+
+    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
+        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
+        with self._locked(fcntl.LOCK_SH) as fd:
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+        found: dict[str, LLMLogRecord] = {}
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = decode_record(line)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                _log.warning("jsonl_sink.skipped_line", path=str(self.path), line=number, error=str(exc))
+                continue
+            # The first copy wins, as it would have in a database; a duplicate can
+            # only come from a writer that did not take the lock.
+            if request_id is None or record.request_id == request_id:
+                found.setdefault(record.log_id, record)
+        ordered = sorted(found.values(), key=lambda r: (r.created_at, r.model_index, r.log_id))
+        return ordered if limit is None else ordered[:limit]
+
+    def close(self) -> None:
+        """Close the file; the sink cannot be used afterwards."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

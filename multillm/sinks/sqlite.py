@@ -1,0 +1,78 @@
+"""SQLite sink: table `llm_logs` in one file that several worker processes share.
+
+WAL mode lets readers run while a worker writes, and the busy timeout makes a
+writer wait for another process's write instead of failing. Within a process,
+one connection serves every thread, one statement at a time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Final
+
+from multillm.schemas import LLMLogRecord
+from multillm.sinks._rows import Dialect, Kind, from_row, to_row
+
+BUSY_TIMEOUT_SECONDS: Final = 30.0
+MEMORY: Final = ":memory:"
+
+DIALECT: Final = Dialect(
+    types={
+        Kind.TEXT: "TEXT",
+        Kind.INTEGER: "INTEGER",
+        Kind.REAL: "REAL",
+        Kind.BOOLEAN: "INTEGER",
+        Kind.JSON: "TEXT",
+    },
+    param="?",
+    json_param="?",
+    json_select="{}",
+)
+_INSERT: Final = DIALECT.insert_sql()
+
+
+class SqliteSink:
+    """Records in an SQLite file (or `:memory:`). Thread-safe; safe across processes.
+
+    Open one per process, after forking: an SQLite connection must not cross a fork.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        """Open (creating file, parent folders and table as needed) the database at `path`."""
+        if str(path) != MEMORY:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self._lock = threading.Lock()
+        # Autocommit (isolation_level=None): each insert is its own short write transaction,
+        # so no process holds the write lock between statements.
+        self._conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL is durable against process crashes in WAL mode; only an OS crash may lose the last commits.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in DIALECT.create_statements():
+            self._conn.execute(statement)
+
+    def write(self, record: LLMLogRecord) -> bool:
+        """Insert `record`; False if a record with its `log_id` is already stored."""
+        row = to_row(record)
+        with self._lock:
+            cursor = self._conn.execute(_INSERT, row)
+        return cursor.rowcount == 1
+
+    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
+        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
+        sql = DIALECT.select_sql(by_request=request_id is not None, limited=limit is not None)
+        params = [p for p in (request_id, limit) if p is not None]
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+        return [from_row(row) for row in rows]
+
+    def close(self) -> None:
+        """Close the connection; the sink cannot be used afterwards."""
+        with self._lock:
+            self._conn.close()
