@@ -54,7 +54,10 @@ class ModelRunner:
                 Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called"
             )
         else:
-            outcome = self._providers.complete(model, request.messages)
+            try:
+                outcome = self._providers.complete(model, request.messages)
+            except ProviderError as exc:
+                outcome = exc
         return self._record(request, request_id, model_index, outcome, created_at)
 
     def record_failure(

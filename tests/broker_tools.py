@@ -1,0 +1,48 @@
+"""Raw AMQP for tests: publish bytes no client would send, read the dead-letter queue."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import kombu
+
+from multillm import contract
+from multillm.producers.publishing import connect
+
+
+def publish_raw(broker_url: str, body: bytes, reply_to: str | None, **properties: Any) -> None:
+    """Publish `body` as a request, exactly as given (confirmed)."""
+    with connect(broker_url) as connection:
+        producer = kombu.Producer(connection.default_channel)
+        producer.publish(
+            body,
+            exchange=contract.REQUEST_EXCHANGE,
+            routing_key=contract.REQUEST_ROUTING_KEY,
+            content_type=properties.pop("content_type", contract.CONTENT_TYPE),
+            content_encoding=properties.pop("content_encoding", "utf-8"),
+            reply_to=reply_to,
+            **properties,
+        )
+
+
+@dataclass
+class DeadLetter:
+    body: bytes
+    headers: dict[str, Any]
+
+
+def read_dead_letters(broker_url: str, count: int, timeout: float = 15.0) -> list[DeadLetter]:
+    """Take `count` messages from `multillm.dead` (fewer if the time runs out)."""
+    found: list[DeadLetter] = []
+    deadline = time.monotonic() + timeout
+    with connect(broker_url) as connection:
+        queue = kombu.Queue(contract.DEAD_QUEUE, no_declare=True)(connection.default_channel)
+        while len(found) < count and time.monotonic() < deadline:
+            message = queue.get(no_ack=True)
+            if message is None:
+                time.sleep(0.05)
+                continue
+            found.append(DeadLetter(message.body, dict(message.headers or {})))
+    return found

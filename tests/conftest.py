@@ -1,0 +1,124 @@
+"""Fixtures: a RabbitMQ vhost per test, a mock LLM over real HTTP, worker processes.
+
+Every test that touches the broker gets a vhost of its own (created with
+rabbitmqctl, deleted afterwards), so tests never see each other's queues.
+Workers are real child processes (`python -m multillm worker ...`), stopped
+with SIGTERM at the end of the test; a worker that does not exit 0 fails it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from multillm import contract
+from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from multillm.mock_llm import MockControl, MockLLM
+from multillm.producers import Client
+from multillm.schemas import LLMLogRecord
+from multillm.sinks import Sink, open_sink
+
+API_KEY_IN_CONFIG = "sk-config-0123456789abcdef"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """An AMQP URL on a fresh vhost of this test's own."""
+    vhost = f"multillm-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def mock_llm() -> Iterator[MockLLM]:
+    with MockLLM(latency_ms=5) as mock:
+        yield mock
+
+
+@pytest.fixture
+def mock_control(mock_llm: MockLLM) -> MockControl:
+    return mock_llm.control
+
+
+@pytest.fixture
+def sink_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'records.db'}"
+
+
+@pytest.fixture
+def sink(sink_url: str) -> Iterator[Sink]:
+    opened = open_sink(sink_url)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, mock_llm: MockLLM, broker_url: str, sink_url: str) -> Path:
+    """The workers' multillm.toml: the mock as provider `mock`, a short retry budget."""
+    path = tmp_path / "multillm.toml"
+    path.write_text(
+        f'broker_url = "{broker_url}"\n'
+        f'sink_url = "{sink_url}"\n'
+        "shutdown_grace_seconds = 10\n"
+        "[retry]\nmax_attempts = 4\ninitial_wait = 0.01\nmax_wait = 0.05\nbudget_seconds = 5\n"
+        f'[providers.mock]\nbase_url = "{mock_llm.url}"\napi_key = "{API_KEY_IN_CONFIG}"\ntimeout = 5\n'
+    )
+    return path
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator[StartWorker]:
+    """start_worker("primary") or start_worker("model", model="mock/b"): started and consuming."""
+    started: list[WorkerProcess] = []
+
+    def start(kind: str, *, model: str | None = None, concurrency: int = 4) -> WorkerProcess:
+        args = [kind, "--concurrency", str(concurrency)]
+        if model:
+            args += ["--model", model]
+        env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
+        env.pop(ENV_SINK_URL, None)
+        worker = WorkerProcess(args, env=env, log_path=str(tmp_path / f"worker-{len(started)}.log"))
+        worker.log_path = tmp_path / f"worker-{len(started)}.log"  # type: ignore[attr-defined]
+        started.append(worker)
+        queue = contract.REQUEST_QUEUE if kind == "primary" else contract.model_queue(model or "")
+        same_queue = sum(1 for w in started if w.args[:1] == [kind] and (model is None or model in w.args))
+        wait_for_consumers(broker_url, queue, same_queue, workers=[worker])
+        return worker
+
+    yield start
+    codes = {tuple(w.args): w.stop() for w in started}
+    failed = {args: code for args, code in codes.items() if code not in (0, -9)}
+    assert not failed, f"workers did not exit cleanly on SIGTERM: {failed}"
+
+
+@pytest.fixture
+def client(broker_url: str) -> Iterator[Client]:
+    with Client(broker_url, timeout=30) as opened:
+        yield opened
+
+
+def wait_for_records(sink: Sink, request_id: str, count: int, timeout: float = 15.0) -> list[LLMLogRecord]:
+    """The records of one request, once there are `count` of them (per-model workers finish later)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = sink.records(request_id)
+        if len(records) >= count or time.monotonic() > deadline:
+            return sorted(records, key=lambda r: r.model_index)
+        time.sleep(0.05)

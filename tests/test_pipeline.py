@@ -1,0 +1,241 @@
+"""The whole pipeline: real RabbitMQ, real worker processes, real HTTP to the mock LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from multillm import contract
+from multillm.errors import Code, InvalidArgument, Unavailable
+from multillm.mock_llm import MockControl
+from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
+from multillm.records import log_id_for
+from multillm.schemas import V1Model, V1Tracing
+from multillm.sinks import Sink
+from tests.conftest import StartWorker, wait_for_records
+from tests.broker_tools import publish_raw, read_dead_letters
+
+
+def test_three_models_one_reply_three_records(
+    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
+) -> None:
+    start_worker("primary")
+    start_worker("model", model="mock/beta")
+    start_worker("model", model="mock/gamma")
+    tracing = V1Tracing(session_id="sess-1", trace_id="trace-abc", span_id="span-req")
+    request = make_request(
+        ["mock/alpha", "mock/beta", "mock/gamma"], "What is AMQP?", tracing=tracing, log_attributes={"team": "x"}
+    )
+
+    future = client.submit(request)
+    reply = future.result(timeout=30)
+    records = wait_for_records(sink, future.request_id, 3)
+
+    assert [r.model_index for r in records] == [0, 1, 2]
+    assert [r.model_name for r in records] == ["mock/alpha", "mock/beta", "mock/gamma"]
+    assert [r.is_primary for r in records] == [True, False, False]
+    assert reply.id == records[0].log_id == log_id_for(future.request_id, 0)
+    assert reply.completion.id == reply.id
+    assert reply.model_names == ["mock/alpha", "mock/beta", "mock/gamma"]
+    assert reply.mode == "MODE_PROD" and all(r.mode == "MODE_PROD" for r in records)
+    assert reply.tracing == tracing
+
+    calls = {c.model: c for c in mock_control.calls()}
+    assert reply.primary_external_id == calls["alpha"].id
+    assert reply.primary_external_id.startswith("chatcmpl-")
+    assert [r.external_id for r in records] == [calls["alpha"].id, calls["beta"].id, calls["gamma"].id]
+    assert reply.text and reply.text == records[0].output[0].message.content  # type: ignore[index]
+    assert len({r.output[0].message.content for r in records}) == 3  # type: ignore[index]
+
+    for record in records:
+        assert record.status == "ok" and record.attempts == 1
+        assert record.request_id == future.request_id
+        assert record.trace_id == "trace-abc" and record.session_id == "sess-1"
+        assert record.parent_span_id == "span-req"
+        assert record.total_tokens and record.total_tokens > 0
+        assert record.log_attributes[0].key == "team"
+    assert len({r.span_id for r in records} | {"span-req"}) == 4
+
+
+def test_display_model_one_makes_the_second_model_primary(
+    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
+) -> None:
+    start_worker("primary")
+    start_worker("model", model="mock/alpha")
+    future = client.submit(make_request(["mock/alpha", "mock/beta"], "hi", display_model=1))
+    reply = future.result(timeout=30)
+    records = wait_for_records(sink, future.request_id, 2)
+
+    assert reply.display_model == 1
+    assert reply.completion.model == "mock/beta"
+    assert [r.is_primary for r in records] == [False, True]
+    assert reply.id == records[1].log_id
+    assert reply.primary_external_id == {c.model: c.id for c in mock_control.calls()}["beta"]
+
+
+def test_fifty_threads_each_get_their_own_reply(start_worker: StartWorker, client: Client) -> None:
+    start_worker("primary", concurrency=8)
+    prompts = [f"question number {i}" for i in range(50)]
+
+    def ask(prompt: str) -> str:
+        return client.create(make_request(["mock/echo"], prompt), timeout=60).text
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert prompt.split()[-1] in answer, (prompt, answer)
+    assert len(set(answers)) == 50
+
+
+def test_fifty_asyncio_calls_each_get_their_own_reply(start_worker: StartWorker, broker_url: str) -> None:
+    start_worker("primary", concurrency=8)
+
+    async def main() -> list[str]:
+        async with AsyncClient(broker_url, timeout=60) as aclient:
+            replies = await asyncio.gather(
+                *(aclient.create(make_request(["mock/echo"], f"async question {i}")) for i in range(50))
+            )
+        return [r.text for r in replies]
+
+    answers = asyncio.run(main())
+    for i, answer in enumerate(answers):
+        assert f"{i}" in answer.split()[-1] or f" {i}" in answer, (i, answer)
+    assert len(set(answers)) == 50
+
+
+def test_two_primary_workers_share_the_work(
+    start_worker: StartWorker, client: Client, mock_control: MockControl
+) -> None:
+    mock_control.set_fault("slow", latency_ms=150)
+    first = start_worker("primary", concurrency=1)
+    second = start_worker("primary", concurrency=1)
+    futures = [client.submit(make_request(["mock/slow"], f"job {i}")) for i in range(12)]
+    for future in futures:
+        future.result(timeout=60)
+
+    served = [w.log_path.read_text().count('"request.accepted"') for w in (first, second)]  # type: ignore[attr-defined]
+    assert sum(served) == 12
+    assert min(served) >= 1, served
+
+
+def test_rate_limited_twice_then_ok_takes_three_attempts(
+    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
+) -> None:
+    start_worker("primary")
+    mock_control.set_fault("flaky", statuses=[429, 429], retry_after=0.01)
+    future = client.submit(make_request(["mock/flaky"], "hello"))
+    reply = future.result(timeout=30)
+    [record] = wait_for_records(sink, future.request_id, 1)
+    assert reply.text
+    assert record.status == "ok" and record.attempts == 3
+    assert [c.status for c in mock_control.calls()] == [429, 429, 200]
+
+
+def test_provider_down_for_good_gets_unavailable_within_the_budget(
+    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
+) -> None:
+    start_worker("primary")
+    mock_control.set_fault("down", always=503)
+    future = client.submit(make_request(["mock/down"], "hello"))
+    with pytest.raises(Unavailable) as caught:
+        future.result(timeout=30)  # the budget in the test config is 5 s; the SDK's own would be minutes
+    assert caught.value.code == Code.UNAVAILABLE
+    [record] = wait_for_records(sink, future.request_id, 1)
+    assert record.status == "error" and record.error_code == Code.UNAVAILABLE
+    assert record.attempts == 4 == len(mock_control.calls())
+    assert record.error_message and "503" in record.error_message
+
+
+def test_undecodable_request_gets_invalid_argument_and_is_dead_lettered(
+    start_worker: StartWorker, client: Client, broker_url: str
+) -> None:
+    start_worker("primary")
+    replies = ReplyQueue(broker_url, "test.replies")
+    replies.declare()
+    publish_raw(broker_url, b'{"models": [{"name": "mock/a", "apiKey": "sk-live-SECRET"}], "messages": [', "test.replies")
+    got = []
+    replies.consume(got.append, limit=1, idle_timeout=20)
+
+    [reply] = got
+    assert reply.status is not None and reply.status.code == Code.INVALID_ARGUMENT
+    assert "malformed" in reply.status.message or "truncated" in reply.status.message
+    [dead] = read_dead_letters(broker_url, 1)
+    assert dead.headers[contract.HEADER_ERROR_CODE] == Code.INVALID_ARGUMENT
+    assert dead.headers[contract.HEADER_SOURCE_QUEUE] == contract.REQUEST_QUEUE
+    assert b"sk-live-SECRET" not in dead.body
+    # and the worker keeps serving
+    assert client.create(make_request(["mock/a"], "still there?")).text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"models": [], "messages": [{"role": "user", "content": "x"}]}', "$.models"),
+        (b'{"models": [{"name": "mock/a"}], "messages": [{"role": "user", "content": "x"}], "displayModel": 1}',
+         "$.displayModel"),
+        (b'{"models": [{"name": "mock/a"}], "messages": "hi"}', "$.messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "models"),
+        (b'{"models": [{"name": "nope/a"}], "messages": [{"role": "user", "content": "x"}]}', "nope"),
+    ],
+)
+def test_invalid_requests_get_an_error_naming_the_problem(
+    start_worker: StartWorker, broker_url: str, body: bytes, field: str
+) -> None:
+    start_worker("primary")
+    replies = ReplyQueue(broker_url, "test.replies")
+    replies.declare()
+    publish_raw(broker_url, body, "test.replies")
+    got = []
+    replies.consume(got.append, limit=1, idle_timeout=20)
+    [reply] = got
+    with pytest.raises(InvalidArgument) as caught:
+        reply.result()
+    assert field in caught.value.message
+
+
+def test_copy_for_a_model_without_a_queue_becomes_an_error_record(
+    start_worker: StartWorker, client: Client, sink: Sink
+) -> None:
+    start_worker("primary")
+    future = client.submit(make_request(["mock/alpha", "mock/nobody-serves-me"], "hi"))
+    assert future.result(timeout=30).text
+    records = wait_for_records(sink, future.request_id, 2)
+    assert [r.status for r in records] == ["ok", "error"]
+    assert records[1].error_code == Code.UNAVAILABLE
+    assert "multillm worker model --model mock/nobody-serves-me" in (records[1].error_message or "")
+
+
+def test_request_api_key_is_used_and_never_stored_or_logged(
+    start_worker: StartWorker, client: Client, sink: Sink, sink_url: str, mock_control: MockControl
+) -> None:
+    primary = start_worker("primary")
+    other = start_worker("model", model="mock/beta")
+    secret = "sk-request-key-that-must-not-leak"
+    request = make_request([V1Model(name="mock/alpha", api_key=secret), V1Model(name="mock/beta")], "hi")
+    future = client.submit(request)
+    reply = future.result(timeout=30)
+    wait_for_records(sink, future.request_id, 2)
+
+    seen = {c.model: c.auth_sha256 for c in mock_control.calls()}
+    assert seen["alpha"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert seen["beta"] != seen["alpha"]  # the other model used the configured key, not this one
+    assert secret not in json.dumps(reply.completion.choices[0].message.content)
+    for path in (sink_url.removeprefix("sqlite:///"), primary.log_path, other.log_path):  # type: ignore[attr-defined]
+        with open(path, "rb") as f:
+            assert secret.encode() not in f.read(), path
+
+
+def test_publish_without_waiting_then_read_the_named_reply_queue(
+    start_worker: StartWorker, client: Client, broker_url: str
+) -> None:
+    start_worker("primary")
+    ids = [client.publish(make_request(["mock/a"], f"later {i}"), reply_to="svc.replies") for i in range(3)]
+    got = []
+    queue = ReplyQueue(broker_url, "svc.replies")
+    assert queue.consume(got.append, limit=3, idle_timeout=20) == 3
+    assert sorted(r.request_id or "" for r in got) == sorted(ids)
+    assert all(r.result().text for r in got)
