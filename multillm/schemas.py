@@ -37,7 +37,7 @@ class _Wire(Struct, rename="camel", omit_defaults=True, kw_only=True, frozen=Tru
     """Base of the wire messages: camelCase names, defaults left out when encoding."""
 
 
-class V1Model(_Wire):
+class V1Model(_Wire, frozen=True):
     name: ModelName
     temperature: Temperature | None = None
     max_tokens: PositiveInt | None = None
@@ -64,18 +64,18 @@ class V1Model(_Wire):
         return msgspec.structs.replace(self, api_key=None)
 
 
-class ToolCallFunction(_Wire):
+class ToolCallFunction(_Wire, frozen=True):
     name: str
     arguments: str = ""
 
 
-class ToolCall(_Wire):
+class ToolCall(_Wire, frozen=True):
     id: str
     type: str = "function"
     function: ToolCallFunction | None = None
 
 
-class ChatMessage(_Wire):
+class ChatMessage(_Wire, frozen=True):
     role: Role
     # A list holds OpenAI content parts (text, image_url, ...), passed through as given.
     content: str | list[dict[str, object]] | None = None
@@ -84,19 +84,19 @@ class ChatMessage(_Wire):
     tool_call_id: str | None = None
 
 
-class V1Tracing(_Wire):
+class V1Tracing(_Wire, frozen=True):
     session_id: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
     parent_span_id: str | None = None
 
 
-class LogAttribute(_Wire):
+class LogAttribute(_Wire, frozen=True):
     key: str
     value: str
 
 
-class V1CreateMultiLLMChatCompletionRequest(_Wire):
+class V1CreateMultiLLMChatCompletionRequest(_Wire, frozen=True):
     models: Annotated[list[V1Model], Meta(min_length=1, max_length=64)]
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     display_model: NonNegativeInt = 0
@@ -128,25 +128,25 @@ class V1CreateMultiLLMChatCompletionRequest(_Wire):
 # --- the reply --------------------------------------------------------------
 
 
-class V1ChatCompletionMessage(_Wire):
+class V1ChatCompletionMessage(_Wire, frozen=True):
     role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class V1Choice(_Wire):
+class V1Choice(_Wire, frozen=True):
     index: int
     message: V1ChatCompletionMessage
     finish_reason: str | None = None
 
 
-class V1Usage(_Wire):
+class V1Usage(_Wire, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class V1ChatCompletion(_Wire):
+class V1ChatCompletion(_Wire, frozen=True):
     id: str
     external_id: str
     model: str
@@ -154,7 +154,7 @@ class V1ChatCompletion(_Wire):
     usage: V1Usage = msgspec.field(default_factory=V1Usage)
 
 
-class V1MultiLLMChatCompletion(_Wire):
+class V1MultiLLMChatCompletion(_Wire, frozen=True):
     id: str
     primary_external_id: str
     model_names: list[str]
@@ -171,7 +171,7 @@ class V1MultiLLMChatCompletion(_Wire):
         return self.completion.choices[0].message.content or ""
 
 
-class RpcStatus(_Wire):
+class RpcStatus(_Wire, frozen=True):
     """gRPC-style error reply; codes as in `multillm.errors.Code`."""
 
     code: int
@@ -182,7 +182,7 @@ class RpcStatus(_Wire):
 # --- worker to worker -------------------------------------------------------
 
 
-class FanOutCopy(_Wire):
+class FanOutCopy(_Wire, frozen=True):
     """What the primary sends to the queue of each other model.
 
     `request` keeps only the api key of the model this copy is for, so a copy

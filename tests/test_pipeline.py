@@ -16,8 +16,8 @@ from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
 from multillm.records import log_id_for
 from multillm.schemas import V1Model, V1Tracing
 from multillm.sinks import Sink
-from tests.conftest import StartWorker, wait_for_records
 from tests.broker_tools import publish_raw, read_dead_letters
+from tests.conftest import StartWorker, wait_for_records
 
 
 def test_three_models_one_reply_three_records(
@@ -28,7 +28,10 @@ def test_three_models_one_reply_three_records(
     start_worker("model", model="mock/gamma")
     tracing = V1Tracing(session_id="sess-1", trace_id="trace-abc", span_id="span-req")
     request = make_request(
-        ["mock/alpha", "mock/beta", "mock/gamma"], "What is AMQP?", tracing=tracing, log_attributes={"team": "x"}
+        ["mock/alpha", "mock/beta", "mock/gamma"],
+        "What is AMQP?",
+        tracing=tracing,
+        log_attributes={"team": "x"},
     )
 
     future = client.submit(request)
@@ -156,7 +159,11 @@ def test_undecodable_request_gets_invalid_argument_and_is_dead_lettered(
     start_worker("primary")
     replies = ReplyQueue(broker_url, "test.replies")
     replies.declare()
-    publish_raw(broker_url, b'{"models": [{"name": "mock/a", "apiKey": "sk-live-SECRET"}], "messages": [', "test.replies")
+    publish_raw(
+        broker_url,
+        b'{"models": [{"name": "mock/a", "apiKey": "sk-live-SECRET"}], "messages": [',
+        "test.replies",
+    )
     got = []
     replies.consume(got.append, limit=1, idle_timeout=20)
 
@@ -175,8 +182,10 @@ def test_undecodable_request_gets_invalid_argument_and_is_dead_lettered(
     ("body", "field"),
     [
         (b'{"models": [], "messages": [{"role": "user", "content": "x"}]}', "$.models"),
-        (b'{"models": [{"name": "mock/a"}], "messages": [{"role": "user", "content": "x"}], "displayModel": 1}',
-         "$.displayModel"),
+        (
+            b'{"models": [{"name": "mock/a"}], "messages": [{"role": "user", "content": "x"}], "displayModel": 1}',
+            "$.displayModel",
+        ),
         (b'{"models": [{"name": "mock/a"}], "messages": "hi"}', "$.messages"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', "models"),
         (b'{"models": [{"name": "nope/a"}], "messages": [{"role": "user", "content": "x"}]}', "nope"),

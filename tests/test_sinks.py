@@ -57,8 +57,7 @@ def pg_database() -> Iterator[str]:
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),
             )
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
@@ -118,9 +117,7 @@ def full_record(log_id: str = "log-1", request_id: str = "req-1", model_index: i
         error_message="upstream 503 after 4 attempts",
         messages=[
             ChatMessage(role="system", content='Be brief. ünïcödé ☃ "quoted"\nsecond line\u2028'),
-            ChatMessage(
-                role="user", content=[{"type": "text", "text": "hi", "n": 3, "ok": True}], name="ann"
-            ),
+            ChatMessage(role="user", content=[{"type": "text", "text": "hi", "n": 3, "ok": True}], name="ann"),
             ChatMessage(
                 role="assistant",
                 tool_calls=[ToolCall(id="call_1", function=ToolCallFunction(name="f", arguments='{"x":1}'))],
@@ -432,9 +429,7 @@ def test_postgres_schema_matches_the_record(pg_database: str) -> None:
             "SELECT column_name, data_type FROM information_schema.columns"
             " WHERE table_name = 'llm_logs' ORDER BY ordinal_position"
         ).fetchall()
-        indexdefs = [
-            r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'llm_logs'")
-        ]
+        indexdefs = [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'llm_logs'")]
     assert [c[0] for c in columns] == [f.name for f in FIELDS]
     types: dict[str, str] = {c[0]: c[1] for c in columns}
     assert types["messages"] == types["output"] == types["log_attributes"] == "jsonb"
@@ -471,9 +466,7 @@ def test_sqlite_in_memory() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["sqlite", "jsonl"])
-def test_file_urls_read_as_sqlalchemy_does(
-    scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_file_urls_read_as_sqlalchemy_does(scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workdir, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     workdir.mkdir()
     elsewhere.mkdir()

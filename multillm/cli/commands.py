@@ -69,7 +69,10 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
         print(encode(reply).decode())
     else:
         print(reply.text)
-        print(f"\n(id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})", file=sys.stderr)
+        print(
+            f"\n(id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})",
+            file=sys.stderr,
+        )
     return 0
 
 

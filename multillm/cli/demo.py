@@ -39,7 +39,7 @@ def _worker_config(settings: Settings, mock_url: str, folder: Path) -> Path:
     path.write_text(
         f"broker_url = {json.dumps(settings.broker_url)}\n"
         f"sink_url = {json.dumps(settings.sink_url)}\n\n"
-        f"[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = \"unused\"\n"
+        f'[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = "unused"\n'
     )
     return path
 
@@ -74,7 +74,10 @@ def _send(client: Client, settings: Settings, count: int) -> None:
     started = time.monotonic()
     for i in range(count):
         request = make_request(
-            list(MODELS), PROMPTS[i % len(PROMPTS)], display_model=i % len(MODELS), log_attributes={"demo": str(i)}
+            list(MODELS),
+            PROMPTS[i % len(PROMPTS)],
+            display_model=i % len(MODELS),
+            log_attributes={"demo": str(i)},
         )
         pending.append((request, client.submit(request, timeout=60)))
     sink = open_sink(settings.sink_url)

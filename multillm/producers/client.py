@@ -83,9 +83,7 @@ class Client:
         finally:
             self.forget(future)
 
-    def submit(
-        self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
-    ) -> PendingReply:
+    def submit(self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None) -> PendingReply:
         """Publish `request` and return at once; the future completes with the reply.
 
         Its result raises like `create`, except that the caller applies the
@@ -96,9 +94,7 @@ class Client:
         with self._lock:
             self._pending[future.request_id] = future
         try:
-            self._publisher.publish(
-                request, reply_to=self.reply_queue, request_id=future.request_id, timeout=timeout
-            )
+            self._publisher.publish(request, reply_to=self.reply_queue, request_id=future.request_id, timeout=timeout)
         except BaseException:
             self.forget(future)
             raise
@@ -187,15 +183,17 @@ class _ReplyListener(threading.Thread):
                 backoff = min(backoff * 2, 5.0)
 
     def _consume(self) -> None:
-        with connect(self._broker_url) as connection:
-            with kombu.Consumer(connection, [self._queue], on_message=self._on_message, no_ack=True):
-                self._ready.set()
-                while not self._stopping.is_set():
-                    try:
-                        # The timeout only bounds how late stop() is noticed; replies wake it at once.
-                        connection.drain_events(timeout=0.5)
-                    except TimeoutError:
-                        continue
+        with (
+            connect(self._broker_url) as connection,
+            kombu.Consumer(connection, [self._queue], on_message=self._on_message, no_ack=True),
+        ):
+            self._ready.set()
+            while not self._stopping.is_set():
+                try:
+                    # The timeout only bounds how late stop() is noticed; replies wake it at once.
+                    connection.drain_events(timeout=0.5)
+                except TimeoutError:
+                    continue
 
     def _on_message(self, message: kombu.Message) -> None:
         props = message.properties

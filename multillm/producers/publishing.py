@@ -37,7 +37,11 @@ def connect(broker_url: str) -> kombu.Connection:
 def kombu_queue(spec: QueueSpec) -> kombu.Queue:
     exchange = kombu.Exchange(spec.exchange, contract.EXCHANGES[spec.exchange], durable=True) if spec.exchange else ""
     return kombu.Queue(
-        spec.name, exchange, routing_key=spec.routing_key, durable=spec.durable, queue_arguments=spec.arguments
+        spec.name,
+        exchange,
+        routing_key=spec.routing_key,
+        durable=spec.durable,
+        queue_arguments=spec.arguments,
     )
 
 

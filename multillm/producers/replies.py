@@ -81,9 +81,7 @@ class ReplyQueue:
             message.ack()
             handled += 1
 
-        with kombu.Consumer(
-            self._connection, [kombu_queue(self._spec)], on_message=on_message, prefetch_count=16
-        ):
+        with kombu.Consumer(self._connection, [kombu_queue(self._spec)], on_message=on_message, prefetch_count=16):
             while limit is None or handled < limit:
                 try:
                     self._connection.drain_events(timeout=idle_timeout)

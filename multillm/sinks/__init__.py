@@ -10,10 +10,11 @@ from typing import Protocol, runtime_checkable
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._url import file_path, mask_url, postgres_url, split_scheme
+from multillm.sinks._url import file_path, postgres_url, split_scheme
 from multillm.sinks.jsonl import JsonlSink
 from multillm.sinks.postgres import PostgresSink
 from multillm.sinks.sqlite import SqliteSink
+from multillm.urls import mask_url
 
 __all__ = ["JsonlSink", "PostgresSink", "Sink", "SqliteSink", "mask_url", "open_sink"]
 

@@ -14,6 +14,7 @@ requeue, which the queue's delivery limit bounds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -113,7 +114,11 @@ def dead_letter(delivery: Delivery, queue: str, reason: str, code: int, body: by
     props = delivery.properties
     headers = dict(props.headers or {})
     headers.update(
-        {contract.HEADER_ERROR: reason[:1000], contract.HEADER_ERROR_CODE: code, contract.HEADER_SOURCE_QUEUE: queue}
+        {
+            contract.HEADER_ERROR: reason[:1000],
+            contract.HEADER_ERROR_CODE: code,
+            contract.HEADER_SOURCE_QUEUE: queue,
+        }
     )
     return Outgoing(
         exchange=contract.DEAD_EXCHANGE,
@@ -222,10 +227,8 @@ class Consumer:
 
     def _close(self) -> None:
         if self._connection is not None and self._connection.is_open:
-            try:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
                 self._connection.close()
-            except _CONNECTION_ERRORS:
-                pass
         self._forget_connection()
 
     def _forget_connection(self) -> None:
@@ -235,7 +238,11 @@ class Consumer:
     # --- the connection's thread ------------------------------------------
 
     def _on_message(
-        self, channel: BlockingChannel, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        props: pika.BasicProperties,
+        body: bytes,
     ) -> None:
         delivery = Delivery(method.delivery_tag, props, body, method.redelivered, channel)
         self._in_flight.add(delivery.tag)
@@ -259,7 +266,7 @@ class Consumer:
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
         channel = delivery.channel
-        if channel is not self._channel or not channel.is_open:
+        if self._channel is None or channel is not self._channel or not channel.is_open:
             # The channel it came on is gone: the broker redelivers it, and the
             # sink's idempotent write keeps the record single.
             log.warning("worker.settle_dropped", reason="channel closed; message will be redelivered")

@@ -50,9 +50,7 @@ class ModelRunner:
         model = request.models[model_index]
         outcome: ModelResult | ProviderError
         if deadline_ms is not None and now_ms() > deadline_ms:
-            outcome = ProviderError(
-                Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called"
-            )
+            outcome = ProviderError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called")
         else:
             try:
                 outcome = self._providers.complete(model, request.messages)

@@ -56,15 +56,15 @@ class PrimaryHandler:
         except InvalidRequest as exc:
             bound.warning("request.invalid", error=str(exc), reply_to=props.reply_to)
             status = RpcStatus(code=Code.INVALID_ARGUMENT, message=str(exc))
-            dead = dead_letter(
-                delivery, self.queue.name, str(exc), Code.INVALID_ARGUMENT, redact_body(delivery.body)
-            )
+            dead = dead_letter(delivery, self.queue.name, str(exc), Code.INVALID_ARGUMENT, redact_body(delivery.body))
             io.settle(delivery, Settlement([*self._reply(delivery, request_id, status), dead]))
             return
         deadline = _deadline(props)
         if deadline is not None and now_ms() > deadline:
             bound.warning("request.expired", deadline_ms=deadline)
-            status = RpcStatus(code=Code.DEADLINE_EXCEEDED, message="the request's deadline passed before it was served")
+            status = RpcStatus(
+                code=Code.DEADLINE_EXCEEDED, message="the request's deadline passed before it was served"
+            )
             io.settle(delivery, Settlement(self._reply(delivery, request_id, status)))
             return
         unrouted = [
@@ -146,9 +146,7 @@ class PrimaryHandler:
         ]
 
 
-def _reply_body(
-    request: V1CreateMultiLLMChatCompletionRequest, run: ModelRun
-) -> V1MultiLLMChatCompletion | RpcStatus:
+def _reply_body(request: V1CreateMultiLLMChatCompletionRequest, run: ModelRun) -> V1MultiLLMChatCompletion | RpcStatus:
     outcome = run.outcome
     if isinstance(outcome, ProviderError):
         return RpcStatus(

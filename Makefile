@@ -1,0 +1,34 @@
+# `make demo`: the pipeline end to end on this machine. `make test`: lint, types and the test suite.
+# Both set up a local virtual environment (.venv) and the servers they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test lint typecheck services clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	@PY=$(PY) bash scripts/services.sh broker
+	$(VENV)/bin/multillm demo
+
+services:
+	@PY=$(PY) bash scripts/services.sh broker --install
+	@PY=$(PY) bash scripts/services.sh postgres --install
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check multillm tests
+	$(PY) -m ruff format --check multillm tests
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+test: $(VENV)/.installed services lint typecheck
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache multillm.egg-info

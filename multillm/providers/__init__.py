@@ -1,0 +1,106 @@
+"""Ways to call a model, chosen by the `provider` part of `provider/model`.
+
+Every provider is an OpenAI-compatible endpoint called through the openai SDK
+(`openai_compat`), wrapped in the one retry loop (`retry`). `Providers` is the
+registry a worker holds: built from the settings, thread-safe, each provider's
+client built on first use and then shared by every thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Protocol
+
+from multillm.config import ProviderConfig, RetryConfig
+from multillm.errors import Code
+from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
+from multillm.providers.retry import ProviderError
+from multillm.schemas import ChatMessage, V1Model
+
+__all__ = [
+    "ModelCall",
+    "ModelResult",
+    "OpenAICompatProvider",
+    "Provider",
+    "ProviderError",
+    "Providers",
+]
+
+
+class Provider(Protocol):
+    """One way to call models; implementations are thread-safe."""
+
+    def complete(self, call: ModelCall) -> ModelResult:
+        """Ask for one chat completion.
+
+        Raises:
+            ProviderError: the call failed for good (after the retries that made sense).
+        """
+        ...
+
+
+class Providers:
+    """The providers named in the settings, by name; thread-safe.
+
+    Args:
+        providers: each provider's endpoint and key, by the name used in model names.
+        retry: the retry policy of every call.
+    """
+
+    def __init__(self, providers: Mapping[str, ProviderConfig], retry: RetryConfig) -> None:
+        self._configs = dict(providers)
+        self._retry = retry
+        self._built: dict[str, OpenAICompatProvider] = {}
+        self._lock = threading.Lock()
+
+    def has(self, provider_name: str) -> bool:
+        """Whether `provider_name` is configured."""
+        return provider_name in self._configs
+
+    def names(self) -> list[str]:
+        """The configured providers' names, sorted."""
+        return sorted(self._configs)
+
+    def get(self, provider_name: str) -> Provider:
+        """The provider called `provider_name`, built on first use.
+
+        Raises:
+            ProviderError: INVALID_ARGUMENT, the provider is not configured.
+        """
+        provider = self._built.get(provider_name)
+        if provider is not None:
+            return provider
+        config = self._configs.get(provider_name)
+        if config is None:
+            known = ", ".join(sorted(self._configs)) or "none"
+            raise ProviderError(Code.INVALID_ARGUMENT, f"unknown provider {provider_name!r} (configured: {known})")
+        with self._lock:
+            # Another thread may have built it while this one waited.
+            provider = self._built.get(provider_name)
+            if provider is None:
+                provider = OpenAICompatProvider(provider_name, config, self._retry)
+                self._built[provider_name] = provider
+            return provider
+
+    def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
+        """Call `model` (`provider/model`, with its temperature, max tokens and key) on `messages`.
+
+        Raises:
+            ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
+        """
+        call = ModelCall(
+            model=model.provider_model,
+            messages=messages,
+            temperature=model.temperature,
+            max_tokens=model.max_tokens,
+            api_key=model.api_key,
+        )
+        return self.get(model.provider).complete(call)
+
+    def close(self) -> None:
+        """Close every provider's connection pool."""
+        with self._lock:
+            built, self._built = list(self._built.values()), {}
+        for provider in built:
+            provider.close()

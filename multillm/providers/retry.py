@@ -1,0 +1,194 @@
+"""The one retry loop around a model call, and how a call that failed for good maps to an RpcStatus code.
+
+Brief provider faults (429, 408, 409, 5xx, timeouts, connection resets) are retried
+here with tenacity; the openai SDK's own retries are off and message redelivery is
+the workers' business, so there is exactly one loop per call. A provider's
+`retry-after-ms` / `Retry-After` is honoured (capped at `max_wait`); otherwise the
+wait is exponential with jitter. The loop never starts a wait that would end past
+`budget_seconds`, and each try's timeout is cut to what is left of the budget.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import openai
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
+
+from multillm.config import RetryConfig
+from multillm.errors import Code, MultiLLMError
+from multillm.redact import scrub
+from multillm.schemas import RpcStatus
+
+T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+_RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# The shortest try worth starting: no retry starts with less of the budget left.
+_MIN_TRY_TIMEOUT = 0.05
+
+
+class ProviderError(MultiLLMError):
+    """A model call that failed for good; `message` is safe to log, store and reply with.
+
+    Attributes:
+        code: the RpcStatus code (`multillm.errors.Code`).
+        message: what went wrong, with every api key scrubbed out.
+        attempts: how many tries were made (0 when none could be made).
+        latency_ms: wall time of all tries and waits.
+    """
+
+    def __init__(self, code: int, message: str, *, attempts: int = 0, latency_ms: float = 0.0) -> None:
+        label = Code(code).name if code in Code._value2member_map_ else str(code)
+        super().__init__(f"[{label}] {message}")
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+        self.latency_ms = latency_ms
+
+    @property
+    def retryable(self) -> bool:
+        """The failure is transient (rate limit, provider down): the same call may succeed later."""
+        return self.code in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
+
+    def to_status(self) -> RpcStatus:
+        """The error reply for this failure."""
+        return RpcStatus(code=self.code, message=self.message)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another try may help: rate limits, timeouts, resets and server errors."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRYABLE_STATUSES or exc.status_code >= 500
+    return isinstance(exc, openai.APIConnectionError)  # includes APITimeoutError
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the provider asked us to wait (`retry-after-ms`, then `Retry-After`), if it did."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(float(ms) / 1000, 0.0)
+        if (value := headers.get("retry-after")) is None:
+            return None
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    except (ValueError, TypeError):  # a malformed header is as good as none
+        return None
+
+
+def _waiter(policy: RetryConfig) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        asked = retry_after(state.outcome.exception() if state.outcome else None)
+        if asked is not None:
+            return min(asked, policy.max_wait)
+        # "Equal jitter": at least half the exponential step, so concurrent callers spread out
+        # without any of them retrying immediately.
+        step = min(policy.max_wait, policy.initial_wait * 2.0 ** (state.attempt_number - 1))
+        return step / 2 + random.uniform(0, step / 2)
+
+    return wait
+
+
+def _log_retry(describe: str, state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "provider.retry",
+        model=describe,
+        attempt=state.attempt_number,
+        wait_s=round(state.upcoming_sleep, 3),
+        status=exc.status_code if isinstance(exc, openai.APIStatusError) else None,
+        error=type(exc).__name__,
+    )
+
+
+def classify(exc: Exception) -> tuple[Code, str]:
+    """The RpcStatus code and a description of an exception that ended a model call."""
+    if isinstance(exc, ProviderError):
+        return Code(exc.code), exc.message
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status == 429:
+            code = Code.RESOURCE_EXHAUSTED
+        elif status in _RETRYABLE_STATUSES or status >= 500:
+            code = Code.UNAVAILABLE
+        elif status == 401:
+            code = Code.UNAUTHENTICATED
+        elif status == 403:
+            code = Code.PERMISSION_DENIED
+        elif 400 <= status < 500:
+            code = Code.INVALID_ARGUMENT
+        else:
+            code = Code.INTERNAL
+        return code, exc.message
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return Code.UNAVAILABLE, exc.message + detail
+    return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def call_with_retry(
+    attempt: Callable[[float], T],
+    policy: RetryConfig,
+    *,
+    timeout: float,
+    describe: str,
+    secrets: Sequence[str | None] = (),
+) -> tuple[T, int, float]:
+    """Call `attempt(timeout_of_this_try)` until it succeeds, fails for good, or the policy stops it.
+
+    Args:
+        attempt: one try; raises the openai SDK's errors (or `ProviderError`) on failure.
+        policy: attempts, waits and the total time budget.
+        timeout: the longest a single try may take (cut to what is left of the budget).
+        describe: names the call in error messages, e.g. `mock/echo`.
+        secrets: api keys to scrub from every error message.
+
+    Returns:
+        The result, the number of tries made, and the wall time in milliseconds.
+
+    Raises:
+        ProviderError: with the code of the last failure, the number of tries and the wall time.
+    """
+    started = time.monotonic()
+    retrying = Retrying(
+        retry=retry_if_exception(is_retryable),
+        wait=_waiter(policy),
+        # No retry starts unless a useful try still fits in the budget after its wait.
+        stop=stop_after_attempt(policy.max_attempts)
+        | stop_before_delay(max(policy.budget_seconds - _MIN_TRY_TIMEOUT, 0.0)),
+        before_sleep=functools.partial(_log_retry, describe),
+        reraise=True,
+    )
+    tries = 0
+    failure: Exception | None = None
+    try:
+        for try_ in retrying:
+            with try_:
+                tries = try_.retry_state.attempt_number
+                left = policy.budget_seconds - (time.monotonic() - started)
+                result = attempt(max(min(timeout, left), _MIN_TRY_TIMEOUT))
+                return result, tries, (time.monotonic() - started) * 1000
+    except Exception as exc:
+        failure = exc
+    # Raised outside the `except` so that no chained exception (whose text may hold
+    # an api key) travels with it into tracebacks and logs.
+    latency_ms = (time.monotonic() - started) * 1000
+    code, detail = classify(failure) if failure is not None else (Code.INTERNAL, "no attempt was made")
+    suffix = f" (after {tries} attempts)" if tries > 1 else ""
+    message = scrub(f"{describe}: {detail}{suffix}", secrets)
+    raise ProviderError(code, message, attempts=tries, latency_ms=latency_ms)

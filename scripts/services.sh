@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Make sure the servers the tests and the demo need are up on this machine.
+#   scripts/services.sh broker            start the local RabbitMQ if it is installed but down,
+#                                         else `docker compose up -d rabbitmq` where a Docker engine runs,
+#                                         else say in one line how to get one (exit 1)
+#   scripts/services.sh broker --install  also install RabbitMQ from Debian's packages when missing (CI)
+#   scripts/services.sh postgres --install  the same for PostgreSQL (the tests' SQL sink)
+set -euo pipefail
+what=${1:?usage: services.sh broker|postgres [--install]}
+install=${2:-}
+PY=${PY:-python3}
+BROKER_URL=${MULTILLM_BROKER_URL:-amqp://guest:guest@localhost:5672/%2F}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  echo "installing $* from Debian's packages" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+broker_answers() {
+  "$PY" - "$BROKER_URL" <<'PYEOF'
+import socket, sys
+from urllib.parse import urlsplit
+url = urlsplit(sys.argv[1])
+try:
+    socket.create_connection((url.hostname or "localhost", url.port or 5672), timeout=2).close()
+except OSError:
+    sys.exit(1)
+PYEOF
+}
+
+broker() {
+  broker_answers && return 0
+  if ! command -v rabbitmq-server >/dev/null && [ "$install" = --install ]; then
+    apt_install rabbitmq-server
+  fi
+  if command -v rabbitmq-server >/dev/null; then
+    echo "starting the local RabbitMQ (rabbitmq-server -detached)" >&2
+    as_root rabbitmq-server -detached || true
+    as_root rabbitmqctl -q await_startup --timeout 120
+  elif docker info >/dev/null 2>&1; then
+    echo "starting RabbitMQ with docker compose" >&2
+    docker compose up -d rabbitmq
+  else
+    echo "no RabbitMQ answers at ${BROKER_URL//:*@/:***@}: install one (sudo apt-get install rabbitmq-server), run 'docker compose up -d rabbitmq' on a machine with Docker, or set MULTILLM_BROKER_URL" >&2
+    exit 1
+  fi
+  for _ in $(seq 1 60); do broker_answers && return 0; sleep 1; done
+  echo "RabbitMQ was started but does not answer at ${BROKER_URL//:*@/:***@}" >&2
+  exit 1
+}
+
+postgres() {
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && return 0
+  if ! command -v pg_ctlcluster >/dev/null; then
+    [ "$install" = --install ] || { echo "no PostgreSQL at 127.0.0.1:5432 and none installed (sudo apt-get install postgresql)" >&2; exit 1; }
+    apt_install postgresql
+    # A fresh Debian cluster asks TCP clients for a password; the tests connect as postgres without one.
+    hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+    grep -q "multillm-tests" "$hba" || as_root sed -i '1i host all all 127.0.0.1/32 trust # multillm-tests' "$hba"
+  fi
+  version=$(ls /etc/postgresql | head -n 1)
+  echo "starting the local PostgreSQL $version" >&2
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 1; done
+  echo "PostgreSQL was started but does not answer at 127.0.0.1:5432" >&2
+  exit 1
+}
+
+"$what"

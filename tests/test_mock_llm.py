@@ -1,0 +1,260 @@
+"""The mock OpenAI server, over real HTTP: answers, faults, the call log, and the CLI entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from multillm.mock_llm import MockControl, MockLLM
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockLLM]:
+    with MockLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def control(mock: MockLLM) -> Iterator[MockControl]:
+    ctl = mock.control
+    ctl.clear_faults()
+    ctl.clear_calls()
+    yield ctl
+    ctl.clear_faults()
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the mock."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=5)
+
+    def post(
+        self, path: str, body: bytes | object, token: str | None = "tok"
+    ) -> tuple[int, dict[str, str], dict[str, object]]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self.conn.request("POST", path, raw, headers)
+        response = self.conn.getresponse()
+        data = json.loads(response.read())
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+    def chat(
+        self, model: str, prompt: str, token: str = "tok", **extra: object
+    ) -> tuple[int, dict[str, str], dict[str, object]]:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], **extra}
+        return self.post("/v1/chat/completions", body, token=token)
+
+
+@pytest.fixture
+def client(mock: MockLLM) -> Iterator[Client]:
+    c = Client(mock.url)
+    yield c
+    c.conn.close()
+
+
+def test_url_ends_in_v1(mock: MockLLM) -> None:
+    assert mock.url.startswith("http://127.0.0.1:")
+    assert mock.url.endswith("/v1")
+
+
+def test_completion_is_deterministic_and_recorded(client: Client, control: MockControl) -> None:
+    status, headers, first = client.chat("echo", "hello big world")
+    _, _, second = client.chat("echo", "hello big world")  # same keep-alive connection
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert first["object"] == "chat.completion"
+    assert first["model"] == "echo"
+    choices = first["choices"]
+    assert isinstance(choices, list)
+    assert choices[0]["message"] == {"role": "assistant", "content": "echo says: hello big world"}
+    assert choices[0]["finish_reason"] == "stop"
+    assert first["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert second["choices"] == first["choices"]
+    assert str(first["id"]).startswith("chatcmpl-")
+    assert first["id"] != second["id"]
+    calls = control.calls()
+    assert [c.id for c in calls] == [first["id"], second["id"]]
+    assert calls[0].model == "echo"
+    assert calls[0].status == 200
+    assert calls[0].prompt == "hello big world"
+    assert calls[0].auth_sha256 == hashlib.sha256(b"tok").hexdigest()
+
+
+def test_models_answer_differently(client: Client) -> None:
+    texts = set()
+    for model in ("echo", "reverse", "upper", "gpt-x"):
+        _, _, body = client.chat(model, "one two three")
+        choices = body["choices"]
+        assert isinstance(choices, list)
+        texts.add(choices[0]["message"]["content"])
+    assert texts == {
+        "echo says: one two three",
+        "reverse says: three two one",
+        "upper says: ONE TWO THREE",
+        "gpt-x says: one two three",
+    }
+
+
+def test_content_parts_and_last_user_message(client: Client, control: MockControl) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": [{"type": "text", "text": "second"}, {"type": "text", "text": "one"}]},
+    ]
+    status, _, body = client.post("/v1/chat/completions", {"model": "echo", "messages": messages})
+    assert status == 200
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
+    assert control.calls()[0].prompt == "second one"
+
+
+def test_max_tokens_truncates_words(client: Client) -> None:
+    _, _, body = client.chat("echo", "a b c d e f", max_tokens=4)
+    choices = body["choices"]
+    assert isinstance(choices, list)
+    assert choices[0]["message"]["content"] == "echo says: a b"
+    assert choices[0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"", json.dumps({"model": "echo"}).encode(), json.dumps({"messages": []}).encode()],
+)
+def test_bad_request_is_400(client: Client, control: MockControl, body: bytes) -> None:
+    status, _, data = client.post("/v1/chat/completions", body)
+    assert status == 400
+    error = data["error"]
+    assert isinstance(error, dict)
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    assert control.calls()[0].status == 400
+
+
+def test_fault_statuses_in_order_then_normal(client: Client, control: MockControl) -> None:
+    control.set_fault("echo", statuses=[429, 503], retry_after=0.05, retry_after_ms=50)
+    status, headers, body = client.chat("echo", "hi")
+    assert status == 429
+    assert headers["retry-after"] == "0.05"
+    assert headers["retry-after-ms"] == "50"
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["type"] == "rate_limit_exceeded"
+    assert client.chat("echo", "hi")[0] == 503
+    assert client.chat("other", "hi")[0] == 200  # faults are per model
+    assert client.chat("echo", "hi")[0] == 200
+    assert [c.status for c in control.calls()] == [429, 503, 200, 200]
+    assert [c.id is None for c in control.calls()] == [True, True, False, False]
+
+
+def test_fault_always_and_clear(client: Client, control: MockControl) -> None:
+    control.set_fault("echo", always=500)
+    assert [client.chat("echo", "hi")[0] for _ in range(3)] == [500, 500, 500]
+    control.clear_faults()
+    assert client.chat("echo", "hi")[0] == 200
+
+
+def test_wildcard_fault(client: Client, control: MockControl) -> None:
+    control.set_fault("*", always=503)
+    control.set_fault("echo", statuses=[])
+    assert client.chat("anything", "hi")[0] == 503
+    assert client.chat("echo", "hi")[0] == 200
+
+
+def test_echo_auth_puts_the_token_in_the_error(client: Client, control: MockControl) -> None:
+    control.set_fault("echo", always=401, echo_auth=True)
+    status, _, body = client.chat("echo", "hi", token="sk-visible")
+    assert status == 401
+    assert body == {
+        "error": {
+            "message": "Incorrect API key provided: sk-visible",
+            "type": "authentication_error",
+            "code": None,
+            "param": None,
+        }
+    }
+
+
+def test_drop_connection_answers_nothing(mock: MockLLM, client: Client, control: MockControl) -> None:
+    control.set_fault("echo", drop_connection=True)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        client.chat("echo", "hi")
+    fresh = Client(mock.url)
+    assert fresh.chat("echo", "hi")[0] == 200
+    fresh.conn.close()
+    assert [c.status for c in control.calls()] == [0, 200]
+
+
+def test_latency(client: Client, control: MockControl) -> None:
+    control.set_fault("slow", latency_ms=150)
+    started = time.monotonic()
+    assert client.chat("slow", "hi")[0] == 200
+    assert time.monotonic() - started >= 0.15
+
+
+def test_invalid_fault_is_rejected(client: Client) -> None:
+    assert client.post("/_mock/faults", {"model": "echo", "statuses": [700]})[0] == 400
+    assert client.post("/_mock/faults", {"model": "echo", "bogus": 1})[0] == 400
+
+
+def test_clear_calls(client: Client, control: MockControl) -> None:
+    client.chat("echo", "hi")
+    assert len(control.calls()) == 1
+    control.clear_calls()
+    assert control.calls() == []
+
+
+def test_stop_closes_open_connections() -> None:
+    server = MockLLM().start()
+    c = Client(server.url)
+    assert c.chat("echo", "hi")[0] == 200
+    server.stop()
+    with pytest.raises(OSError):  # the kept-alive connection was reset
+        c.chat("echo", "hi")
+    with pytest.raises(OSError):  # nobody listens any more
+        Client(server.url).chat("echo", "hi")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_main_in_another_process_stops_on_sigterm() -> None:
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code = f"from multillm.mock_llm import main; main(port={port}, latency_ms=1)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
+    try:
+        control = MockControl(f"http://127.0.0.1:{port}/v1")
+        control.wait_ready(timeout=15)
+        control.set_fault("echo", statuses=[503])
+        c = Client(f"http://127.0.0.1:{port}/v1")
+        assert c.chat("echo", "hi")[0] == 503
+        assert c.chat("echo", "hi")[0] == 200
+        c.conn.close()
+        assert [call.status for call in control.calls()] == [503, 200]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

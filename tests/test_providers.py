@@ -1,0 +1,356 @@
+"""Providers over real HTTP: the openai SDK against the mock server, with faults injected through it."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx2
+import openai
+import pytest
+
+from multillm.config import ProviderConfig, RetryConfig
+from multillm.errors import Code
+from multillm.mock_llm import MockControl, MockLLM
+from multillm.providers import ModelCall, OpenAICompatProvider, ProviderError, Providers
+from multillm.providers.retry import retry_after
+from multillm.schemas import ChatMessage, ToolCall, ToolCallFunction, V1Model
+
+CONFIGURED_KEY = "sk-configured-0123456789abcdef"
+REQUEST_KEY = "sk-request-fedcba9876543210"
+FAST = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=0.05, budget_seconds=10)
+HELLO = [ChatMessage(role="user", content="hello big world")]
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockLLM]:
+    with MockLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def control(mock: MockLLM) -> Iterator[MockControl]:
+    ctl = mock.control
+    ctl.clear_faults()
+    ctl.clear_calls()
+    yield ctl
+    ctl.clear_faults()
+
+
+MakeProviders = Callable[..., Providers]
+
+
+@pytest.fixture
+def make_providers(mock: MockLLM, control: MockControl) -> Iterator[MakeProviders]:
+    built: list[Providers] = []
+
+    def make(retry: RetryConfig = FAST, timeout: float = 5.0, **config: str) -> Providers:
+        settings = config or {"api_key": CONFIGURED_KEY}
+        providers = Providers({"mock": ProviderConfig(base_url=mock.url, timeout=timeout, **settings)}, retry)
+        built.append(providers)
+        return providers
+
+    yield make
+    for providers in built:
+        providers.close()
+
+
+def fail(providers: Providers, model: V1Model, messages: list[ChatMessage] = HELLO) -> ProviderError:
+    with pytest.raises(ProviderError) as info:
+        providers.complete(model, messages)
+    return info.value
+
+
+def test_completion_and_external_id(make_providers: MakeProviders, control: MockControl) -> None:
+    result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
+    assert result.model == "echo"
+    assert result.attempts == 1
+    assert result.latency_ms > 0
+    assert [c.message.content for c in result.choices] == ["echo says: hello big world"]
+    assert result.choices[0].finish_reason == "stop"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        3,
+        5,
+        8,
+    )
+    assert result.external_id.startswith("chatcmpl-")
+    [call] = control.calls()
+    assert call.id == result.external_id
+    assert call.prompt == "hello big world"
+
+
+def test_temperature_and_max_tokens_are_sent(make_providers: MakeProviders) -> None:
+    result = make_providers().complete(V1Model(name="mock/reverse", temperature=0.2, max_tokens=3), HELLO)
+    assert result.choices[0].message.content == "reverse says: world"
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_conversation_with_tool_calls(make_providers: MakeProviders, control: MockControl) -> None:
+    call = ToolCall(id="call_1", function=ToolCallFunction(name="lookup", arguments='{"q": "x"}'))
+    messages = [
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content="look it up"),
+        ChatMessage(role="assistant", tool_calls=[call]),
+        ChatMessage(role="tool", tool_call_id="call_1", content="found"),
+        ChatMessage(role="user", content=[{"type": "text", "text": "and now?"}]),
+    ]
+    result = make_providers().complete(V1Model(name="mock/echo"), messages)
+    assert result.choices[0].message.content == "echo says: and now?"
+
+
+def test_configured_key_is_sent(make_providers: MakeProviders, control: MockControl) -> None:
+    make_providers().complete(V1Model(name="mock/echo"), HELLO)
+    assert control.calls()[0].auth_sha256 == sha(CONFIGURED_KEY)
+
+
+def test_request_key_wins(make_providers: MakeProviders, control: MockControl) -> None:
+    providers = make_providers()
+    providers.complete(V1Model(name="mock/echo", api_key=REQUEST_KEY), HELLO)
+    providers.complete(V1Model(name="mock/echo"), HELLO)  # the per-request key did not stick
+    assert [c.auth_sha256 for c in control.calls()] == [sha(REQUEST_KEY), sha(CONFIGURED_KEY)]
+
+
+def test_key_from_environment(
+    make_providers: MakeProviders, control: MockControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MULTILLM_TEST_KEY", "sk-from-env")
+    make_providers(api_key_env="MULTILLM_TEST_KEY").complete(V1Model(name="mock/echo"), HELLO)
+    assert control.calls()[0].auth_sha256 == sha("sk-from-env")
+
+
+def test_missing_env_key_is_unauthenticated(
+    make_providers: MakeProviders, control: MockControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MULTILLM_TEST_KEY", raising=False)
+    providers = make_providers(api_key_env="MULTILLM_TEST_KEY")
+    error = fail(providers, V1Model(name="mock/echo"))
+    assert error.code == Code.UNAUTHENTICATED
+    assert "MULTILLM_TEST_KEY" in error.message
+    assert error.attempts == 0
+    assert control.calls() == []
+    # A per-request key is enough on its own.
+    providers.complete(V1Model(name="mock/echo", api_key=REQUEST_KEY), HELLO)
+    assert control.calls()[0].auth_sha256 == sha(REQUEST_KEY)
+
+
+def test_unknown_provider_is_invalid_argument(make_providers: MakeProviders) -> None:
+    providers = make_providers()
+    assert providers.has("mock")
+    assert not providers.has("nope")
+    error = fail(providers, V1Model(name="nope/echo"))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert "'nope'" in error.message
+    assert not error.retryable
+
+
+def test_provider_is_built_once(make_providers: MakeProviders) -> None:
+    providers = make_providers()
+    with ThreadPoolExecutor(8) as pool:
+        built = list(pool.map(lambda _: providers.get("mock"), range(32)))
+    assert all(p is built[0] for p in built)
+
+
+def test_429_twice_then_ok(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", statuses=[429, 429], retry_after=0.01)
+    result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
+    assert result.attempts == 3
+    assert [c.status for c in control.calls()] == [429, 429, 200]
+    assert result.external_id == control.calls()[-1].id
+
+
+def test_always_503_is_unavailable_after_max_attempts(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", always=503)
+    started = time.monotonic()
+    error = fail(make_providers(), V1Model(name="mock/echo"))
+    elapsed = time.monotonic() - started
+    assert error.code == Code.UNAVAILABLE
+    assert error.retryable
+    assert error.attempts == FAST.max_attempts == len(control.calls())
+    assert elapsed < FAST.budget_seconds
+    assert 0 < error.latency_ms <= elapsed * 1000
+    assert "503" in error.message
+
+
+def test_budget_stops_retries_early(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", always=503, retry_after=0.1)
+    policy = RetryConfig(max_attempts=20, initial_wait=0.01, max_wait=1.0, budget_seconds=0.35)
+    providers = make_providers(retry=policy)
+    providers.get("mock")  # built outside the timed call
+    started = time.monotonic()
+    error = fail(providers, V1Model(name="mock/echo"))
+    elapsed = time.monotonic() - started
+    assert error.code == Code.UNAVAILABLE
+    assert error.latency_ms < policy.budget_seconds * 1000
+    assert elapsed < policy.budget_seconds
+    assert 2 <= error.attempts <= 4  # ~0.1 s apart, and no wait may end past the budget
+
+
+def test_always_429_is_resource_exhausted(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", always=429, retry_after=0.01)
+    error = fail(make_providers(), V1Model(name="mock/echo"))
+    assert error.code == Code.RESOURCE_EXHAUSTED
+    assert error.attempts == FAST.max_attempts
+    assert error.retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "attempts"),
+    [
+        (400, Code.INVALID_ARGUMENT, 1),
+        (404, Code.INVALID_ARGUMENT, 1),
+        (422, Code.INVALID_ARGUMENT, 1),
+        (401, Code.UNAUTHENTICATED, 1),
+        (403, Code.PERMISSION_DENIED, 1),
+        (408, Code.UNAVAILABLE, 3),
+        (409, Code.UNAVAILABLE, 3),
+        (500, Code.UNAVAILABLE, 3),
+        (502, Code.UNAVAILABLE, 3),
+    ],
+)
+def test_status_mapping(
+    make_providers: MakeProviders, control: MockControl, status: int, code: Code, attempts: int
+) -> None:
+    control.set_fault("echo", always=status)
+    error = fail(make_providers(), V1Model(name="mock/echo"))
+    assert (error.code, error.attempts) == (code, attempts)
+    assert len(control.calls()) == attempts
+
+
+def test_dropped_connection_is_retried(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", drop_connection=True)
+    result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
+    assert result.attempts == 2
+    assert [c.status for c in control.calls()] == [0, 200]
+
+
+def test_read_timeout_is_retried_then_unavailable(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", latency_ms=600)
+    started = time.monotonic()
+    error = fail(make_providers(timeout=0.2), V1Model(name="mock/echo"))
+    assert error.code == Code.UNAVAILABLE
+    assert error.attempts == FAST.max_attempts
+    assert "timed out" in error.message
+    assert time.monotonic() - started < 0.6 * FAST.max_attempts
+
+
+@pytest.mark.parametrize("header", ["retry_after_ms", "retry_after"])
+def test_retry_after_is_honoured(make_providers: MakeProviders, control: MockControl, header: str) -> None:
+    if header == "retry_after_ms":
+        control.set_fault("echo", statuses=[429], retry_after_ms=300)
+    else:
+        control.set_fault("echo", statuses=[503], retry_after=0.3)
+    policy = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=2.0, budget_seconds=10)
+    started = time.monotonic()
+    result = make_providers(retry=policy).complete(V1Model(name="mock/echo"), HELLO)
+    assert result.attempts == 2
+    assert time.monotonic() - started >= 0.3
+
+
+def test_retry_after_is_capped_at_max_wait(make_providers: MakeProviders, control: MockControl) -> None:
+    control.set_fault("echo", statuses=[429], retry_after=30)
+    started = time.monotonic()
+    assert make_providers().complete(V1Model(name="mock/echo"), HELLO).attempts == 2
+    assert time.monotonic() - started < 5
+
+
+def test_retry_after_header_forms() -> None:
+    def error(**headers: str) -> openai.APIStatusError:
+        request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+        response = httpx2.Response(429, headers=headers, request=request)
+        return openai.RateLimitError("Error code: 429", response=response, body=None)
+
+    assert retry_after(error(**{"retry-after-ms": "250"})) == 0.25
+    assert retry_after(error(**{"retry-after": "2"})) == 2.0
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 < (retry_after(error(**{"retry-after": when})) or 0) <= 30
+    assert retry_after(error(**{"retry-after": "soon"})) is None
+    assert retry_after(error()) is None
+    assert retry_after(ValueError()) is None
+
+
+@pytest.mark.parametrize("use_request_key", [True, False])
+def test_key_never_in_error(make_providers: MakeProviders, control: MockControl, use_request_key: bool) -> None:
+    control.set_fault("echo", always=401, echo_auth=True)
+    key = REQUEST_KEY if use_request_key else CONFIGURED_KEY
+    error = fail(make_providers(), V1Model(name="mock/echo", api_key=REQUEST_KEY if use_request_key else None))
+    assert error.code == Code.UNAUTHENTICATED
+    assert "Incorrect API key provided" in error.message  # the provider's text is kept, minus the key
+    for text in (error.message, str(error), repr(error), repr(error.args)):
+        assert key not in text
+    assert error.__cause__ is None
+    assert error.__context__ is None
+
+
+def test_model_call_repr_hides_key() -> None:
+    call = ModelCall(model="echo", messages=HELLO, api_key=REQUEST_KEY)
+    assert REQUEST_KEY not in repr(call)
+    assert "***" in repr(call)
+
+
+def test_error_to_status() -> None:
+    status = ProviderError(Code.UNAVAILABLE, "down", attempts=3, latency_ms=12.5).to_status()
+    assert (status.code, status.message) == (14, "down")
+
+
+class _Garbage(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b'{"id": 42, "choices": "nope"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_undecodable_200_is_internal_and_not_retried() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="k")
+        provider = OpenAICompatProvider("odd", config, FAST)
+        with pytest.raises(ProviderError) as info:
+            provider.complete(ModelCall(model="x", messages=HELLO))
+        assert info.value.code == Code.INTERNAL
+        assert info.value.attempts == 1
+        provider.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_concurrent_calls(make_providers: MakeProviders, control: MockControl) -> None:
+    providers = make_providers()
+    control.set_fault("echo", statuses=[429, 503, 429], retry_after=0.01)
+
+    def one(i: int) -> tuple[int, str]:
+        prompt = [ChatMessage(role="user", content=f"call {i}")]
+        result = providers.complete(V1Model(name="mock/echo", api_key=f"sk-thread-{i}"), prompt)
+        assert result.choices[0].message.content == f"echo says: call {i}"
+        return i, result.external_id
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    ids = {external_id for _, external_id in results}
+    assert len(ids) == 64
+    ok = [c for c in control.calls() if c.status == 200]
+    assert len(ok) == 64
+    # Each call went out with its own thread's key.
+    for c in ok:
+        i = int((c.prompt or "").split()[1])
+        assert c.auth_sha256 == sha(f"sk-thread-{i}")
