@@ -24,7 +24,9 @@ from multillm.producers import Client, make_request
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import Sink, open_sink
 
-MODELS = ("mock/alpha-large", "mock/beta-small", "mock/gamma-instruct")
+# The mock answers `echo` as asked, `upper` in capitals and `reverse` word by word,
+# so the three columns of each request differ visibly.
+MODELS = ("mock/echo", "mock/upper", "mock/reverse")
 PROMPTS = (
     "Summarise the plot of Hamlet in one sentence.",
     "What is a message queue good for?",

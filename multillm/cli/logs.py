@@ -125,7 +125,7 @@ def side_by_side(records: Sequence[LLMLogRecord]) -> str:
     head = records[0]
     lines = [f"request {head.request_id}  trace {head.trace_id}  mode {head.mode}"]
     for label, cells in rows:
-        wrapped = [textwrap.wrap(cell, width) or [""] for cell in cells]
+        wrapped = [textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell in cells]
         for i in range(max(len(w) for w in wrapped)):
             parts = [(w[i] if i < len(w) else "").ljust(width) for w in wrapped]
             lines.append(f"  {label if i == 0 else '':<12}" + " | ".join(parts).rstrip())
