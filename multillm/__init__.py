@@ -6,6 +6,7 @@ Services import the client side from here; workers run from the `multillm` comma
 from __future__ import annotations
 
 from multillm.errors import (
+    BrokerUnavailable,
     ConfigError,
     DeadlineExceeded,
     Internal,
@@ -29,6 +30,7 @@ from multillm.schemas import (
 
 __all__ = [
     "AsyncClient",
+    "BrokerUnavailable",
     "ChatMessage",
     "Client",
     "ConfigError",

@@ -28,6 +28,10 @@ class ConfigError(MultiLLMError):
     """The configuration file or environment is invalid; the message names the key."""
 
 
+class BrokerUnavailable(MultiLLMError, ConnectionError):
+    """No broker answered at the configured URL when the client started."""
+
+
 class RequestTimeout(MultiLLMError, TimeoutError):
     """No reply came before the caller's timeout."""
 

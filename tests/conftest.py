@@ -18,7 +18,7 @@ import pytest
 
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.mock_llm import MockControl, MockLLM
 from multillm.producers import Client
 from multillm.schemas import LLMLogRecord
@@ -86,12 +86,13 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
     """start_worker("primary") or start_worker("model", model="mock/b"): started and consuming."""
     started: list[WorkerProcess] = []
 
-    def start(kind: str, *, model: str | None = None, concurrency: int = 4) -> WorkerProcess:
+    def start(
+        kind: str, *, model: str | None = None, concurrency: int = 4, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         args = [kind, "--concurrency", str(concurrency)]
         if model:
             args += ["--model", model]
-        env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
-        env.pop(ENV_SINK_URL, None)
+        env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, **(env or {})}
         worker = WorkerProcess(args, env=env, log_path=str(tmp_path / f"worker-{len(started)}.log"))
         worker.log_path = tmp_path / f"worker-{len(started)}.log"  # type: ignore[attr-defined]
         started.append(worker)

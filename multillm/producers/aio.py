@@ -21,10 +21,15 @@ class AsyncClient:
     """
 
     def __init__(
-        self, broker_url: str = DEFAULT_BROKER_URL, *, timeout: float = DEFAULT_TIMEOUT, pool_size: int = 8
+        self,
+        broker_url: str = DEFAULT_BROKER_URL,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.timeout = timeout
-        self._client = Client(broker_url, timeout=timeout, pool_size=pool_size)
+        self._client = Client(broker_url, timeout=timeout, pool_size=pool_size, connect_timeout=connect_timeout)
 
     async def create(
         self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None

@@ -25,10 +25,11 @@ import structlog
 
 from multillm import contract
 from multillm.config import DEFAULT_BROKER_URL
-from multillm.errors import MultiLLMError, RequestTimeout
+from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout
 from multillm.producers.publishing import RequestPublisher, connect, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
+from multillm.urls import mask_url
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +54,19 @@ class Client:
     """
 
     def __init__(
-        self, broker_url: str = DEFAULT_BROKER_URL, *, timeout: float = DEFAULT_TIMEOUT, pool_size: int = 8
+        self,
+        broker_url: str = DEFAULT_BROKER_URL,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
     ) -> None:
+        """Connect, declare the client's reply queue and the request queue.
+
+        Raises:
+            BrokerUnavailable: no broker answered within `connect_timeout` seconds. Once
+                connected, the client reconnects on its own for as long as it lives.
+        """
         self.timeout = timeout
         self._pending: dict[str, PendingReply] = {}
         self._lock = threading.Lock()
@@ -62,7 +74,7 @@ class Client:
         self.reply_queue = spec.name
         self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply)
         self._listener.start()
-        self._listener.wait_ready(timeout=30.0)
+        self._listener.wait_ready(broker_url, connect_timeout)
         self._publisher = RequestPublisher(broker_url, pool_size=pool_size)
 
     def create(
@@ -161,10 +173,11 @@ class _ReplyListener(threading.Thread):
         self._stopping = threading.Event()
         self._error: BaseException | None = None
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, broker_url: str, timeout: float) -> None:
         if not self._ready.wait(timeout):
             self.stop()
-            raise self._error or RequestTimeout(f"could not reach the broker within {timeout:g}s")
+            cause = f": {self._error}" if self._error else ""
+            raise BrokerUnavailable(f"no broker answered at {mask_url(broker_url)} within {timeout:g}s{cause}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -178,7 +191,9 @@ class _ReplyListener(threading.Thread):
                 return
             except Exception as exc:  # any broker failure: reconnect, the queue outlives it
                 self._error = exc
-                log.warning("reply_listener.reconnecting", error=f"{type(exc).__name__}: {exc}")
+                # Before the first connection, the constructor reports the failure itself.
+                level = log.warning if self._ready.is_set() else log.debug
+                level("reply_listener.reconnecting", error=f"{type(exc).__name__}: {exc}")
                 self._stopping.wait(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 5.0)
 

@@ -1,0 +1,100 @@
+"""The `multillm` command as a user runs it: real processes, real broker, real mock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from tests.conftest import StartWorker
+
+
+def multillm(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "multillm", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_request_prints_the_reply_and_logs_show_every_model(
+    start_worker: StartWorker, config_path: Path, broker_url: str
+) -> None:
+    start_worker("primary")
+    start_worker("model", model="mock/upper")
+    env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
+
+    done = multillm("request", "--model", "mock/echo", "--model", "mock/upper", "--json", "hello there", env=env)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["completion"]["choices"][0]["message"]["content"] == "echo says: hello there"
+    assert reply["primaryExternalId"].startswith("chatcmpl-")
+
+    listing = json.loads(multillm("logs", "list", "--json", env=env).stdout)
+    [request] = listing
+    assert request["models"][0] == "mock/echo"
+
+    for _ in range(100):  # the per-model worker writes its record on its own time
+        shown = multillm("logs", "show", request["request_id"], env=env)
+        if "HELLO THERE" in shown.stdout:
+            break
+        time.sleep(0.1)
+    assert "echo says: hello there" in shown.stdout and "upper says: HELLO THERE" in shown.stdout
+    assert "(primary)" in shown.stdout
+
+    stats = json.loads(multillm("logs", "stats", "--json", env=env).stdout)
+    assert {s["model_name"]: s["records"] for s in stats} == {"mock/echo": 1, "mock/upper": 1}
+
+
+def test_request_with_an_unknown_provider_says_so(start_worker: StartWorker, config_path: Path) -> None:
+    start_worker("primary")
+    done = multillm("request", "--model", "nosuch/model", "hi", env={ENV_CONFIG: str(config_path)})
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT" in done.stdout and "unknown provider 'nosuch'" in done.stdout
+
+
+def test_no_broker_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    done = multillm(
+        "request", "--model", "mock/a", "hi", env={ENV_BROKER_URL: "amqp://guest:pw-secret@127.0.0.1:1/"}, cwd=tmp_path
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "pw-secret" not in done.stderr
+    assert "no broker answered at amqp://guest:***@127.0.0.1:1/" in done.stderr.strip().splitlines()[-1]
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "multillm.toml").write_text('[providers.mock]\nbase_url = "http://x"\napi_kye = "oops"\n')
+    done = multillm("logs", "list", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "unknown field `api_kye`" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_model_provider_for_a_model_worker_is_a_config_error(config_path: Path) -> None:
+    done = multillm("worker", "model", "--model", "nosuch/x", env={ENV_CONFIG: str(config_path)})
+    assert done.returncode == 2 and "configured: mock" in done.stderr
+
+
+def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Path) -> None:
+    sink = tmp_path / "demo.jsonl"
+    done = multillm(
+        "demo",
+        "--requests",
+        "3",
+        "--latency-ms",
+        "20",
+        env={ENV_BROKER_URL: broker_url, ENV_SINK_URL: f"jsonl:///{sink}"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("reply to request") == 3
+    assert "stopped 4 workers (exit codes [0, 0, 0, 0])" in done.stdout
+    records = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert len(records) == 9 and all(r["status"] == "ok" for r in records)
+    assert sorted(r["is_primary"] for r in records).count(True) == 3
