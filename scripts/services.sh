@@ -37,8 +37,14 @@ broker() {
     apt_install rabbitmq-server
   fi
   if command -v rabbitmq-server >/dev/null; then
-    echo "starting the local RabbitMQ (rabbitmq-server -detached)" >&2
-    as_root rabbitmq-server -detached || true
+    if as_root rabbitmqctl -q ping >/dev/null 2>&1; then
+      # The node runs but its application was stopped (rabbitmqctl stop_app).
+      echo "starting the local RabbitMQ application (rabbitmqctl start_app)" >&2
+      as_root rabbitmqctl -q start_app
+    else
+      echo "starting the local RabbitMQ (rabbitmq-server -detached)" >&2
+      as_root rabbitmq-server -detached
+    fi
     as_root rabbitmqctl -q await_startup --timeout 120
   elif docker info >/dev/null 2>&1; then
     echo "starting RabbitMQ with docker compose" >&2
