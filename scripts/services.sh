@@ -45,7 +45,13 @@ broker() {
       echo "starting the local RabbitMQ (rabbitmq-server -detached)" >&2
       as_root rabbitmq-server -detached
     fi
-    as_root rabbitmqctl -q await_startup --timeout 120
+    # -detached returns before the node is reachable, and await_startup fails at once on a
+    # node it cannot reach yet: try it until it succeeds.
+    for attempt in $(seq 1 60); do
+      as_root rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1 && break
+      [ "$attempt" = 60 ] && { echo "RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
+      sleep 2
+    done
   elif docker info >/dev/null 2>&1; then
     echo "starting RabbitMQ with docker compose" >&2
     docker compose up -d rabbitmq
