@@ -8,13 +8,16 @@ with SIGTERM at the end of the test; a worker that does not exit 0 fails it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
@@ -52,9 +55,42 @@ def mock_control(mock_llm: MockLLM) -> MockControl:
     return mock_llm.control
 
 
+ADMIN_URL = os.environ.get("MULTILLM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this test run's own; yields its URL and drops it afterwards."""
+    name = f"multillm_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{ADMIN_URL.rpartition('/')[0]}/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def empty_sink_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The URL of an empty sink of `kind` (jsonl, sqlite or postgres)."""
+    if kind == "jsonl":
+        return f"jsonl:///{tmp_path}/logs/records.jsonl"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/logs/records.db"
+    url: str = request.getfixturevalue("pg_database")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}")
+    return url
+
+
 @pytest.fixture
-def sink_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'records.db'}"
+def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite unless a test parametrizes it (`indirect=True`) with jsonl or postgres."""
+    return empty_sink_url(getattr(request, "param", "sqlite"), tmp_path, request)
 
 
 @pytest.fixture

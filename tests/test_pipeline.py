@@ -20,6 +20,7 @@ from tests.broker_tools import publish_raw, read_dead_letters
 from tests.conftest import StartWorker, wait_for_records
 
 
+@pytest.mark.parametrize("sink_url", ["sqlite", "jsonl", "postgres"], indirect=True)
 def test_three_models_one_reply_three_records(
     start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
 ) -> None:

@@ -7,7 +7,6 @@ PostgreSQL is expected at $MULTILLM_TEST_POSTGRES_URL (default: user postgres on
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sqlite3
 import sys
 import threading
@@ -21,7 +20,6 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from multillm.errors import ConfigError
 from multillm.schemas import (
@@ -37,48 +35,19 @@ from multillm.schemas import (
     decode_record,
 )
 from multillm.sinks import Sink, mask_url, open_sink
+from tests.conftest import empty_sink_url
 
 BACKENDS = ["jsonl", "sqlite", "postgres"]
-ADMIN_URL = os.environ.get("MULTILLM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FIELDS = msgspec.structs.fields(LLMLogRecord)
 
 
 # --- fixtures ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh database for this test run; yields its URL and drops it afterwards."""
-    name = f"multillm_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield _with_database(ADMIN_URL, name)
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
 @pytest.fixture(params=BACKENDS)
 def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty sink of each kind."""
-    if request.param == "jsonl":
-        return f"jsonl:///{tmp_path}/logs/records.jsonl"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/logs/records.db"
-    url: str = request.getfixturevalue("pg_database")
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS llm_logs")
-    return url
+    return empty_sink_url(request.param, tmp_path, request)
 
 
 @pytest.fixture
