@@ -44,15 +44,20 @@ def broker_url() -> Iterator[str]:
     _rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mock_llm() -> Iterator[MockLLM]:
+    """The mock LLM over real HTTP, shared by a module's tests; `mock_control` resets it per test."""
     with MockLLM(latency_ms=5) as mock:
         yield mock
 
 
 @pytest.fixture
-def mock_control(mock_llm: MockLLM) -> MockControl:
-    return mock_llm.control
+def mock_control(mock_llm: MockLLM) -> Iterator[MockControl]:
+    control = mock_llm.control
+    control.clear_faults()
+    control.clear_calls()
+    yield control
+    control.clear_faults()
 
 
 ADMIN_URL = os.environ.get("MULTILLM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -20,23 +20,8 @@ import pytest
 from multillm.mock_llm import MockControl, MockLLM
 
 
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockLLM]:
-    with MockLLM() as server:
-        yield server
-
-
-@pytest.fixture
-def control(mock: MockLLM) -> Iterator[MockControl]:
-    ctl = mock.control
-    ctl.clear_faults()
-    ctl.clear_calls()
-    yield ctl
-    ctl.clear_faults()
-
-
 class Client:
-    """One keep-alive HTTP/1.1 connection to the mock."""
+    """One keep-alive HTTP/1.1 connection to the mock_llm."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -62,18 +47,18 @@ class Client:
 
 
 @pytest.fixture
-def client(mock: MockLLM) -> Iterator[Client]:
-    c = Client(mock.url)
+def client(mock_llm: MockLLM) -> Iterator[Client]:
+    c = Client(mock_llm.url)
     yield c
     c.conn.close()
 
 
-def test_url_ends_in_v1(mock: MockLLM) -> None:
-    assert mock.url.startswith("http://127.0.0.1:")
-    assert mock.url.endswith("/v1")
+def test_url_ends_in_v1(mock_llm: MockLLM) -> None:
+    assert mock_llm.url.startswith("http://127.0.0.1:")
+    assert mock_llm.url.endswith("/v1")
 
 
-def test_completion_is_deterministic_and_recorded(client: Client, control: MockControl) -> None:
+def test_completion_is_deterministic_and_recorded(client: Client, mock_control: MockControl) -> None:
     status, headers, first = client.chat("echo", "hello big world")
     _, _, second = client.chat("echo", "hello big world")  # same keep-alive connection
     assert status == 200
@@ -88,7 +73,7 @@ def test_completion_is_deterministic_and_recorded(client: Client, control: MockC
     assert second["choices"] == first["choices"]
     assert str(first["id"]).startswith("chatcmpl-")
     assert first["id"] != second["id"]
-    calls = control.calls()
+    calls = mock_control.calls()
     assert [c.id for c in calls] == [first["id"], second["id"]]
     assert calls[0].model == "echo"
     assert calls[0].status == 200
@@ -111,7 +96,7 @@ def test_models_answer_differently(client: Client) -> None:
     }
 
 
-def test_content_parts_and_last_user_message(client: Client, control: MockControl) -> None:
+def test_content_parts_and_last_user_message(client: Client, mock_control: MockControl) -> None:
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "first question"},
@@ -121,7 +106,7 @@ def test_content_parts_and_last_user_message(client: Client, control: MockContro
     status, _, body = client.post("/v1/chat/completions", {"model": "echo", "messages": messages})
     assert status == 200
     assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
-    assert control.calls()[0].prompt == "second one"
+    assert mock_control.calls()[0].prompt == "second one"
 
 
 def test_max_tokens_truncates_words(client: Client) -> None:
@@ -137,18 +122,18 @@ def test_max_tokens_truncates_words(client: Client) -> None:
     "body",
     [b"{not json", b"", json.dumps({"model": "echo"}).encode(), json.dumps({"messages": []}).encode()],
 )
-def test_bad_request_is_400(client: Client, control: MockControl, body: bytes) -> None:
+def test_bad_request_is_400(client: Client, mock_control: MockControl, body: bytes) -> None:
     status, _, data = client.post("/v1/chat/completions", body)
     assert status == 400
     error = data["error"]
     assert isinstance(error, dict)
     assert error["type"] == "invalid_request_error"
     assert error["message"]
-    assert control.calls()[0].status == 400
+    assert mock_control.calls()[0].status == 400
 
 
-def test_fault_statuses_in_order_then_normal(client: Client, control: MockControl) -> None:
-    control.set_fault("echo", statuses=[429, 503], retry_after=0.05, retry_after_ms=50)
+def test_fault_statuses_in_order_then_normal(client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", statuses=[429, 503], retry_after=0.05, retry_after_ms=50)
     status, headers, body = client.chat("echo", "hi")
     assert status == 429
     assert headers["retry-after"] == "0.05"
@@ -159,26 +144,26 @@ def test_fault_statuses_in_order_then_normal(client: Client, control: MockContro
     assert client.chat("echo", "hi")[0] == 503
     assert client.chat("other", "hi")[0] == 200  # faults are per model
     assert client.chat("echo", "hi")[0] == 200
-    assert [c.status for c in control.calls()] == [429, 503, 200, 200]
-    assert [c.id is None for c in control.calls()] == [True, True, False, False]
+    assert [c.status for c in mock_control.calls()] == [429, 503, 200, 200]
+    assert [c.id is None for c in mock_control.calls()] == [True, True, False, False]
 
 
-def test_fault_always_and_clear(client: Client, control: MockControl) -> None:
-    control.set_fault("echo", always=500)
+def test_fault_always_and_clear(client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", always=500)
     assert [client.chat("echo", "hi")[0] for _ in range(3)] == [500, 500, 500]
-    control.clear_faults()
+    mock_control.clear_faults()
     assert client.chat("echo", "hi")[0] == 200
 
 
-def test_wildcard_fault(client: Client, control: MockControl) -> None:
-    control.set_fault("*", always=503)
-    control.set_fault("echo", statuses=[])
+def test_wildcard_fault(client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("*", always=503)
+    mock_control.set_fault("echo", statuses=[])
     assert client.chat("anything", "hi")[0] == 503
     assert client.chat("echo", "hi")[0] == 200
 
 
-def test_echo_auth_puts_the_token_in_the_error(client: Client, control: MockControl) -> None:
-    control.set_fault("echo", always=401, echo_auth=True)
+def test_echo_auth_puts_the_token_in_the_error(client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", always=401, echo_auth=True)
     status, _, body = client.chat("echo", "hi", token="sk-visible")
     assert status == 401
     assert body == {
@@ -191,18 +176,18 @@ def test_echo_auth_puts_the_token_in_the_error(client: Client, control: MockCont
     }
 
 
-def test_drop_connection_answers_nothing(mock: MockLLM, client: Client, control: MockControl) -> None:
-    control.set_fault("echo", drop_connection=True)
+def test_drop_connection_answers_nothing(mock_llm: MockLLM, client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", drop_connection=True)
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
         client.chat("echo", "hi")
-    fresh = Client(mock.url)
+    fresh = Client(mock_llm.url)
     assert fresh.chat("echo", "hi")[0] == 200
     fresh.conn.close()
-    assert [c.status for c in control.calls()] == [0, 200]
+    assert [c.status for c in mock_control.calls()] == [0, 200]
 
 
-def test_latency(client: Client, control: MockControl) -> None:
-    control.set_fault("slow", latency_ms=150)
+def test_latency(client: Client, mock_control: MockControl) -> None:
+    mock_control.set_fault("slow", latency_ms=150)
     started = time.monotonic()
     assert client.chat("slow", "hi")[0] == 200
     assert time.monotonic() - started >= 0.15
@@ -213,11 +198,11 @@ def test_invalid_fault_is_rejected(client: Client) -> None:
     assert client.post("/_mock/faults", {"model": "echo", "bogus": 1})[0] == 400
 
 
-def test_clear_calls(client: Client, control: MockControl) -> None:
+def test_clear_calls(client: Client, mock_control: MockControl) -> None:
     client.chat("echo", "hi")
-    assert len(control.calls()) == 1
-    control.clear_calls()
-    assert control.calls() == []
+    assert len(mock_control.calls()) == 1
+    mock_control.clear_calls()
+    assert mock_control.calls() == []
 
 
 def test_stop_closes_open_connections() -> None:

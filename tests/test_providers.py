@@ -32,31 +32,16 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockLLM]:
-    with MockLLM() as server:
-        yield server
-
-
-@pytest.fixture
-def control(mock: MockLLM) -> Iterator[MockControl]:
-    ctl = mock.control
-    ctl.clear_faults()
-    ctl.clear_calls()
-    yield ctl
-    ctl.clear_faults()
-
-
 MakeProviders = Callable[..., Providers]
 
 
 @pytest.fixture
-def make_providers(mock: MockLLM, control: MockControl) -> Iterator[MakeProviders]:
+def make_providers(mock_llm: MockLLM, mock_control: MockControl) -> Iterator[MakeProviders]:
     built: list[Providers] = []
 
     def make(retry: RetryConfig = FAST, timeout: float = 5.0, **config: str) -> Providers:
         settings = config or {"api_key": CONFIGURED_KEY}
-        providers = Providers({"mock": ProviderConfig(base_url=mock.url, timeout=timeout, **settings)}, retry)
+        providers = Providers({"mock": ProviderConfig(base_url=mock_llm.url, timeout=timeout, **settings)}, retry)
         built.append(providers)
         return providers
 
@@ -71,7 +56,7 @@ def fail(providers: Providers, model: V1Model, messages: list[ChatMessage] = HEL
     return info.value
 
 
-def test_completion_and_external_id(make_providers: MakeProviders, control: MockControl) -> None:
+def test_completion_and_external_id(make_providers: MakeProviders, mock_control: MockControl) -> None:
     result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
     assert result.model == "echo"
     assert result.attempts == 1
@@ -84,7 +69,7 @@ def test_completion_and_external_id(make_providers: MakeProviders, control: Mock
         8,
     )
     assert result.external_id.startswith("chatcmpl-")
-    [call] = control.calls()
+    [call] = mock_control.calls()
     assert call.id == result.external_id
     assert call.prompt == "hello big world"
 
@@ -95,7 +80,7 @@ def test_temperature_and_max_tokens_are_sent(make_providers: MakeProviders) -> N
     assert result.choices[0].finish_reason == "length"
 
 
-def test_conversation_with_tool_calls(make_providers: MakeProviders, control: MockControl) -> None:
+def test_conversation_with_tool_calls(make_providers: MakeProviders, mock_control: MockControl) -> None:
     call = ToolCall(id="call_1", function=ToolCallFunction(name="lookup", arguments='{"q": "x"}'))
     messages = [
         ChatMessage(role="system", content="be brief"),
@@ -108,28 +93,28 @@ def test_conversation_with_tool_calls(make_providers: MakeProviders, control: Mo
     assert result.choices[0].message.content == "echo says: and now?"
 
 
-def test_configured_key_is_sent(make_providers: MakeProviders, control: MockControl) -> None:
+def test_configured_key_is_sent(make_providers: MakeProviders, mock_control: MockControl) -> None:
     make_providers().complete(V1Model(name="mock/echo"), HELLO)
-    assert control.calls()[0].auth_sha256 == sha(CONFIGURED_KEY)
+    assert mock_control.calls()[0].auth_sha256 == sha(CONFIGURED_KEY)
 
 
-def test_request_key_wins(make_providers: MakeProviders, control: MockControl) -> None:
+def test_request_key_wins(make_providers: MakeProviders, mock_control: MockControl) -> None:
     providers = make_providers()
     providers.complete(V1Model(name="mock/echo", api_key=REQUEST_KEY), HELLO)
     providers.complete(V1Model(name="mock/echo"), HELLO)  # the per-request key did not stick
-    assert [c.auth_sha256 for c in control.calls()] == [sha(REQUEST_KEY), sha(CONFIGURED_KEY)]
+    assert [c.auth_sha256 for c in mock_control.calls()] == [sha(REQUEST_KEY), sha(CONFIGURED_KEY)]
 
 
 def test_key_from_environment(
-    make_providers: MakeProviders, control: MockControl, monkeypatch: pytest.MonkeyPatch
+    make_providers: MakeProviders, mock_control: MockControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MULTILLM_TEST_KEY", "sk-from-env")
     make_providers(api_key_env="MULTILLM_TEST_KEY").complete(V1Model(name="mock/echo"), HELLO)
-    assert control.calls()[0].auth_sha256 == sha("sk-from-env")
+    assert mock_control.calls()[0].auth_sha256 == sha("sk-from-env")
 
 
 def test_missing_env_key_is_unauthenticated(
-    make_providers: MakeProviders, control: MockControl, monkeypatch: pytest.MonkeyPatch
+    make_providers: MakeProviders, mock_control: MockControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MULTILLM_TEST_KEY", raising=False)
     providers = make_providers(api_key_env="MULTILLM_TEST_KEY")
@@ -137,10 +122,10 @@ def test_missing_env_key_is_unauthenticated(
     assert error.code == Code.UNAUTHENTICATED
     assert "MULTILLM_TEST_KEY" in error.message
     assert error.attempts == 0
-    assert control.calls() == []
+    assert mock_control.calls() == []
     # A per-request key is enough on its own.
     providers.complete(V1Model(name="mock/echo", api_key=REQUEST_KEY), HELLO)
-    assert control.calls()[0].auth_sha256 == sha(REQUEST_KEY)
+    assert mock_control.calls()[0].auth_sha256 == sha(REQUEST_KEY)
 
 
 def test_unknown_provider_is_invalid_argument(make_providers: MakeProviders) -> None:
@@ -160,29 +145,29 @@ def test_provider_is_built_once(make_providers: MakeProviders) -> None:
     assert all(p is built[0] for p in built)
 
 
-def test_429_twice_then_ok(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", statuses=[429, 429], retry_after=0.01)
+def test_429_twice_then_ok(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", statuses=[429, 429], retry_after=0.01)
     result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
     assert result.attempts == 3
-    assert [c.status for c in control.calls()] == [429, 429, 200]
-    assert result.external_id == control.calls()[-1].id
+    assert [c.status for c in mock_control.calls()] == [429, 429, 200]
+    assert result.external_id == mock_control.calls()[-1].id
 
 
-def test_always_503_is_unavailable_after_max_attempts(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", always=503)
+def test_always_503_is_unavailable_after_max_attempts(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", always=503)
     started = time.monotonic()
     error = fail(make_providers(), V1Model(name="mock/echo"))
     elapsed = time.monotonic() - started
     assert error.code == Code.UNAVAILABLE
     assert error.retryable
-    assert error.attempts == FAST.max_attempts == len(control.calls())
+    assert error.attempts == FAST.max_attempts == len(mock_control.calls())
     assert elapsed < FAST.budget_seconds
     assert 0 < error.latency_ms <= elapsed * 1000
     assert "503" in error.message
 
 
-def test_budget_stops_retries_early(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", always=503, retry_after=0.1)
+def test_budget_stops_retries_early(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", always=503, retry_after=0.1)
     policy = RetryConfig(max_attempts=20, initial_wait=0.01, max_wait=1.0, budget_seconds=0.35)
     providers = make_providers(retry=policy)
     providers.get("mock")  # built outside the timed call
@@ -195,8 +180,8 @@ def test_budget_stops_retries_early(make_providers: MakeProviders, control: Mock
     assert 2 <= error.attempts <= 4  # ~0.1 s apart, and no wait may end past the budget
 
 
-def test_always_429_is_resource_exhausted(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", always=429, retry_after=0.01)
+def test_always_429_is_resource_exhausted(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", always=429, retry_after=0.01)
     error = fail(make_providers(), V1Model(name="mock/echo"))
     assert error.code == Code.RESOURCE_EXHAUSTED
     assert error.attempts == FAST.max_attempts
@@ -218,23 +203,23 @@ def test_always_429_is_resource_exhausted(make_providers: MakeProviders, control
     ],
 )
 def test_status_mapping(
-    make_providers: MakeProviders, control: MockControl, status: int, code: Code, attempts: int
+    make_providers: MakeProviders, mock_control: MockControl, status: int, code: Code, attempts: int
 ) -> None:
-    control.set_fault("echo", always=status)
+    mock_control.set_fault("echo", always=status)
     error = fail(make_providers(), V1Model(name="mock/echo"))
     assert (error.code, error.attempts) == (code, attempts)
-    assert len(control.calls()) == attempts
+    assert len(mock_control.calls()) == attempts
 
 
-def test_dropped_connection_is_retried(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", drop_connection=True)
+def test_dropped_connection_is_retried(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", drop_connection=True)
     result = make_providers().complete(V1Model(name="mock/echo"), HELLO)
     assert result.attempts == 2
-    assert [c.status for c in control.calls()] == [0, 200]
+    assert [c.status for c in mock_control.calls()] == [0, 200]
 
 
-def test_read_timeout_is_retried_then_unavailable(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", latency_ms=600)
+def test_read_timeout_is_retried_then_unavailable(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", latency_ms=600)
     started = time.monotonic()
     error = fail(make_providers(timeout=0.2), V1Model(name="mock/echo"))
     assert error.code == Code.UNAVAILABLE
@@ -244,11 +229,11 @@ def test_read_timeout_is_retried_then_unavailable(make_providers: MakeProviders,
 
 
 @pytest.mark.parametrize("header", ["retry_after_ms", "retry_after"])
-def test_retry_after_is_honoured(make_providers: MakeProviders, control: MockControl, header: str) -> None:
+def test_retry_after_is_honoured(make_providers: MakeProviders, mock_control: MockControl, header: str) -> None:
     if header == "retry_after_ms":
-        control.set_fault("echo", statuses=[429], retry_after_ms=300)
+        mock_control.set_fault("echo", statuses=[429], retry_after_ms=300)
     else:
-        control.set_fault("echo", statuses=[503], retry_after=0.3)
+        mock_control.set_fault("echo", statuses=[503], retry_after=0.3)
     policy = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=2.0, budget_seconds=10)
     started = time.monotonic()
     result = make_providers(retry=policy).complete(V1Model(name="mock/echo"), HELLO)
@@ -256,8 +241,8 @@ def test_retry_after_is_honoured(make_providers: MakeProviders, control: MockCon
     assert time.monotonic() - started >= 0.3
 
 
-def test_retry_after_is_capped_at_max_wait(make_providers: MakeProviders, control: MockControl) -> None:
-    control.set_fault("echo", statuses=[429], retry_after=30)
+def test_retry_after_is_capped_at_max_wait(make_providers: MakeProviders, mock_control: MockControl) -> None:
+    mock_control.set_fault("echo", statuses=[429], retry_after=30)
     started = time.monotonic()
     assert make_providers().complete(V1Model(name="mock/echo"), HELLO).attempts == 2
     assert time.monotonic() - started < 5
@@ -279,8 +264,8 @@ def test_retry_after_header_forms() -> None:
 
 
 @pytest.mark.parametrize("use_request_key", [True, False])
-def test_key_never_in_error(make_providers: MakeProviders, control: MockControl, use_request_key: bool) -> None:
-    control.set_fault("echo", always=401, echo_auth=True)
+def test_key_never_in_error(make_providers: MakeProviders, mock_control: MockControl, use_request_key: bool) -> None:
+    mock_control.set_fault("echo", always=401, echo_auth=True)
     key = REQUEST_KEY if use_request_key else CONFIGURED_KEY
     error = fail(make_providers(), V1Model(name="mock/echo", api_key=REQUEST_KEY if use_request_key else None))
     assert error.code == Code.UNAUTHENTICATED
@@ -334,9 +319,9 @@ def test_undecodable_200_is_internal_and_not_retried() -> None:
         server.server_close()
 
 
-def test_concurrent_calls(make_providers: MakeProviders, control: MockControl) -> None:
+def test_concurrent_calls(make_providers: MakeProviders, mock_control: MockControl) -> None:
     providers = make_providers()
-    control.set_fault("echo", statuses=[429, 503, 429], retry_after=0.01)
+    mock_control.set_fault("echo", statuses=[429, 503, 429], retry_after=0.01)
 
     def one(i: int) -> tuple[int, str]:
         prompt = [ChatMessage(role="user", content=f"call {i}")]
@@ -348,7 +333,7 @@ def test_concurrent_calls(make_providers: MakeProviders, control: MockControl) -
         results = list(pool.map(one, range(64)))
     ids = {external_id for _, external_id in results}
     assert len(ids) == 64
-    ok = [c for c in control.calls() if c.status == 200]
+    ok = [c for c in mock_control.calls() if c.status == 200]
     assert len(ok) == 64
     # Each call went out with its own thread's key.
     for c in ok:
