@@ -63,6 +63,17 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     shutdown_grace_seconds: PositiveFloat = 30.0
+    # The broker's consumer_timeout (RabbitMQ's default: 30 min). A model call and
+    # all its retries must end well inside it, or the broker closes the channel
+    # and redelivers a message that is still being worked on.
+    consumer_timeout_seconds: PositiveFloat = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.retry.budget_seconds >= self.consumer_timeout_seconds / 2:
+            raise ValueError(
+                f"retry.budget_seconds ({self.retry.budget_seconds:g}) must stay under half of "
+                f"consumer_timeout_seconds ({self.consumer_timeout_seconds:g})"
+            )
 
 
 def default_providers() -> dict[str, ProviderConfig]:

@@ -44,6 +44,8 @@ HEADER_DEADLINE: Final = "x-multillm-deadline"
 HEADER_ERROR: Final = "x-multillm-error"
 HEADER_ERROR_CODE: Final = "x-multillm-error-code"
 HEADER_SOURCE_QUEUE: Final = "x-multillm-source-queue"
+# Set by quorum queues on a redelivery: how many deliveries came before.
+HEADER_DELIVERY_COUNT: Final = "x-delivery-count"
 
 
 def model_queue(model_name: str) -> str:
@@ -56,6 +58,10 @@ def model_queue(model_name: str) -> str:
 # both declare the queues, and RabbitMQ refuses a redeclaration whose arguments
 # differ. Operators tune it with a policy, which needs no redeclaration.
 DELIVERY_LIMIT: Final = 5
+# Workers give up on a message themselves one delivery before the broker would:
+# that way the message still gets its reply or record, and its dead letter has
+# its api keys masked (the broker's own dead-lettering copies the body as is).
+GIVE_UP_AT_DELIVERY_COUNT: Final = DELIVERY_LIMIT - 1
 
 
 # Every exchange and its type; all are durable. Declared by whoever connects.
@@ -70,7 +76,6 @@ class QueueSpec:
     exchange: str
     routing_key: str
     arguments: dict[str, object] = field(default_factory=dict)
-    durable: bool = True
 
 
 def _work_queue_arguments() -> dict[str, object]:
@@ -105,9 +110,9 @@ def named_reply_queue(name: str) -> QueueSpec:
 def client_reply_queue(unique: str) -> QueueSpec:
     """The private reply queue of one `Client`.
 
-    Not exclusive, not auto-delete: it must outlive a dropped connection so
-    that replies arriving during a reconnect wait in it. `x-expires` removes it
-    once no client has used it for ten minutes.
+    Durable, not exclusive, not auto-delete: it must outlive a dropped
+    connection and a broker restart, so that replies arriving meanwhile wait in
+    it. `x-expires` removes it once no client has used it for ten minutes.
     """
     name = CLIENT_REPLY_QUEUE_PREFIX + unique
-    return QueueSpec(name, "", name, {"x-expires": 10 * 60 * 1000}, durable=False)
+    return QueueSpec(name, "", name, {"x-expires": 10 * 60 * 1000})

@@ -40,7 +40,7 @@ def kombu_queue(spec: QueueSpec) -> kombu.Queue:
         spec.name,
         exchange,
         routing_key=spec.routing_key,
-        durable=spec.durable,
+        durable=True,
         queue_arguments=spec.arguments,
     )
 

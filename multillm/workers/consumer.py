@@ -60,6 +60,12 @@ class Delivery:
     redelivered: bool
     channel: BlockingChannel
 
+    @property
+    def delivery_count(self) -> int:
+        """How many times it was delivered before (quorum queues count; 0 the first time)."""
+        count = (self.properties.headers or {}).get(contract.HEADER_DELIVERY_COUNT, 0)
+        return int(count) if isinstance(count, int) else 0
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -106,6 +112,11 @@ class Handler(Protocol):
 
     def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
         """What is owed when handling failed unexpectedly (a bug): never a silent drop."""
+        ...
+
+    def on_give_up(self, delivery: Delivery, io: Io) -> None:
+        """The message was delivered too often (it keeps failing or killing workers):
+        settle it for good, with its reply or record and a dead letter."""
         ...
 
 
@@ -247,7 +258,11 @@ class Consumer:
         delivery = Delivery(method.delivery_tag, props, body, method.redelivered, channel)
         self._in_flight.add(delivery.tag)
         try:
-            self._handler.on_delivery(delivery, self)
+            if delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT:
+                log.error("message.given_up", queue=self._handler.queue.name, deliveries=delivery.delivery_count + 1)
+                self._handler.on_give_up(delivery, self)
+            else:
+                self._handler.on_delivery(delivery, self)
         except _CONNECTION_ERRORS:
             raise
         except Exception as exc:

@@ -11,9 +11,10 @@ import structlog
 
 from multillm import contract
 from multillm.errors import Code
+from multillm.providers import ProviderError
 from multillm.redact import redact_body
 from multillm.schemas import FanOutCopy, decode_fanout
-from multillm.workers.consumer import Delivery, Io, Settlement, dead_letter
+from multillm.workers.consumer import Delivery, Io, Outgoing, Settlement, dead_letter
 from multillm.workers.model_run import ModelRunner
 
 log = structlog.get_logger(__name__)
@@ -27,23 +28,44 @@ class ModelHandler:
         self._max_body_bytes = max_body_bytes
 
     def on_delivery(self, delivery: Delivery, io: Io) -> None:
-        try:
-            if len(delivery.body) > self._max_body_bytes:
-                raise ValueError(f"body is {len(delivery.body)} bytes, over the limit of {self._max_body_bytes}")
-            copy = decode_fanout(delivery.body)
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-            reason = f"invalid fan-out copy: {exc}"
-            log.warning("copy.invalid", error=reason, message_id=delivery.properties.message_id)
-            dead = dead_letter(delivery, self.queue.name, reason, Code.INVALID_ARGUMENT, redact_body(delivery.body))
-            io.settle(delivery, Settlement([dead]))
+        copy = self._decode(delivery, io)
+        if copy is None:
             return
         if copy.model.name != self.model_name:
             log.warning("copy.misrouted", expected=self.model_name, got=copy.model.name)
         io.submit(delivery, lambda: self._work(copy))
 
+    def on_give_up(self, delivery: Delivery, io: Io) -> None:
+        copy = self._decode(delivery, io)
+        if copy is None:
+            return
+        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
+
+        def record_and_dead_letter() -> Settlement:
+            error = ProviderError(Code.INTERNAL, reason)
+            self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
+            return Settlement([self._dead_letter(delivery, reason, Code.INTERNAL)])
+
+        io.submit(delivery, record_and_dead_letter)
+
     def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
         reason = f"internal error while serving the copy: {type(error).__name__}"
-        return Settlement([dead_letter(delivery, self.queue.name, reason, Code.INTERNAL, redact_body(delivery.body))])
+        return Settlement([self._dead_letter(delivery, reason, Code.INTERNAL)])
+
+    def _decode(self, delivery: Delivery, io: Io) -> FanOutCopy | None:
+        """The copy, or None after settling an undecodable one to the dead-letter queue."""
+        try:
+            if len(delivery.body) > self._max_body_bytes:
+                raise ValueError(f"body is {len(delivery.body)} bytes, over the limit of {self._max_body_bytes}")
+            return decode_fanout(delivery.body)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            reason = f"invalid fan-out copy: {exc}"
+            log.warning("copy.invalid", error=reason, message_id=delivery.properties.message_id)
+            io.settle(delivery, Settlement([self._dead_letter(delivery, reason, Code.INVALID_ARGUMENT)]))
+            return None
+
+    def _dead_letter(self, delivery: Delivery, reason: str, code: int) -> Outgoing:
+        return dead_letter(delivery, self.queue.name, reason, code, redact_body(delivery.body))
 
     def _work(self, copy: FanOutCopy) -> Settlement:
         run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms)

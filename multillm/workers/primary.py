@@ -49,15 +49,13 @@ class PrimaryHandler:
 
     def on_delivery(self, delivery: Delivery, io: Io) -> None:
         props = delivery.properties
-        request_id = request_id_for(props.message_id, props.correlation_id, delivery.body)
+        request_id = _request_id(delivery)
         bound = log.bind(request_id=request_id)
         try:
             request = self._parse(delivery)
         except InvalidRequest as exc:
             bound.warning("request.invalid", error=str(exc), reply_to=props.reply_to)
-            status = RpcStatus(code=Code.INVALID_ARGUMENT, message=str(exc))
-            dead = dead_letter(delivery, self.queue.name, str(exc), Code.INVALID_ARGUMENT, redact_body(delivery.body))
-            io.settle(delivery, Settlement([*self._reply(delivery, request_id, status), dead]))
+            io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
             return
         deadline = _deadline(props)
         if deadline is not None and now_ms() > deadline:
@@ -75,11 +73,33 @@ class PrimaryHandler:
         bound.info("request.accepted", models=request.model_names(), unrouted=unrouted)
         io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
 
+    def on_give_up(self, delivery: Delivery, io: Io) -> None:
+        request_id = _request_id(delivery)
+        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the request kept failing or killing workers"
+        try:
+            request = self._parse(delivery)
+        except InvalidRequest as exc:
+            io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
+            return
+
+        def record_and_refuse() -> Settlement:
+            error = ProviderError(Code.INTERNAL, reason)
+            run = self._runner.record_failure(request, request_id, request.display_model, error)
+            return self._refuse(delivery, request_id, Code.INTERNAL, reason, log_id=run.record.log_id)
+
+        io.submit(delivery, record_and_refuse)
+
     def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
-        request_id = request_id_for(delivery.properties.message_id, delivery.properties.correlation_id, delivery.body)
         message = f"internal error while serving the request: {type(error).__name__}"
-        status = RpcStatus(code=Code.INTERNAL, message=message)
-        dead = dead_letter(delivery, self.queue.name, message, Code.INTERNAL, redact_body(delivery.body))
+        return self._refuse(delivery, _request_id(delivery), Code.INTERNAL, message)
+
+    def _refuse(
+        self, delivery: Delivery, request_id: str, code: int, message: str, log_id: str | None = None
+    ) -> Settlement:
+        """An RpcStatus reply, and the request in the dead-letter queue with its keys masked."""
+        details: list[dict[str, object]] = [{"logId": log_id}] if log_id else []
+        status = RpcStatus(code=code, message=message, details=details)
+        dead = dead_letter(delivery, self.queue.name, message, code, redact_body(delivery.body))
         return Settlement([*self._reply(delivery, request_id, status), dead])
 
     def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
@@ -194,6 +214,11 @@ def _fanout(
             type=contract.TYPE_FANOUT,
         ),
     )
+
+
+def _request_id(delivery: Delivery) -> str:
+    props = delivery.properties
+    return request_id_for(props.message_id, props.correlation_id, delivery.body)
 
 
 def _deadline(props: pika.BasicProperties) -> int | None:
