@@ -9,6 +9,7 @@ from typing import Any
 import kombu
 
 from multillm import contract
+from multillm.producers import Reply, ReplyQueue
 from multillm.producers.publishing import connect
 
 
@@ -46,3 +47,33 @@ def read_dead_letters(broker_url: str, count: int, timeout: float = 15.0) -> lis
                 continue
             found.append(DeadLetter(message.body, dict(message.headers or {})))
     return found
+
+
+def publish_copy(broker_url: str, body: bytes, model_name: str, **properties: Any) -> None:
+    """Publish `body` to a model's queue, as the primary's fan-out would."""
+    with connect(broker_url) as connection:
+        kombu.Producer(connection.default_channel).publish(
+            body,
+            exchange=contract.MODEL_EXCHANGE,
+            routing_key=model_name,
+            content_type=contract.CONTENT_TYPE,
+            content_encoding="utf-8",
+            **properties,
+        )
+
+
+def collect_replies(broker_url: str, queue: str, count: int, idle_timeout: float = 20.0) -> list[Reply]:
+    """Read up to `count` replies from a named reply queue; stops after `idle_timeout` s without one."""
+    got: list[Reply] = []
+    reply_queue = ReplyQueue(broker_url, queue)
+    try:
+        reply_queue.consume(got.append, limit=count, idle_timeout=idle_timeout)
+    finally:
+        reply_queue.close()
+    return got
+
+
+def queue_depth(broker_url: str, queue: str) -> int:
+    with connect(broker_url) as connection:
+        _, depth, _ = connection.default_channel.queue_declare(queue, passive=True)
+        return int(depth)

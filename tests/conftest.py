@@ -135,10 +135,11 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
             args += ["--model", model]
         env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, **(env or {})}
         worker = WorkerProcess(args, env=env, log_path=str(tmp_path / f"worker-{len(started)}.log"))
-        worker.log_path = tmp_path / f"worker-{len(started)}.log"  # type: ignore[attr-defined]
         started.append(worker)
         queue = contract.REQUEST_QUEUE if kind == "primary" else contract.model_queue(model or "")
-        same_queue = sum(1 for w in started if w.args[:1] == [kind] and (model is None or model in w.args))
+        same_queue = sum(
+            1 for w in started if w.alive() and w.args[:1] == [kind] and (model is None or model in w.args)
+        )
         wait_for_consumers(broker_url, queue, same_queue, workers=[worker])
         return worker
 
@@ -152,6 +153,16 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
 def client(broker_url: str) -> Iterator[Client]:
     with Client(broker_url, timeout=30) as opened:
         yield opened
+
+
+def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 20.0) -> None:
+    """Block until `text` appears in the worker's log."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in worker.log_text():
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the worker's log"
+        time.sleep(0.05)
 
 
 def wait_for_records(sink: Sink, request_id: str, count: int, timeout: float = 15.0) -> list[LLMLogRecord]:

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from urllib.parse import unquote, urlsplit
 
 from multillm.config import ENV_BROKER_URL
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
 from multillm.sinks import Sink
-from tests.conftest import StartWorker, wait_for_records
+from tests.conftest import StartWorker, wait_for_log, wait_for_records
 
 
 def _vhost(broker_url: str) -> str:
     return unquote(urlsplit(broker_url).path.lstrip("/"))
-
-
-def _wait_for_log(worker: object, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in worker.log_path.read_text():  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, f"{text!r} never appeared in the worker's log"
-        time.sleep(0.05)
 
 
 def test_client_and_worker_reconnect_after_the_broker_cuts_every_connection(
@@ -37,7 +29,7 @@ def test_client_and_worker_reconnect_after_the_broker_cuts_every_connection(
         capture_output=True,
         timeout=60,
     )
-    _wait_for_log(worker, "broker.connection_lost")
+    wait_for_log(worker, "broker.connection_lost")
 
     assert client.create(make_request(["mock/echo"], "after the cut"), timeout=30).text == "echo says: after the cut"
     assert worker.alive()
@@ -52,7 +44,7 @@ def test_a_slow_model_call_does_not_starve_heartbeats(
     mock_control.set_fault("slow", latency_ms=4000)
 
     assert client.create(make_request(["mock/slow"], "take your time"), timeout=30).text
-    assert "broker.connection_lost" not in worker.log_path.read_text()  # type: ignore[attr-defined]
+    assert "broker.connection_lost" not in worker.log_text()
     assert len(mock_control.calls()) == 1  # answered once, not redelivered after a dropped connection
 
 
@@ -62,7 +54,7 @@ def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
     worker = start_worker("primary")
     mock_control.set_fault("slow", latency_ms=1500)
     future = client.submit(make_request(["mock/slow"], "finish me"))
-    _wait_for_log(worker, "request.accepted")
+    wait_for_log(worker, "request.accepted")
 
     worker.process.send_signal(signal.SIGTERM)
     reply = future.result(timeout=30)

@@ -25,6 +25,7 @@ class WorkerProcess:
         log_path: str | None = None,
     ) -> None:
         self.args = list(args)
+        self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - kept open while it runs
         self.process = subprocess.Popen(
             [sys.executable, "-m", "multillm", "--log-json", "worker", *self.args],
@@ -52,6 +53,13 @@ class WorkerProcess:
         if hasattr(self._log, "close"):
             self._log.close()
         return self.process.returncode
+
+    def log_text(self) -> str:
+        """What the worker has logged so far ("" without a log file)."""
+        if not self.log_path:
+            return ""
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     def kill(self) -> None:
         self.process.kill()

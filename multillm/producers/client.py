@@ -26,7 +26,7 @@ import structlog
 from multillm import contract
 from multillm.config import DEFAULT_BROKER_URL
 from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout
-from multillm.producers.publishing import RequestPublisher, connect, kombu_queue, new_request_id
+from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
 from multillm.urls import mask_url
@@ -203,12 +203,7 @@ class _ReplyListener(threading.Thread):
             kombu.Consumer(connection, [self._queue], on_message=self._on_message, no_ack=True),
         ):
             self._ready.set()
-            while not self._stopping.is_set():
-                try:
-                    # The timeout only bounds how late stop() is noticed; replies wake it at once.
-                    connection.drain_events(timeout=0.5)
-                except TimeoutError:
-                    continue
+            drain(connection, stop=self._stopping.is_set)
 
     def _on_message(self, message: kombu.Message) -> None:
         props = message.properties

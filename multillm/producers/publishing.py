@@ -12,6 +12,7 @@ import functools
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 import kombu
@@ -26,12 +27,31 @@ from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
 log = structlog.get_logger(__name__)
 
 # kombu's own reconnect loop around a publish: a broker restart takes seconds.
+_TICK_SECONDS: Final = 0.5
 RETRY_POLICY: Final = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 
 def connect(broker_url: str) -> kombu.Connection:
     """A kombu connection whose channels publish with confirms."""
     return kombu.Connection(broker_url, transport_options={"confirm_publish": True}, heartbeat=30)
+
+
+def drain(connection: kombu.Connection, *, stop: Callable[[], bool], idle_timeout: float | None = None) -> None:
+    """Dispatch messages on `connection` until `stop()`, or `idle_timeout` seconds without one.
+
+    kombu sends heartbeats only when asked to: without `heartbeat_check` the broker
+    drops a connection that waited quietly for two heartbeat intervals.
+    """
+    last = time.monotonic()
+    while not stop():
+        try:
+            # The tick only bounds how late stop() and heartbeats are noticed; a message wakes it at once.
+            connection.drain_events(timeout=_TICK_SECONDS)
+            last = time.monotonic()
+        except TimeoutError:
+            if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
+                return
+        connection.heartbeat_check()
 
 
 def kombu_queue(spec: QueueSpec) -> kombu.Queue:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import structlog
 
 from multillm import contract
 from multillm.errors import Code, RpcError
-from multillm.producers.publishing import connect, declare_queues, kombu_queue
+from multillm.producers.publishing import connect, declare_queues, drain, kombu_queue
 from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,7 @@ def decode_reply_message(body: bytes, message_type: str | None, correlation_id: 
         if message_type == contract.TYPE_ERROR:
             return Reply(correlation_id, status=decode_status(body))
         return Reply(correlation_id, completion=decode_reply(body))
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         return Reply(correlation_id, status=RpcStatus(code=Code.INTERNAL, message=f"undecodable reply: {exc}"))
 
 
@@ -53,6 +54,7 @@ class ReplyQueue:
     def __init__(self, broker_url: str, name: str) -> None:
         self.name = name
         self._spec = contract.named_reply_queue(name)
+        self._broker_url = broker_url
         self._connection = connect(broker_url)
 
     def declare(self) -> None:
@@ -81,13 +83,22 @@ class ReplyQueue:
             message.ack()
             handled += 1
 
-        with kombu.Consumer(self._connection, [kombu_queue(self._spec)], on_message=on_message, prefetch_count=16):
-            while limit is None or handled < limit:
-                try:
-                    self._connection.drain_events(timeout=idle_timeout)
-                except TimeoutError:
-                    break
-        return handled
+        def enough() -> bool:
+            return limit is not None and handled >= limit
+
+        while True:
+            try:
+                with kombu.Consumer(
+                    self._connection, [kombu_queue(self._spec)], on_message=on_message, prefetch_count=16
+                ):
+                    drain(self._connection, stop=enough, idle_timeout=idle_timeout)
+                return handled
+            except self._connection.connection_errors as exc:
+                # Unacked replies go back to the queue: reconnect and carry on.
+                log.warning("reply_queue.reconnecting", queue=self.name, error=f"{type(exc).__name__}: {exc}")
+                self._connection.release()
+                time.sleep(1.0)
+                self._connection = connect(self._broker_url)
 
     def close(self) -> None:
         self._connection.release()

@@ -33,6 +33,7 @@ class ModelHandler:
             return
         if copy.model.name != self.model_name:
             log.warning("copy.misrouted", expected=self.model_name, got=copy.model.name)
+        log.info("copy.accepted", request_id=copy.request_id, model=copy.model.name, index=copy.model_index)
         io.submit(delivery, lambda: self._work(copy))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:

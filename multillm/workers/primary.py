@@ -114,6 +114,9 @@ class PrimaryHandler:
             request = decode_request(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise InvalidRequest(f"invalid request: {exc}") from None
+        except UnicodeDecodeError as exc:
+            # msgspec reports bad UTF-8 inside a string this way, not as a DecodeError.
+            raise InvalidRequest(f"invalid request: JSON is malformed: not UTF-8 at byte {exc.start}") from None
         for model in request.models:
             if not self._providers.has(model.provider):
                 raise InvalidRequest(
