@@ -19,5 +19,7 @@ def scrub(text: str, secrets: Iterable[str | None]) -> str:
     """Replace each secret that occurs in `text` (a provider's error, an exception) by a mask."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, MASK)
+            # Also the escaped form, as a repr() or a bytes literal in an exception would show it.
+            for form in {secret, repr(secret)[1:-1], repr(secret.encode(errors="replace"))[2:-1]}:
+                text = text.replace(form, MASK)
     return text

@@ -23,11 +23,15 @@ RecordStatus = Literal["ok", "error"]
 ModelName = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Za-z0-9_.\-]+/\S+$",
+        pattern=r"^[A-Za-z0-9_.\-]+/\S+\Z",
         max_length=200,
         description="`provider/model`, e.g. `openai/gpt-4o-mini`",
     ),
 ]
+# (`\Z`, not `$`: msgspec searches, and `$` also matches before a final newline.)
+# Printable ASCII without spaces: a key that an HTTP header cannot carry is refused
+# when the request is decoded, before an HTTP library can quote it in an error.
+ApiKey = Annotated[str, Meta(pattern=r"^[\x21-\x7e]+\Z", max_length=1024)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
@@ -41,7 +45,7 @@ class V1Model(_Wire, frozen=True):
     name: ModelName
     temperature: Temperature | None = None
     max_tokens: PositiveInt | None = None
-    api_key: str | None = None
+    api_key: ApiKey | None = None
 
     def __repr__(self) -> str:
         # The key must never reach a log line or a traceback through repr().

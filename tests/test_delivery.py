@@ -252,6 +252,7 @@ VALID = encode(make_request([V1Model(name="mock/a", api_key="sk-in-a-bad-request
         (b'{"models": [{"name": "mock/\xff"}], "messages": []}', {}, "malformed"),
         (VALID, {"content_encoding": "gzip"}, "content_encoding"),
         (VALID, {"content_type": "text/plain"}, "content_type"),
+        (VALID, {"content_type": "application/json; charset=latin-1"}, "content_type"),
         (VALID[:-1] + b',"pad":"' + b"x" * (1024 * 1024) + b'"}', {}, "over the limit"),
     ],
 )
@@ -268,6 +269,19 @@ def test_bad_input_gets_invalid_argument_and_a_dead_letter(
     assert named in dead.headers[contract.HEADER_ERROR]
     assert b"sk-in-a-bad-request" not in dead.body
     assert client.create(make_request(["mock/a"], "still serving?"), timeout=30).text
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [{"content_type": "application/json; charset=UTF-8"}, {"content_encoding": "binary"}],
+)
+def test_other_producers_labels_for_utf8_json_are_accepted(
+    start_worker: StartWorker, broker_url: str, properties: dict[str, str]
+) -> None:
+    start_worker("primary")
+    publish_raw(broker_url, encode(make_request(["mock/a"], "labels")), REPLIES, **properties)
+    [reply] = collect_replies(broker_url, REPLIES, 1)
+    assert reply.result().text == "a says: labels"
 
 
 def test_a_reply_to_that_does_not_exist_is_dead_lettered_not_lost(

@@ -130,6 +130,15 @@ def test_invalid_requests_raise_errors_naming_the_problem(body: bytes, expected:
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize("key", ["sk-SECRET\\n", "sk-\\u0000x", "sk SECRET", "sk-\\u00e9"])
+def test_an_api_key_no_http_header_can_carry_is_refused_without_echoing_it(key: str) -> None:
+    body = '{"models": [{"name": "a/b", "apiKey": "KEY"}], "messages": [{"role": "user", "content": "x"}]}'
+    body = body.replace("KEY", key)
+    with pytest.raises(msgspec.ValidationError) as caught:
+        schemas.decode_request(body.encode())
+    assert "`$.models[0].apiKey`" in str(caught.value) and "SECRET" not in str(caught.value)
+
+
 def test_api_key_is_hidden_from_repr_but_kept_for_the_call() -> None:
     model = V1Model(name="openai/gpt-4o", api_key="sk-very-secret")
     assert "sk-very-secret" not in repr(model)

@@ -12,11 +12,12 @@ the listener reconnects wait in it instead of being dropped.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Final
 
@@ -75,7 +76,11 @@ class Client:
         self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply)
         self._listener.start()
         self._listener.wait_ready(broker_url, connect_timeout)
-        self._publisher = RequestPublisher(broker_url, pool_size=pool_size)
+        try:
+            self._publisher = RequestPublisher(broker_url, pool_size=pool_size)
+        except Exception as exc:
+            self._listener.stop()
+            raise BrokerUnavailable(f"cannot declare the request queue at {mask_url(broker_url)}: {exc}") from exc
 
     def create(
         self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
@@ -129,7 +134,7 @@ class Client:
             the request id, which the reply carries as its correlation id.
         """
         if not reply_to.startswith("amq."):
-            self._publisher.declare(contract.named_reply_queue(reply_to))
+            self._publisher.declare_once(contract.named_reply_queue(reply_to))
         return self._publisher.publish(request, reply_to=reply_to, request_id=request_id, timeout=timeout)
 
     def _on_reply(self, reply: Reply) -> None:
@@ -142,7 +147,9 @@ class Client:
         try:
             future.set_result(reply.result())
         except MultiLLMError as exc:
-            future.set_exception(exc)
+            _settle(future, exc)
+        except InvalidStateError:
+            pass  # the caller cancelled it: nobody is waiting
 
     def forget(self, future: PendingReply) -> None:
         """Stop waiting for a submitted request's reply (after a timeout)."""
@@ -150,15 +157,24 @@ class Client:
             self._pending.pop(future.request_id, None)
 
     def close(self) -> None:
-        """Stop the reply listener and close every connection. Calls still waiting time out."""
+        """Stop the reply listener and close every connection; calls still waiting fail."""
         self._listener.stop()
         self._publisher.close()
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            _settle(future, MultiLLMError(f"the client was closed before request {future.request_id} was answered"))
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _settle(future: PendingReply, error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # cancelled by its caller
+        future.set_exception(error)
 
 
 class _ReplyListener(threading.Thread):
@@ -200,14 +216,20 @@ class _ReplyListener(threading.Thread):
     def _consume(self) -> None:
         with (
             connect(self._broker_url) as connection,
-            kombu.Consumer(connection, [self._queue], on_message=self._on_message, no_ack=True),
+            kombu.Consumer(connection, [self._queue], on_message=self._on_message, prefetch_count=64),
         ):
             self._ready.set()
             drain(connection, stop=self._stopping.is_set)
 
     def _on_message(self, message: kombu.Message) -> None:
         props = message.properties
-        self._on_reply(decode_reply_message(message.body, props.get("type"), props.get("correlation_id")))
+        try:
+            self._on_reply(decode_reply_message(message.body, props.get("type"), props.get("correlation_id")))
+        except Exception:
+            # A reply must never take the listener down with it: that would strand every other caller.
+            log.exception("reply.dispatch_failed", correlation_id=props.get("correlation_id"))
+        # Acked after dispatch: a listener that dies mid-way leaves the reply in the queue.
+        message.ack()
 
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "PendingReply"]

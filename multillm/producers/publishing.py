@@ -15,20 +15,25 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+import amqp.exceptions
 import kombu
+import kombu.exceptions
 import kombu.pools
 import structlog
 
 from multillm import contract
 from multillm.contract import QueueSpec
-from multillm.errors import Code, Unavailable
+from multillm.errors import BrokerUnavailable, Code, Unavailable
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
 
 log = structlog.get_logger(__name__)
 
-# kombu's own reconnect loop around a publish: a broker restart takes seconds.
 _TICK_SECONDS: Final = 0.5
+# kombu's own reconnect loop around a publish (about 20 s in all): a broker restart takes seconds.
 RETRY_POLICY: Final = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+# The longest wait for one confirm. Without it a publish into a blocked broker
+# (memory or disk alarm) or a half-open connection would wait for ever.
+CONFIRM_TIMEOUT_SECONDS: Final = 15.0
 
 
 def connect(broker_url: str) -> kombu.Connection:
@@ -85,13 +90,26 @@ class RequestPublisher:
         self._connection = connect(broker_url)
         declare_queues(self._connection, contract.requests_queue(), contract.dead_queue())
         self._returned: set[str] = set()
+        self._declared: set[str] = set()
         self._lock = threading.Lock()
         producer = functools.partial(kombu.Producer, on_return=self._on_return)
         self._pool = kombu.pools.ProducerPool(self._connection.Pool(pool_size), limit=pool_size, Producer=producer)
 
-    def declare(self, spec: QueueSpec) -> None:
-        with self._pool.connections.acquire(block=True) as connection:
-            declare_queues(connection, spec)
+    def declare_once(self, spec: QueueSpec) -> None:
+        """Declare `spec` the first time it is named (reconnecting if need be).
+
+        Raises:
+            BrokerUnavailable: the broker could not be reached or refused the declaration.
+        """
+        if spec.name in self._declared:
+            return
+        try:
+            with self._pool.connections.acquire(block=True) as connection:
+                connection.ensure(connection, lambda: declare_queues(connection, spec), **RETRY_POLICY)()
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot declare queue {spec.name!r}: {exc}") from exc
+        with self._lock:
+            self._declared.add(spec.name)
 
     def publish(
         self,
@@ -109,40 +127,52 @@ class RequestPublisher:
             reply_to: the queue the reply goes to (None: no reply is sent).
             request_id: the AMQP `message_id`; a fresh UUID when None.
             correlation_id: echoed on the reply; the request id when None.
-            timeout: seconds the caller will wait: becomes the message's `expiration`
-                and an absolute deadline header, so a worker never calls a model for it late.
+            timeout: seconds the caller will wait: becomes an absolute deadline header, so a
+                worker never calls a model for it late and answers it with DEADLINE_EXCEEDED.
+                Not an AMQP `expiration`: the broker would drop an expired request without a
+                reply, and copy its api keys to the dead-letter queue as they are.
 
         Raises:
             Unavailable: no queue is bound to the requests exchange.
+            BrokerUnavailable: the broker did not confirm the publish, even after reconnecting.
         """
         request_id = request_id or new_request_id()
         headers: dict[str, Any] = {}
         if timeout is not None:
             headers[contract.HEADER_DEADLINE] = int((time.time() + timeout) * 1000)
-        with self._pool.acquire(block=True) as producer:
-            producer.publish(
-                encode(request),
-                exchange=contract.REQUEST_EXCHANGE,
-                routing_key=contract.REQUEST_ROUTING_KEY,
-                content_type=contract.CONTENT_TYPE,
-                content_encoding="utf-8",
-                delivery_mode=contract.PERSISTENT,
-                message_id=request_id,
-                correlation_id=correlation_id or request_id,
-                reply_to=reply_to,
-                expiration=timeout,
-                type=contract.TYPE_REQUEST,
-                headers=headers,
-                mandatory=True,
-                retry=True,
-                retry_policy=RETRY_POLICY,
-            )
+        try:
+            self._publish(encode(request), request_id, correlation_id or request_id, reply_to, headers)
+        except (OSError, kombu.exceptions.KombuError, amqp.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(f"the broker did not confirm request {request_id}: {exc}") from exc
         with self._lock:
             returned = request_id in self._returned
             self._returned.discard(request_id)
         if returned:
             raise Unavailable(Code.UNAVAILABLE, f"no queue is bound to exchange {contract.REQUEST_EXCHANGE!r}")
         return request_id
+
+    def _publish(
+        self, body: bytes, request_id: str, correlation_id: str, reply_to: str | None, headers: dict[str, Any]
+    ) -> None:
+        with self._pool.acquire(block=True, timeout=CONFIRM_TIMEOUT_SECONDS) as producer:
+            producer.publish(
+                body,
+                exchange=contract.REQUEST_EXCHANGE,
+                routing_key=contract.REQUEST_ROUTING_KEY,
+                content_type=contract.CONTENT_TYPE,
+                content_encoding="utf-8",
+                delivery_mode=contract.PERSISTENT,
+                message_id=request_id,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                type=contract.TYPE_REQUEST,
+                headers=headers,
+                mandatory=True,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+                timeout=CONFIRM_TIMEOUT_SECONDS,
+                confirm_timeout=CONFIRM_TIMEOUT_SECONDS,
+            )
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         # The broker sends basic.return before the confirm, so publish() sees it.

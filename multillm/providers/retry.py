@@ -135,8 +135,11 @@ def classify(exc: Exception) -> tuple[Code, str]:
             code = Code.INTERNAL
         return code, exc.message
     if isinstance(exc, openai.APIConnectionError):
+        # Only the cause's kind: its text may quote the request's headers, key included.
         cause = exc.__cause__
-        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        detail = f" ({type(cause).__name__})" if cause is not None else ""
+        if isinstance(cause, OSError) and cause.strerror:
+            detail = f" ({type(cause).__name__}: {cause.strerror})"
         return Code.UNAVAILABLE, exc.message + detail
     return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
 

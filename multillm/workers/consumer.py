@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from multillm import contract
 from multillm.contract import QueueSpec
-from multillm.errors import Code
+from multillm.errors import Code, ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -120,8 +121,15 @@ class Handler(Protocol):
         ...
 
 
-def dead_letter(delivery: Delivery, queue: str, reason: str, code: int, body: bytes | None = None) -> Outgoing:
-    """A copy of a message for `multillm.dead`, with why it is there in headers."""
+def dead_letter(
+    delivery: Delivery,
+    queue: str,
+    reason: str,
+    code: int,
+    body: bytes | None = None,
+    message_type: str | None = None,
+) -> Outgoing:
+    """A copy of a message (or `body` instead) for `multillm.dead`, with why it is there in headers."""
     props = delivery.properties
     headers = dict(props.headers or {})
     headers.update(
@@ -141,7 +149,7 @@ def dead_letter(delivery: Delivery, queue: str, reason: str, code: int, body: by
             message_id=props.message_id,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
-            type=props.type,
+            type=message_type or props.type,
             headers=headers,
         ),
     )
@@ -187,12 +195,19 @@ class Consumer:
                 self._consume_until_stopped()
             except _CONNECTION_ERRORS as exc:
                 log.warning("broker.connection_lost", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
-                self._forget_connection()
+                # Close what is left of it: a half-dead connection would keep its deliveries unacked.
+                self._close()
                 self._stop.wait(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 15.0)
+        abandoned = len(self._in_flight)
         self._close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        log.info("worker.stopped", queue=self._handler.queue.name)
+        log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
+        if abandoned:
+            # Calls still running past the grace period would hold the process open
+            # (pool threads are not daemons); their messages are redelivered.
+            sys.stderr.flush()
+            os._exit(0)
         return 0
 
     def stop(self) -> None:
@@ -216,10 +231,21 @@ class Consumer:
 
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._params)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_qos(prefetch_count=self._concurrency)
-        declare(channel, self._declare)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_qos(prefetch_count=self._concurrency)
+            declare(channel, self._declare)
+        except BaseException as exc:
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                connection.close()
+            if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:
+                # Retrying cannot help: a queue exists with other arguments than ours.
+                raise ConfigError(
+                    f"the broker refused our topology: {exc.reply_text}. Another program declared it with other "
+                    "arguments; delete that queue or exchange (it is empty when drained) or align the arguments"
+                ) from None
+            raise
         self._connection, self._channel, self._in_flight = connection, channel, set()
         self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
@@ -277,6 +303,10 @@ class Consumer:
             )
         except pika.exceptions.UnroutableError:
             return False
+        except pika.exceptions.NackError:
+            # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
+            log.warning("publish.refused", exchange=message.exchange, routing_key=message.routing_key)
+            return False
         return True
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
@@ -286,16 +316,24 @@ class Consumer:
             # sink's idempotent write keeps the record single.
             log.warning("worker.settle_dropped", reason="channel closed; message will be redelivered")
             return
-        if settlement.requeue:
+        if settlement.requeue or not all(self._deliver(delivery, m) for m in settlement.publishes):
+            # Tried again on a later delivery; the delivery limit bounds how often.
             channel.basic_nack(delivery.tag, requeue=True)
         else:
-            for message in settlement.publishes:
-                if not self.publish(message) and message.dead_letter_reason:
-                    log.warning("reply.unroutable", reply_to=message.routing_key)
-                    reason = f"{message.dead_letter_reason}: no queue named {message.routing_key!r}"
-                    self.publish(dead_letter(delivery, self._handler.queue.name, reason, Code.NOT_FOUND, message.body))
             channel.basic_ack(delivery.tag)
         self._in_flight.discard(delivery.tag)
+
+    def _deliver(self, delivery: Delivery, message: Outgoing) -> bool:
+        """Publish what a delivery owes; a reply no queue takes goes to the dead letters instead."""
+        if self.publish(message):
+            return True
+        if message.dead_letter_reason:
+            log.warning("reply.unroutable", reply_to=message.routing_key)
+            reason = f"{message.dead_letter_reason}: no queue named {message.routing_key!r} took it"
+            if self.publish(dead_letter(delivery, self._handler.queue.name, reason, Code.NOT_FOUND, message.body)):
+                return True
+        log.error("settle.publish_refused", exchange=message.exchange, routing_key=message.routing_key)
+        return False
 
     def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
         connection = self._connection

@@ -34,7 +34,7 @@ class ModelHandler:
         if copy.model.name != self.model_name:
             log.warning("copy.misrouted", expected=self.model_name, got=copy.model.name)
         log.info("copy.accepted", request_id=copy.request_id, model=copy.model.name, index=copy.model_index)
-        io.submit(delivery, lambda: self._work(copy))
+        io.submit(delivery, lambda: self._work(delivery, copy))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
         copy = self._decode(delivery, io)
@@ -44,8 +44,10 @@ class ModelHandler:
 
         def record_and_dead_letter() -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
-            self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
-            return Settlement([self._dead_letter(delivery, reason, Code.INTERNAL)])
+            run = self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
+            return Settlement(
+                [self._dead_letter(delivery, reason, Code.INTERNAL), *run.unstored_record(delivery, self.queue.name)]
+            )
 
         io.submit(delivery, record_and_dead_letter)
 
@@ -68,6 +70,6 @@ class ModelHandler:
     def _dead_letter(self, delivery: Delivery, reason: str, code: int) -> Outgoing:
         return dead_letter(delivery, self.queue.name, reason, code, redact_body(delivery.body))
 
-    def _work(self, copy: FanOutCopy) -> Settlement:
+    def _work(self, delivery: Delivery, copy: FanOutCopy) -> Settlement:
         run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms)
-        return Settlement(requeue=not run.stored)
+        return Settlement(run.unstored_record(delivery, self.queue.name))

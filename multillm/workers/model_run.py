@@ -10,10 +10,15 @@ import structlog
 from multillm.errors import Code
 from multillm.providers import ModelResult, ProviderError, Providers
 from multillm.records import build_record, utc_now
-from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest
+from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.sinks import Sink
+from multillm.workers.consumer import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
+
+# A brief sink outage (a database restart) is waited out on the pool thread, keeping
+# the model's answer; a longer one sends the record to the dead letters to replay.
+_SINK_RETRY_WAITS = (0.2, 1.0, 3.0)
 
 
 def now_ms() -> int:
@@ -26,6 +31,13 @@ class ModelRun:
     outcome: ModelResult | ProviderError
     # The record is in the sink, written now or by an earlier delivery of the same message.
     stored: bool
+
+    def unstored_record(self, delivery: Delivery, queue: str) -> list[Outgoing]:
+        """The record as a dead letter when the sink would not take it, so that it is not lost."""
+        if self.stored:
+            return []
+        reason = "the sink did not take this record; replay it from here"
+        return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, encode(self.record), "LLMLogRecord")]
 
 
 class ModelRunner:
@@ -78,11 +90,15 @@ class ModelRunner:
     ) -> ModelRun:
         record = build_record(request, request_id, model_index, outcome, created_at, utc_now())
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
-        try:
-            written = self._sink.write(record)
-        except Exception as exc:
-            bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}")
-            return ModelRun(record, outcome, stored=False)
+        for wait in (*_SINK_RETRY_WAITS, None):
+            try:
+                written = self._sink.write(record)
+                break
+            except Exception as exc:
+                bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}", retry_in=wait)
+                if wait is None:
+                    return ModelRun(record, outcome, stored=False)
+                time.sleep(wait)
         bound.info(
             "record.written" if written else "record.duplicate",
             status=record.status,

@@ -32,7 +32,9 @@ from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
 
 log = structlog.get_logger(__name__)
 
-_ACCEPTED_ENCODINGS = {None, "", "utf-8", "utf8", "identity"}
+_UTF8 = {"utf-8", "utf8"}
+# kombu labels a bytes body "binary"; the others say the body is the JSON as is.
+_ACCEPTED_ENCODINGS = {"", "identity", "binary", *_UTF8}
 
 
 class InvalidRequest(Exception):
@@ -85,7 +87,9 @@ class PrimaryHandler:
         def record_and_refuse() -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
             run = self._runner.record_failure(request, request_id, request.display_model, error)
-            return self._refuse(delivery, request_id, Code.INTERNAL, reason, log_id=run.record.log_id)
+            refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, log_id=run.record.log_id)
+            refusal.publishes += run.unstored_record(delivery, self.queue.name)
+            return refusal
 
         io.submit(delivery, record_and_refuse)
 
@@ -106,8 +110,10 @@ class PrimaryHandler:
         props, body = delivery.properties, delivery.body
         if len(body) > self._max_body_bytes:
             raise InvalidRequest(f"request body is {len(body)} bytes, over the limit of {self._max_body_bytes}")
-        if props.content_type not in (None, "", contract.CONTENT_TYPE):
-            raise InvalidRequest(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r}")
+        media_type, _, params = (props.content_type or contract.CONTENT_TYPE).partition(";")
+        charset = params.strip().lower().removeprefix("charset=") if params.strip() else "utf-8"
+        if media_type.strip().lower() != contract.CONTENT_TYPE or charset not in _UTF8:
+            raise InvalidRequest(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r} in UTF-8")
         if (props.content_encoding or "").lower() not in _ACCEPTED_ENCODINGS:
             raise InvalidRequest(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
         try:
@@ -135,15 +141,19 @@ class PrimaryHandler:
         unrouted: list[int],
         deadline: int | None,
     ) -> Settlement:
+        unstored: list[Outgoing] = []
         for index in unrouted:
             name = request.models[index].name
             error = ProviderError(
                 Code.UNAVAILABLE,
                 f"no queue took the fan-out copy for model {name!r}: start `multillm worker model --model {name}`",
             )
-            self._runner.record_failure(request, request_id, index, error)
+            unstored += self._runner.record_failure(request, request_id, index, error).unstored_record(
+                delivery, self.queue.name
+            )
         run = self._runner.run(request, request_id, request.display_model, deadline)
-        return Settlement(self._reply(delivery, request_id, _reply_body(request, run)))
+        reply = self._reply(delivery, request_id, _reply_body(request, run))
+        return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
 
     def _reply(
         self, delivery: Delivery, request_id: str, reply: V1MultiLLMChatCompletion | RpcStatus
