@@ -54,7 +54,7 @@ broker() {
     done
   elif docker info >/dev/null 2>&1; then
     echo "starting RabbitMQ with docker compose" >&2
-    docker compose up -d rabbitmq
+    docker compose up -d --wait rabbitmq
   else
     echo "no RabbitMQ answers at ${BROKER_URL//:*@/:***@}: install one (sudo apt-get install rabbitmq-server), run 'docker compose up -d rabbitmq' on a machine with Docker, or set MULTILLM_BROKER_URL" >&2
     exit 1

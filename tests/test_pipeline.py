@@ -14,7 +14,7 @@ from multillm.errors import Code, InvalidArgument, Unavailable
 from multillm.mock_llm import MockControl
 from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
 from multillm.records import log_id_for
-from multillm.schemas import V1Model, V1Tracing
+from multillm.schemas import V1Model, V1Tracing, encode
 from multillm.sinks import Sink
 from tests.broker_tools import publish_raw, read_dead_letters
 from tests.conftest import StartWorker, wait_for_records
@@ -234,8 +234,10 @@ def test_request_api_key_is_used_and_never_stored_or_logged(
     assert seen["alpha"] == hashlib.sha256(secret.encode()).hexdigest()
     assert seen["beta"] != seen["alpha"]  # the other model used the configured key, not this one
     assert secret not in json.dumps(reply.completion.choices[0].message.content)
-    for path in (sink_url.removeprefix("sqlite:///"), primary.log_path, other.log_path):
-        with open(path, "rb") as f:
+    assert all(secret not in encode(r).decode() for r in sink.records(future.request_id))
+    db = sink_url.removeprefix("sqlite:///")
+    for path in (db, db + "-wal", primary.log_path, other.log_path):  # a fresh row sits in the WAL file
+        with open(str(path), "rb") as f:
             assert secret.encode() not in f.read(), path
 
 

@@ -8,6 +8,8 @@ import sys
 import kombu.exceptions
 import msgspec
 
+from multillm import contract
+from multillm.cli.processes import consumer_count
 from multillm.config import Settings, load_settings
 from multillm.errors import MultiLLMError, RpcError
 from multillm.producers import Client, make_request
@@ -58,6 +60,12 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"invalid request: {exc}") from None
     try:
         with connect_client(settings) as client:
+            if not consumer_count(settings.broker_url, contract.REQUEST_QUEUE):
+                print(
+                    f"no primary worker is serving {contract.REQUEST_QUEUE} yet (start `multillm worker primary`);"
+                    f" waiting up to {args.timeout:g}s",
+                    file=sys.stderr,
+                )
             reply = client.create(request, timeout=args.timeout)
     except RpcError as exc:
         print(encode(exc.to_status()).decode() if args.json else f"error: {exc}")

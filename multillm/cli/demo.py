@@ -19,6 +19,7 @@ from multillm.cli.commands import CommandError, connect_client
 from multillm.cli.logs import side_by_side
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
 from multillm.config import ENV_CONFIG, Settings
+from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
 from multillm.schemas import LLMLogRecord
@@ -62,7 +63,7 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = 150.0
                 wait_for_consumers(settings.broker_url, contract.model_queue(model), 1, workers=workers)
             print(f"started {len(workers)} workers: primary + one per model ({', '.join(MODELS)})\n")
             _send(client, settings, requests)
-        except RuntimeError as exc:
+        except (RuntimeError, MultiLLMError, TimeoutError) as exc:
             raise CommandError(f"{exc}; worker logs: {Path(logs).read_text()[-2000:]}") from None
         finally:
             client.close()
