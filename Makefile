@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test lint typecheck services clean
+.PHONY: demo test chaos lint typecheck services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker
 	$(VENV)/bin/multillm demo
+
+# A few minutes of thousands of requests while workers are killed, connections cut and
+# the mock fails at random; prints the table kept in docs/reliability.md.
+chaos: $(VENV)/.installed
+	@PY=$(PY) bash scripts/services.sh broker
+	$(VENV)/bin/multillm --log-level error chaos --requests 3000 --duration 150
 
 services:
 	@PY=$(PY) bash scripts/services.sh broker --install

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import signal
 import socket
 import struct
@@ -53,8 +54,10 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     `drop_connection` puts one dropped connection before `statuses`. `retry_after`
     (seconds) and `retry_after_ms` become headers of the error answers; `latency_ms`
     replaces the server's latency for this model; `echo_auth` puts the caller's bearer
-    token in error messages (to test that it gets scrubbed). Setting a model's fault
-    replaces the one it had.
+    token in error messages (to test that it gets scrubbed). `error_rate` makes each
+    call after those fail at random, with one of `error_statuses` (0 = drop), from a
+    generator seeded with `seed` (for chaos runs). Setting a model's fault replaces the
+    one it had.
     """
 
     model: str
@@ -65,6 +68,9 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     latency_ms: Annotated[float, Meta(ge=0)] | None = None
     drop_connection: bool = False
     echo_auth: bool = False
+    error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    error_statuses: list[Status] = msgspec.field(default_factory=lambda: [500])
+    seed: int = 0
 
 
 class MockCall(Struct, kw_only=True):
@@ -183,6 +189,15 @@ class _ModelFault:
     def __init__(self, fault: Fault) -> None:
         self.fault = fault
         self.pending: deque[int] = deque(([DROP] if fault.drop_connection else []) + fault.statuses)
+        self.random = random.Random(fault.seed)
+
+    def next_status(self) -> int:
+        fault = self.fault
+        if self.pending:
+            return self.pending.popleft()
+        if fault.error_rate and self.random.random() < fault.error_rate:
+            return self.random.choice(fault.error_statuses)
+        return fault.always if fault.always is not None else 200
 
 
 class _State:
@@ -202,7 +217,7 @@ class _State:
             if entry is None:
                 return 200, self.latency_ms, None
             fault = entry.fault
-            status = entry.pending.popleft() if entry.pending else fault.always if fault.always is not None else 200
+            status = entry.next_status()
             latency = fault.latency_ms if fault.latency_ms is not None else self.latency_ms
             return status, latency, fault
 
@@ -432,6 +447,9 @@ class MockControl:
         latency_ms: float | None = None,
         drop_connection: bool = False,
         echo_auth: bool = False,
+        error_rate: float = 0.0,
+        error_statuses: Sequence[int] = (500,),
+        seed: int = 0,
     ) -> None:
         """Replace the fault of `model` (the provider-side name, or `*`); see `Fault`."""
         fault = Fault(
@@ -443,6 +461,9 @@ class MockControl:
             latency_ms=latency_ms,
             drop_connection=drop_connection,
             echo_auth=echo_auth,
+            error_rate=error_rate,
+            error_statuses=list(error_statuses),
+            seed=seed,
         )
         self._request("POST", "/_mock/faults", _encoder.encode(fault))
 

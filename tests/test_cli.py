@@ -98,3 +98,16 @@ def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Pa
     records = [json.loads(line) for line in sink.read_text().splitlines()]
     assert len(records) == 9 and all(r["status"] == "ok" for r in records)
     assert sorted(r["is_primary"] for r in records).count(True) == 3
+
+
+def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
+    done = multillm("--log-level", "error", "chaos", "--requests", "120", "--duration", "12", cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    table = dict(
+        (cells[1].strip(), cells[2].strip())
+        for cells in (line.split("|") for line in done.stdout.splitlines() if line.startswith("| "))
+    )
+    assert table["requests sent (confirmed)"] == table["replies received"] != "0"
+    assert table["lost replies"] == table["lost records"] == table["duplicate records"] == "0"
+    assert int(table["records found"]) == 3 * int(table["requests sent (confirmed)"])
+    assert table["worker restarts (SIGKILL + SIGTERM)"] != "0 (0 + 0)"

@@ -243,3 +243,13 @@ def test_main_in_another_process_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_random_errors_follow_the_rate_and_the_seed(mock_llm: MockLLM, mock_control: MockControl) -> None:
+    mock_control.set_fault("flaky", error_rate=0.5, error_statuses=[503, 429], seed=7)
+    client = Client(mock_llm.url)
+    statuses = [client.chat("flaky", "hi")[0] for _ in range(200)]
+    assert set(statuses) == {200, 503, 429}
+    assert 60 < statuses.count(200) < 140
+    mock_control.set_fault("flaky", error_rate=0.5, error_statuses=[503, 429], seed=7)
+    assert [client.chat("flaky", "hi")[0] for _ in range(200)] == statuses  # same seed, same run

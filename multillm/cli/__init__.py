@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=_positive, default=3, help="how many requests to send")
     demo.add_argument("--latency-ms", type=float, default=150.0, help="the mock's latency")
 
+    chaos = sub.add_parser("chaos", help="a bounded soak under faults; prints what was lost (needs rabbitmqctl)")
+    chaos.add_argument("--requests", type=_positive, default=3000)
+    chaos.add_argument("--duration", type=float, default=150.0, help="seconds over which requests are sent")
+    chaos.add_argument("--seed", type=int, default=1)
+
     logs = sub.add_parser("logs", help="read the log records in the sink")
     logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = logs_sub.add_parser("list", help="the latest requests, one line each")

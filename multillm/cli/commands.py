@@ -35,6 +35,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from multillm.cli.demo import run_demo
 
         return run_demo(settings, requests=args.requests, latency_ms=args.latency_ms)
+    if args.command == "chaos":
+        from multillm.cli.chaos import run_chaos
+
+        return run_chaos(settings, requests=args.requests, duration=args.duration, seed=args.seed)
     if args.command == "logs":
         from multillm.cli.logs import run_logs
 

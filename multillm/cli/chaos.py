@@ -1,0 +1,300 @@
+"""`multillm chaos`: a bounded soak under real faults, ending in a table of what was lost.
+
+In a RabbitMQ vhost of its own it runs primary and per-model workers against the
+mock LLM, sends requests at a steady pace, and meanwhile SIGKILLs and SIGTERMs
+random workers (restarting them), cuts every broker connection of the vhost, and
+makes the mock fail at random (429, 5xx, dropped connections). Then it stops the
+faults, waits for the stragglers, and counts: every confirmed request must have a
+reply, every model of every request exactly one record.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import msgspec
+
+from multillm import contract
+from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, Settings
+from multillm.errors import MultiLLMError
+from multillm.mock_llm import MockLLM
+from multillm.producers import Client, Reply, ReplyQueue, make_request
+from multillm.producers.publishing import connect
+from multillm.sinks import open_sink
+
+MODELS = ("mock/alpha", "mock/beta", "mock/gamma")
+REPLIES = "chaos.replies"
+# Random failures of the mock: each try fails with this probability, so with three
+# tries about one model call in a hundred fails for good (and is recorded as such).
+MOCK_ERROR_RATE = 0.2
+
+
+class ChaosReport(msgspec.Struct):
+    requests_sent: int = 0
+    publish_failures: int = 0
+    replies_received: int = 0
+    error_replies_by_code: dict[int, int] = msgspec.field(default_factory=dict)
+    duplicate_replies: int = 0
+    lost_replies: int = 0
+    records_expected: int = 0
+    records_found: int = 0
+    duplicate_records: int = 0
+    lost_records: int = 0
+    worker_kills: int = 0
+    worker_sigterms: int = 0
+    connection_cuts: int = 0
+    mock_calls_failed: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return self.lost_replies == 0 and self.lost_records == 0 and self.duplicate_records == 0
+
+    def table(self) -> str:
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.error_replies_by_code.items())) or "none"
+        rows = [
+            ("requests sent (confirmed)", self.requests_sent),
+            ("publishes not confirmed (caller told)", self.publish_failures),
+            ("replies received", self.replies_received),
+            ("error replies by code", codes),
+            ("duplicate replies (dropped by the client)", self.duplicate_replies),
+            ("lost replies", self.lost_replies),
+            ("records expected", self.records_expected),
+            ("records found", self.records_found),
+            ("duplicate records", self.duplicate_records),
+            ("lost records", self.lost_records),
+            (
+                "worker restarts (SIGKILL + SIGTERM)",
+                f"{self.worker_kills + self.worker_sigterms} ({self.worker_kills} + {self.worker_sigterms})",
+            ),
+            ("broker connection cuts", self.connection_cuts),
+            ("mock calls failed on purpose", self.mock_calls_failed),
+            ("messages in multillm.dead", self.dead_letters),
+            ("wall time", f"{self.seconds:.0f} s"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+        lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Replies:
+    """Counts replies by correlation id, from the collector thread."""
+
+    seen: Counter[str] = field(default_factory=Counter)
+    codes: Counter[int] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, reply: Reply) -> None:
+        with self.lock:
+            self.seen[reply.request_id or ""] += 1
+            if self.seen[reply.request_id or ""] == 1 and reply.status is not None:
+                self.codes[reply.status.code] += 1
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+def _with_vhost(broker_url: str, vhost: str) -> str:
+    parts = urlsplit(broker_url)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+class _Fleet:
+    """The worker processes; restarts whichever the chaos took down."""
+
+    def __init__(self, env: dict[str, str], logs: Path, primaries: int, per_model: int) -> None:
+        self._env, self._logs = env, logs
+        self.specs = [["primary", "--concurrency", "8"]] * primaries
+        for model in MODELS[1:]:
+            self.specs += [["model", "--model", model, "--concurrency", "8"]] * per_model
+        self.workers = [self._start(spec) for spec in self.specs]
+
+    def _start(self, spec: list[str]) -> WorkerProcess:
+        return WorkerProcess(spec, env=self._env, log_path=str(self._logs))
+
+    def replace(self, index: int, sig: str) -> None:
+        victim = self.workers[index]
+        if sig == "KILL":
+            victim.kill()
+        else:
+            victim.stop(timeout=30)
+        self.workers[index] = self._start(self.specs[index])
+
+    def stop(self) -> list[int]:
+        return [w.stop(timeout=30) for w in self.workers]
+
+
+def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) -> int:
+    rng = random.Random(seed)
+    vhost = f"multillm-chaos-{uuid.uuid4().hex[:8]}"
+    broker_url = _with_vhost(settings.broker_url, vhost)
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, urlsplit(settings.broker_url).username or "guest", ".*", ".*", ".*")
+    report = ChaosReport()
+    started = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="multillm-chaos-") as tmp, MockLLM(latency_ms=20) as mock:
+            sink_url = f"sqlite:///{tmp}/chaos.db"
+            config = Path(tmp) / "multillm.toml"
+            config.write_text(
+                f'sink_url = "{sink_url}"\nshutdown_grace_seconds = 10\n'
+                "[retry]\nmax_attempts = 3\ninitial_wait = 0.05\nmax_wait = 0.5\nbudget_seconds = 10\n"
+                f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 5\n'
+            )
+            env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url}
+            fleet = _Fleet(env, Path(tmp) / "workers.log", primaries=2, per_model=2)
+            wait_for_consumers(broker_url, contract.REQUEST_QUEUE, 2, timeout=60)
+            for model in MODELS[1:]:
+                wait_for_consumers(broker_url, contract.model_queue(model), 2, timeout=60)
+            print(f"chaos in vhost {vhost}: {len(fleet.workers)} workers, {requests} requests over ~{duration:g}s")
+            sent = _soak(broker_url, vhost, fleet, mock, rng, seed, requests, duration, report)
+            _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60)
+            fleet.stop()
+            _count_records(sink_url, sent, report)
+            report.dead_letters = _queue_depth(broker_url, contract.DEAD_QUEUE)
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+    report.seconds = time.monotonic() - started
+    print(report.table())
+    return 0 if report.clean else 1
+
+
+def _soak(
+    broker_url: str,
+    vhost: str,
+    fleet: _Fleet,
+    mock: MockLLM,
+    rng: random.Random,
+    seed: int,
+    requests: int,
+    duration: float,
+    report: ChaosReport,
+) -> list[str]:
+    """Send the requests under faults; returns the ids of those the broker confirmed."""
+    control = mock.control
+    control.set_fault(
+        "*", error_rate=MOCK_ERROR_RATE, error_statuses=[429, 500, 502, 503, 0], retry_after=0.05, seed=seed
+    )
+    replies = _Replies()
+    collecting = threading.Event()
+    collecting.set()
+    ReplyQueue(broker_url, REPLIES).declare()
+    collector = threading.Thread(target=_collect, args=(broker_url, replies, collecting), daemon=True)
+    collector.start()
+    sending = threading.Event()
+    sending.set()
+    chaos = threading.Thread(target=_wreak, args=(vhost, fleet, rng, sending, report), daemon=True)
+    chaos.start()
+
+    sent: list[str] = []
+    with Client(broker_url, timeout=60) as client:
+        pace = duration / requests
+        for i in range(requests):
+            request = make_request(list(MODELS), f"chaos request {i}", display_model=0)
+            try:
+                sent.append(client.publish(request, reply_to=REPLIES))
+            except MultiLLMError:
+                report.publish_failures += 1
+            time.sleep(max(0.0, pace - 0.002))
+    sending.clear()
+    chaos.join()
+    control.clear_faults()
+
+    report.requests_sent = len(sent)
+    _wait_for(lambda: sum(1 for r in sent if replies.seen[r]), len(sent), patience=90)
+    collecting.clear()
+    collector.join(timeout=30)
+    with replies.lock:
+        report.replies_received = sum(1 for r in sent if replies.seen[r])
+        report.duplicate_replies = sum(n - 1 for n in replies.seen.values() if n > 1)
+        report.error_replies_by_code = dict(replies.codes)
+    report.lost_replies = report.requests_sent - report.replies_received
+    report.mock_calls_failed = sum(1 for call in control.calls() if call.status != 200)
+    report.records_expected = len(sent) * len(MODELS)
+    return sent
+
+
+def _wreak(vhost: str, fleet: _Fleet, rng: random.Random, sending: threading.Event, report: ChaosReport) -> None:
+    """Kill or stop a random worker every few seconds; cut every connection now and then."""
+    next_cut = time.monotonic() + rng.uniform(8, 15)
+    while sending.wait(0) and not _sleep_while(sending, rng.uniform(2.0, 5.0)):
+        index = rng.randrange(len(fleet.workers))
+        if rng.random() < 0.7:
+            fleet.replace(index, "KILL")
+            report.worker_kills += 1
+        else:
+            fleet.replace(index, "TERM")
+            report.worker_sigterms += 1
+        if time.monotonic() >= next_cut:
+            _rabbitmqctl("close_all_connections", "-p", vhost, "chaos")
+            report.connection_cuts += 1
+            next_cut = time.monotonic() + rng.uniform(8, 15)
+
+
+def _sleep_while(event: threading.Event, seconds: float) -> bool:
+    """Sleep up to `seconds` while `event` stays set; True if it was cleared meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not event.is_set():
+            return True
+        time.sleep(0.1)
+    return not event.is_set()
+
+
+def _collect(broker_url: str, replies: _Replies, collecting: threading.Event) -> None:
+    queue = ReplyQueue(broker_url, REPLIES)
+    while collecting.is_set():
+        try:
+            queue.consume(replies.add, idle_timeout=1.0)
+        except Exception:  # the connection cut mid-declare: consume again
+            time.sleep(0.5)
+    queue.close()
+
+
+def _wait_for(progress: Callable[[], int], target: int, patience: float) -> None:
+    """Wait while `progress()` approaches `target`, giving up after `patience` s without change."""
+    last, since = -1, time.monotonic()
+    while True:
+        now = progress()
+        if now >= target:
+            return
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > patience:
+            return
+        time.sleep(0.5)
+
+
+def _count_records(sink_url: str, sent: list[str], report: ChaosReport) -> int:
+    """Count the records of the sent requests into `report`; returns how many were found."""
+    sink = open_sink(sink_url)
+    try:
+        wanted = set(sent)
+        rows = Counter((r.request_id, r.model_index) for r in sink.records() if r.request_id in wanted)
+    finally:
+        sink.close()
+    report.records_found = len(rows)
+    report.duplicate_records = sum(n - 1 for n in rows.values())
+    report.lost_records = report.records_expected - report.records_found
+    return report.records_found
+
+
+def _queue_depth(broker_url: str, queue: str) -> int:
+    with connect(broker_url) as connection:
+        _, depth, _ = connection.default_channel.queue_declare(queue, passive=True)
+        return int(depth)
