@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import kombu
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from multillm.producers import Client, make_request
 from multillm.producers.publishing import connect
 from multillm.producers.replies import decode_reply_message
 from multillm.schemas import decode_request
+from tests.broker_tools import publish_raw
 from tests.conftest import StartWorker
 
 FUZZ_REPLIES = "fuzz.replies"
@@ -84,20 +84,18 @@ def test_every_generated_message_gets_one_clear_reply_and_the_worker_keeps_servi
 
     with connect(broker_url) as connection:
         replies = connection.SimpleQueue(FUZZ_REPLIES, no_ack=True)
-        producer = kombu.Producer(connection.default_channel)
 
         @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
         @given(body=bodies, header=headers, content_type=content_types, encoding=encodings)
         def check(body: bytes, header: dict[str, Any], content_type: str, encoding: str) -> None:
             correlation = f"fuzz-{next(counter)}"
-            producer.publish(
+            publish_raw(
+                broker_url,
                 body,
-                exchange=contract.REQUEST_EXCHANGE,
-                routing_key=contract.REQUEST_ROUTING_KEY,
+                FUZZ_REPLIES,
                 content_type=content_type,
                 content_encoding=encoding,
                 headers=header,
-                reply_to=FUZZ_REPLIES,
                 correlation_id=correlation,
             )
             message = replies.get(block=True, timeout=30)
