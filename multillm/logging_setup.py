@@ -33,3 +33,6 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     )
     # pika and kombu log through the standard library; keep their noise at warnings.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    # pika logs the start of every returned message's body at WARNING, and a fan-out
+    # copy carries its model's api key: we log returns ourselves, without bodies.
+    logging.getLogger("pika").setLevel(logging.ERROR)

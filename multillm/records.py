@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from multillm.providers import ModelResult, ProviderError
-from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, V1Tracing
+from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, V1Tracing, V1Usage
 
 _NAMESPACE: Final = uuid.UUID("6f1d8a52-3c1e-4c55-9b55-2f0f3b7b9a10")
 
@@ -98,3 +98,24 @@ def build_record(
         record.completion_tokens = outcome.usage.completion_tokens
         record.total_tokens = outcome.usage.total_tokens
     return record
+
+
+def outcome_of(record: LLMLogRecord) -> ModelResult | ProviderError:
+    """The outcome a record was built from, so that a redelivered message answers as the first did."""
+    latency_ms = record.latency_ms or 0.0
+    if record.status == "error":
+        return ProviderError(
+            record.error_code or 13, record.error_message or "", attempts=record.attempts, latency_ms=latency_ms
+        )
+    return ModelResult(
+        external_id=record.external_id or "",
+        model=record.model_name,
+        choices=record.output or [],
+        usage=V1Usage(
+            prompt_tokens=record.prompt_tokens or 0,
+            completion_tokens=record.completion_tokens or 0,
+            total_tokens=record.total_tokens or 0,
+        ),
+        attempts=record.attempts,
+        latency_ms=latency_ms,
+    )

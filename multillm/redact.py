@@ -6,13 +6,33 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
-_API_KEY_FIELD: Final = re.compile(rb'("api_?[kK]ey"\s*:\s*)"(?:[^"\\]|\\.)*"')
+import msgspec
+
+_STRING: Final = rb'"(?:[^"\\]|\\.)*"'
+# A JSON string, a colon and a string value (or one cut off by the end of a broken
+# body): a member whose value may be a key.
+_MEMBER: Final = re.compile(b"(" + _STRING + rb')(\s*:\s*)"(?:[^"\\]|\\.)*"?')
+_KEY_NAMES: Final = {"apikey", "api_key"}
 MASK: Final = "***"
 
 
 def redact_body(body: bytes) -> bytes:
-    """Mask every `apiKey` value in a JSON body, even one too broken to decode."""
-    return _API_KEY_FIELD.sub(rb'\1"' + MASK.encode() + rb'"', body)
+    """Mask every `apiKey` value in a JSON body, even one too broken to decode.
+
+    The member name is compared unescaped, as a JSON decoder reads it: `"api\\u004bey"`
+    is `apiKey` too.
+    """
+
+    def mask(member: re.Match[bytes]) -> bytes:
+        try:
+            name = msgspec.json.decode(member.group(1), type=str)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return member.group(0)
+        if name.lower() not in _KEY_NAMES:
+            return member.group(0)
+        return member.group(1) + member.group(2) + b'"' + MASK.encode() + b'"'
+
+    return _MEMBER.sub(mask, body)
 
 
 def scrub(text: str, secrets: Iterable[str | None]) -> str:

@@ -197,6 +197,8 @@ class FanOutCopy(_Wire, frozen=True):
     model_index: NonNegativeInt
     request: V1CreateMultiLLMChatCompletionRequest
     deadline_ms: int | None = None
+    # The request had been delivered before: this model may already have its record.
+    redelivered: bool = False
 
     def __post_init__(self) -> None:
         if self.model_index >= len(self.request.models):

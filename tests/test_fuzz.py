@@ -53,7 +53,13 @@ bodies = st.one_of(
     mutated_requests(),
     st.just(msgspec.json.encode(VALID)),
 )
-header_values = st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=10), st.booleans())
+header_values = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10),
+    st.booleans(),
+    st.none(),
+)
 headers = st.dictionaries(
     st.sampled_from([contract.HEADER_DEADLINE, contract.HEADER_DELIVERY_COUNT, "x-custom", "x-death"]),
     header_values,
@@ -86,8 +92,16 @@ def test_every_generated_message_gets_one_clear_reply_and_the_worker_keeps_servi
         replies = connection.SimpleQueue(FUZZ_REPLIES, no_ack=True)
 
         @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(body=bodies, header=headers, content_type=content_types, encoding=encodings)
-        def check(body: bytes, header: dict[str, Any], content_type: str, encoding: str) -> None:
+        @given(
+            body=bodies,
+            header=headers,
+            content_type=content_types,
+            encoding=encodings,
+            message_id=st.none() | st.text(st.characters(codec="ascii"), max_size=255),
+        )
+        def check(
+            body: bytes, header: dict[str, Any], content_type: str, encoding: str, message_id: str | None
+        ) -> None:
             correlation = f"fuzz-{next(counter)}"
             publish_raw(
                 broker_url,
@@ -97,6 +111,7 @@ def test_every_generated_message_gets_one_clear_reply_and_the_worker_keeps_servi
                 content_encoding=encoding,
                 headers=header,
                 correlation_id=correlation,
+                message_id=message_id,
             )
             message = replies.get(block=True, timeout=30)
             props = message.properties

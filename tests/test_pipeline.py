@@ -225,10 +225,18 @@ def test_request_api_key_is_used_and_never_stored_or_logged(
     primary = start_worker("primary")
     other = start_worker("model", model="mock/beta")
     secret = "sk-request-key-that-must-not-leak"
-    request = make_request([V1Model(name="mock/alpha", api_key=secret), V1Model(name="mock/beta")], "hi")
+    nobody = "sk-key-of-a-model-nobody-serves"  # its copy is returned unroutable: pika would log its body
+    request = make_request(
+        [
+            V1Model(name="mock/alpha", api_key=secret),
+            V1Model(name="mock/beta"),
+            V1Model(name="mock/nobody", api_key=nobody),
+        ],
+        "hi",
+    )
     future = client.submit(request)
     reply = future.result(timeout=30)
-    wait_for_records(sink, future.request_id, 2)
+    wait_for_records(sink, future.request_id, 3)
 
     seen = {c.model: c.auth_sha256 for c in mock_control.calls()}
     assert seen["alpha"] == hashlib.sha256(secret.encode()).hexdigest()
@@ -238,7 +246,8 @@ def test_request_api_key_is_used_and_never_stored_or_logged(
     db = sink_url.removeprefix("sqlite:///")
     for path in (db, db + "-wal", primary.log_path, other.log_path):  # a fresh row sits in the WAL file
         with open(str(path), "rb") as f:
-            assert secret.encode() not in f.read(), path
+            content = f.read()
+            assert secret.encode() not in content and nobody.encode() not in content, path
 
 
 def test_publish_without_waiting_then_read_the_named_reply_queue(

@@ -6,10 +6,12 @@ import signal
 import subprocess
 from urllib.parse import unquote, urlsplit
 
+from multillm import contract
 from multillm.config import ENV_BROKER_URL
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
 from multillm.sinks import Sink
+from tests.broker_tools import queue_depth
 from tests.conftest import StartWorker, wait_for_log, wait_for_records
 
 
@@ -49,7 +51,7 @@ def test_a_slow_model_call_does_not_starve_heartbeats(
 
 
 def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
-    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl
+    start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl, broker_url: str
 ) -> None:
     worker = start_worker("primary")
     mock_control.set_fault("slow", latency_ms=1500)
@@ -62,3 +64,5 @@ def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
     assert reply.text == "slow says: finish me"
     assert worker.process.wait(timeout=30) == 0
     assert [r.status for r in wait_for_records(sink, future.request_id, 1)] == ["ok"]
+    assert queue_depth(broker_url, contract.REQUEST_QUEUE) == 0  # acked, not put back for a second call
+    assert len(mock_control.calls()) == 1

@@ -159,3 +159,21 @@ def test_rpc_errors_are_typed_by_code() -> None:
     error = RpcError.from_status(RpcStatus(code=Code.INVALID_ARGUMENT, message="bad field"))
     assert isinstance(error, InvalidArgument) and error.code == 3 and "bad field" in str(error)
     assert type(RpcError.from_status(RpcStatus(code=99, message="?"))) is RpcError
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"models": [{"name": "a/b", "apiKey": "sk-SECRET-1"}]}',
+        b'{"models": [{"name": "a/b", "api\\u004bey": "sk-SECRET-1"}]}',
+        b'{"models": [{"apiKey" :  "sk-SECRET-1", "name": "a/b"}], "messages": [',
+        b'{"models": [{"name": "a/b", "apiKey": "sk-SECRET-1',
+        b'{"models": [{"name": "a/b", "apiKey": "sk-SECRET-1\\"quoted\\""}]}',
+    ],
+)
+def test_redact_body_masks_keys_however_they_are_spelled(body: bytes) -> None:
+    from multillm.redact import redact_body
+
+    masked = redact_body(body)
+    assert b"SECRET" not in masked and b'"***"' in masked
+    assert b'"name": "a/b"' in masked

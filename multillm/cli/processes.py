@@ -26,6 +26,8 @@ class WorkerProcess:
     ) -> None:
         self.args = list(args)
         self.log_path = log_path
+        # Set when it was ended on purpose without a clean stop (SIGKILL, a second signal).
+        self.killed = False
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - kept open while it runs
         self.process = subprocess.Popen(
             [sys.executable, "-m", "multillm", "--log-json", "worker", *self.args],
@@ -62,6 +64,7 @@ class WorkerProcess:
             return f.read()
 
     def kill(self) -> None:
+        self.killed = True
         self.process.kill()
         self.process.wait()
 

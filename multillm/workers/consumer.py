@@ -7,9 +7,13 @@ Model calls and sink writes run on a fixed pool of `concurrency` threads; a pool
 thread hands its `Settlement` back with `add_callback_threadsafe`, so the
 connection's thread never blocks on a model and heartbeats keep flowing.
 
-A delivery is settled in exactly one place, `Consumer._settle`: publish what is
+A delivery is settled in exactly one place, `Consumer.settle`: publish what is
 owed (confirmed), then ack; or, when the work must be tried again, reject with
 requeue, which the queue's delivery limit bounds.
+
+Each connection has a generation number. A delivery remembers the generation it
+came on; work or a settlement for an older generation is dropped, because the
+broker has already put that message back for redelivery.
 """
 
 from __future__ import annotations
@@ -23,10 +27,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
-from typing import Protocol
 
 import pika
 import pika.exceptions
@@ -36,11 +38,19 @@ from pika.adapters.blocking_connection import BlockingChannel
 from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
+from multillm.redact import redact_body
+from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
 
 log = structlog.get_logger(__name__)
 
+
+class _ChannelGone(Exception):
+    """The broker closed our channel or cancelled our consumer while the connection stayed up."""
+
+
 # Errors after which the connection (or channel) is gone and must be rebuilt.
 _CONNECTION_ERRORS = (
+    _ChannelGone,
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
     pika.exceptions.StreamLostError,
@@ -51,110 +61,6 @@ _CONNECTION_ERRORS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A message as received. `channel` identifies where it must be acked; handlers never use it."""
-
-    tag: int
-    properties: pika.BasicProperties
-    body: bytes
-    redelivered: bool
-    channel: BlockingChannel
-
-    @property
-    def delivery_count(self) -> int:
-        """How many times it was delivered before (quorum queues count; 0 the first time)."""
-        count = (self.properties.headers or {}).get(contract.HEADER_DELIVERY_COUNT, 0)
-        return int(count) if isinstance(count, int) else 0
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message to publish with a confirm. `mandatory` makes an unroutable publish an error."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: pika.BasicProperties
-    # A reply whose queue is gone is dead-lettered with this reason instead of being dropped.
-    dead_letter_reason: str | None = None
-
-
-@dataclass(slots=True)
-class Settlement:
-    """What a delivery owes before it is acked: messages to publish, or a retry."""
-
-    publishes: list[Outgoing] = field(default_factory=list)
-    requeue: bool = False
-
-
-class Io(Protocol):
-    """What a handler may ask of the connection's thread, from the connection's thread."""
-
-    def publish(self, message: Outgoing) -> bool:
-        """Publish with a confirm; False if no queue took it."""
-        ...
-
-    def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...
-
-    def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
-        """Run `work` on the pool; its Settlement comes back to this thread."""
-        ...
-
-
-class Handler(Protocol):
-    """A worker's part of a message's life; the consumer loop does the rest."""
-
-    queue: QueueSpec
-
-    def on_delivery(self, delivery: Delivery, io: Io) -> None:
-        """Called on the connection's thread; must not block on anything but the broker."""
-        ...
-
-    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
-        """What is owed when handling failed unexpectedly (a bug): never a silent drop."""
-        ...
-
-    def on_give_up(self, delivery: Delivery, io: Io) -> None:
-        """The message was delivered too often (it keeps failing or killing workers):
-        settle it for good, with its reply or record and a dead letter."""
-        ...
-
-
-def dead_letter(
-    delivery: Delivery,
-    queue: str,
-    reason: str,
-    code: int,
-    body: bytes | None = None,
-    message_type: str | None = None,
-) -> Outgoing:
-    """A copy of a message (or `body` instead) for `multillm.dead`, with why it is there in headers."""
-    props = delivery.properties
-    headers = dict(props.headers or {})
-    headers.update(
-        {
-            contract.HEADER_ERROR: reason[:1000],
-            contract.HEADER_ERROR_CODE: code,
-            contract.HEADER_SOURCE_QUEUE: queue,
-        }
-    )
-    return Outgoing(
-        exchange=contract.DEAD_EXCHANGE,
-        routing_key="",
-        body=delivery.body if body is None else body,
-        properties=pika.BasicProperties(
-            content_type=props.content_type,
-            delivery_mode=contract.PERSISTENT,
-            message_id=props.message_id,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            type=message_type or props.type,
-            headers=headers,
-        ),
-    )
-
-
 class Consumer:
     """Runs one handler against one queue until SIGTERM/SIGINT; reconnects when the broker goes away.
 
@@ -162,14 +68,7 @@ class Consumer:
     the pool's threads run `work` callables and touch no pika object.
     """
 
-    def __init__(
-        self,
-        broker_url: str,
-        handler: Handler,
-        *,
-        concurrency: int = 4,
-        grace_seconds: float = 30.0,
-    ) -> None:
+    def __init__(self, broker_url: str, handler: Handler, *, concurrency: int = 4, grace_seconds: float = 30.0) -> None:
         self._params = pika.URLParameters(broker_url)
         self._handler = handler
         self._concurrency = concurrency
@@ -178,14 +77,19 @@ class Consumer:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model-call")
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._generation = 0
+        self._cancelled = False
         self._in_flight: set[int] = set()
+        # Pool tasks still running, whatever connection they came on (read by the I/O thread).
+        self._running = 0
+        self._running_lock = threading.Lock()
         self._stop = threading.Event()
         self._signals = 0
 
     # --- life cycle ---------------------------------------------------------
 
     def run(self) -> int:
-        """Consume until asked to stop; returns the process exit code."""
+        """Consume until asked to stop; returns the process exit code. Never exits for a lost broker."""
         self._install_signal_handlers()
         backoff = 0.5
         while not self._stop.is_set():
@@ -193,14 +97,18 @@ class Consumer:
                 self._connect()
                 backoff = 0.5
                 self._consume_until_stopped()
-            except _CONNECTION_ERRORS as exc:
-                log.warning("broker.connection_lost", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+            except ConfigError:
+                raise
+            except Exception as exc:  # the broker went away, or a bug: reconnect either way
+                event = "broker.connection_lost" if isinstance(exc, _CONNECTION_ERRORS) else "worker.loop_failed"
+                log.warning(event, error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
                 # Close what is left of it: a half-dead connection would keep its deliveries unacked.
                 self._close()
                 self._stop.wait(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 15.0)
-        abandoned = len(self._in_flight)
+        self._wait_for_running_calls()
         self._close()
+        abandoned = self._running_calls()
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
         if abandoned:
@@ -225,6 +133,7 @@ class Consumer:
         if self._signals > 1:
             # A second signal means now: what was not acked is redelivered by the broker.
             log.warning("worker.killed", signal=signal.Signals(signum).name, unacked=len(self._in_flight))
+            sys.stderr.flush()
             os._exit(1)
         log.info("worker.stopping", signal=signal.Signals(signum).name, in_flight=len(self._in_flight))
         self._stop.set()
@@ -236,6 +145,7 @@ class Consumer:
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self._concurrency)
             declare(channel, self._declare)
+            channel.add_on_cancel_callback(self._on_cancelled)
         except BaseException as exc:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 connection.close()
@@ -246,29 +156,46 @@ class Consumer:
                     "arguments; delete that queue or exchange (it is empty when drained) or align the arguments"
                 ) from None
             raise
-        self._connection, self._channel, self._in_flight = connection, channel, set()
+        self._generation += 1
+        self._connection, self._channel, self._in_flight, self._cancelled = connection, channel, set(), False
         self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
 
+    def _on_cancelled(self, frame: object) -> None:
+        # The broker cancelled the consumer (queue deleted, consumer timeout): reconnect.
+        self._cancelled = True
+
     def _consume_until_stopped(self) -> None:
         assert self._connection is not None and self._channel is not None
+        channel = self._channel
         while not self._stop.is_set():
             self._connection.process_data_events(time_limit=0.2)
+            if self._cancelled or not channel.is_open:
+                # pika raises nothing when only the channel closes: without this the
+                # worker would stay connected, consuming nothing.
+                raise _ChannelGone("the broker closed the channel or cancelled the consumer")
         # Stop taking messages; pika nacks (requeues) those received but not yet dispatched.
-        self._channel.basic_cancel(self._consumer_tag)
+        channel.basic_cancel(self._consumer_tag)
         deadline = time.monotonic() + self._grace
         while self._in_flight and time.monotonic() < deadline:
             self._connection.process_data_events(time_limit=0.1)
         if self._in_flight:
             log.warning("worker.grace_expired", unacked=len(self._in_flight))
 
+    def _wait_for_running_calls(self) -> None:
+        """After a stop while disconnected: give calls still running the rest of the grace period."""
+        deadline = time.monotonic() + self._grace
+        while self._connection is None and self._running_calls() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _running_calls(self) -> int:
+        with self._running_lock:
+            return self._running
+
     def _close(self) -> None:
         if self._connection is not None and self._connection.is_open:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 self._connection.close()
-        self._forget_connection()
-
-    def _forget_connection(self) -> None:
         self._connection = self._channel = None
         self._in_flight = set()
 
@@ -281,7 +208,7 @@ class Consumer:
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, channel)
+        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self._generation)
         self._in_flight.add(delivery.tag)
         try:
             if delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT:
@@ -310,17 +237,25 @@ class Consumer:
         return True
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
-        channel = delivery.channel
-        if self._channel is None or channel is not self._channel or not channel.is_open:
-            # The channel it came on is gone: the broker redelivers it, and the
+        channel = self._channel
+        if channel is None or delivery.generation != self._generation or not channel.is_open:
+            # The connection it came on is gone: the broker redelivers it, and the
             # sink's idempotent write keeps the record single.
-            log.warning("worker.settle_dropped", reason="channel closed; message will be redelivered")
+            log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
             return
-        if settlement.requeue or not all(self._deliver(delivery, m) for m in settlement.publishes):
+        try:
+            delivered = not settlement.requeue and all(self._deliver(delivery, m) for m in settlement.publishes)
+        except _CONNECTION_ERRORS:
+            raise
+        except Exception:
+            # Something it owes cannot even be encoded: a retry would fail the same way.
+            log.exception("settle.failed", queue=self._handler.queue.name)
+            delivered = self.publish(self._last_resort(delivery))
+        if delivered:
+            channel.basic_ack(delivery.tag)
+        else:
             # Tried again on a later delivery; the delivery limit bounds how often.
             channel.basic_nack(delivery.tag, requeue=True)
-        else:
-            channel.basic_ack(delivery.tag)
         self._in_flight.discard(delivery.tag)
 
     def _deliver(self, delivery: Delivery, message: Outgoing) -> bool:
@@ -335,9 +270,21 @@ class Consumer:
         log.error("settle.publish_refused", exchange=message.exchange, routing_key=message.routing_key)
         return False
 
+    def _last_resort(self, delivery: Delivery) -> Outgoing:
+        """A dead letter with nothing of the original but its masked body."""
+        headers = {
+            contract.HEADER_ERROR: "could not settle this message (see the worker's log)",
+            contract.HEADER_ERROR_CODE: int(Code.INTERNAL),
+            contract.HEADER_SOURCE_QUEUE: self._handler.queue.name,
+        }
+        props = pika.BasicProperties(delivery_mode=contract.PERSISTENT, headers=headers)
+        return Outgoing(contract.DEAD_EXCHANGE, "", redact_body(delivery.body), props)
+
     def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
         connection = self._connection
         assert connection is not None
+        with self._running_lock:
+            self._running += 1
         self._pool.submit(self._run_work, connection, delivery, work)
 
     # --- pool threads -------------------------------------------------------
@@ -346,14 +293,22 @@ class Consumer:
         self, connection: pika.BlockingConnection, delivery: Delivery, work: Callable[[], Settlement]
     ) -> None:
         try:
-            settlement = work()
-        except Exception as exc:
-            log.exception("worker.task_failed", queue=self._handler.queue.name)
-            settlement = self._handler.on_error(delivery, exc)
-        try:
-            connection.add_callback_threadsafe(partial(self.settle, delivery, settlement))
-        except pika.exceptions.ConnectionWrongStateError:
-            log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+            if delivery.generation != self._generation:
+                # Queued behind a call while the connection was lost: the broker has
+                # already put it back, so calling the model now would be paid twice.
+                return
+            try:
+                settlement = work()
+            except Exception as exc:
+                log.exception("worker.task_failed", queue=self._handler.queue.name)
+                settlement = self._handler.on_error(delivery, exc)
+            try:
+                connection.add_callback_threadsafe(partial(self.settle, delivery, settlement))
+            except pika.exceptions.ConnectionWrongStateError:
+                log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
 
 def declare(channel: BlockingChannel, queues: tuple[QueueSpec, ...]) -> None:

@@ -1,7 +1,8 @@
 """The per-model worker's part: take a fan-out copy, call that model, write its record.
 
-The ack waits for the record: when the sink cannot take it, the copy is
-requeued, and the queue's delivery limit dead-letters it if that never ends.
+The ack waits for the record: when the sink cannot take it (after a few tries),
+the record itself goes to the dead letters, and the copy is acked, so the model
+is not paid for again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import structlog
 from multillm import contract
 from multillm.errors import Code
 from multillm.providers import ProviderError
-from multillm.redact import redact_body
 from multillm.schemas import FanOutCopy, decode_fanout
-from multillm.workers.consumer import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
 from multillm.workers.model_run import ModelRunner
 
 log = structlog.get_logger(__name__)
@@ -68,8 +68,9 @@ class ModelHandler:
             return None
 
     def _dead_letter(self, delivery: Delivery, reason: str, code: int) -> Outgoing:
-        return dead_letter(delivery, self.queue.name, reason, code, redact_body(delivery.body))
+        return dead_letter(delivery, self.queue.name, reason, code)
 
     def _work(self, delivery: Delivery, copy: FanOutCopy) -> Settlement:
-        run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms)
+        maybe_done = copy.redelivered or delivery.redelivered
+        run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done)
         return Settlement(run.unstored_record(delivery, self.queue.name))

@@ -9,10 +9,10 @@ import structlog
 
 from multillm.errors import Code
 from multillm.providers import ModelResult, ProviderError, Providers
-from multillm.records import build_record, utc_now
+from multillm.records import build_record, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.sinks import Sink
-from multillm.workers.consumer import Delivery, Outgoing, dead_letter
+from multillm.workers.messages import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +56,18 @@ class ModelRunner:
         request_id: str,
         model_index: int,
         deadline_ms: int | None = None,
+        *,
+        maybe_done: bool = False,
     ) -> ModelRun:
-        """Call `request.models[model_index]` unless the deadline has passed, then record it."""
+        """Call `request.models[model_index]` unless the deadline has passed, then record it.
+
+        With `maybe_done` (the message was delivered before), a record already in the
+        sink is the answer: the model is not paid for twice, and the reply agrees with
+        the record.
+        """
+        if maybe_done and (existing := self._existing(request_id, model_index)) is not None:
+            log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
+            return ModelRun(existing, outcome_of(existing), stored=True)
         created_at = utc_now()
         model = request.models[model_index]
         outcome: ModelResult | ProviderError
@@ -69,6 +79,14 @@ class ModelRunner:
             except ProviderError as exc:
                 outcome = exc
         return self._record(request, request_id, model_index, outcome, created_at)
+
+    def _existing(self, request_id: str, model_index: int) -> LLMLogRecord | None:
+        try:
+            records = self._sink.records(request_id)
+        except Exception as exc:  # the sink is down: calling again is the safe side
+            log.warning("record.lookup_failed", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+            return None
+        return next((r for r in records if r.model_index == model_index), None)
 
     def record_failure(
         self,

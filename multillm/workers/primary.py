@@ -16,8 +16,7 @@ import structlog
 from multillm import contract
 from multillm.errors import Code
 from multillm.providers import ProviderError, Providers
-from multillm.records import request_id_for
-from multillm.redact import redact_body
+from multillm.records import log_id_for, request_id_for
 from multillm.schemas import (
     FanOutCopy,
     RpcStatus,
@@ -27,7 +26,7 @@ from multillm.schemas import (
     decode_request,
     encode,
 )
-from multillm.workers.consumer import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
 from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
 
 log = structlog.get_logger(__name__)
@@ -70,7 +69,8 @@ class PrimaryHandler:
         unrouted = [
             index
             for index in range(len(request.models))
-            if index != request.display_model and not io.publish(_fanout(request, request_id, index, deadline))
+            if index != request.display_model
+            and not io.publish(_fanout(request, request_id, index, deadline, delivery.redelivered))
         ]
         bound.info("request.accepted", models=request.model_names(), unrouted=unrouted)
         io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
@@ -103,7 +103,7 @@ class PrimaryHandler:
         """An RpcStatus reply, and the request in the dead-letter queue with its keys masked."""
         details: list[dict[str, object]] = [{"logId": log_id}] if log_id else []
         status = RpcStatus(code=code, message=message, details=details)
-        dead = dead_letter(delivery, self.queue.name, message, code, redact_body(delivery.body))
+        dead = dead_letter(delivery, self.queue.name, message, code)
         return Settlement([*self._reply(delivery, request_id, status), dead])
 
     def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
@@ -151,7 +151,7 @@ class PrimaryHandler:
             unstored += self._runner.record_failure(request, request_id, index, error).unstored_record(
                 delivery, self.queue.name
             )
-        run = self._runner.run(request, request_id, request.display_model, deadline)
+        run = self._runner.run(request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered)
         reply = self._reply(delivery, request_id, _reply_body(request, run))
         return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
 
@@ -206,7 +206,7 @@ def _reply_body(request: V1CreateMultiLLMChatCompletionRequest, run: ModelRun) -
 
 
 def _fanout(
-    request: V1CreateMultiLLMChatCompletionRequest, request_id: str, index: int, deadline: int | None
+    request: V1CreateMultiLLMChatCompletionRequest, request_id: str, index: int, deadline: int | None, redelivered: bool
 ) -> Outgoing:
     # Each copy keeps only its own model's api key.
     models = [m if i == index else m.without_key() for i, m in enumerate(request.models)]
@@ -215,6 +215,7 @@ def _fanout(
         model_index=index,
         request=msgspec.structs.replace(request, models=models),
         deadline_ms=deadline,
+        redelivered=redelivered,
     )
     return Outgoing(
         exchange=contract.MODEL_EXCHANGE,
@@ -223,7 +224,8 @@ def _fanout(
         properties=pika.BasicProperties(
             content_type=contract.CONTENT_TYPE,
             delivery_mode=contract.PERSISTENT,
-            message_id=f"{request_id}/{index}",
+            # The record's log id: a short, fixed-length shortstr whatever the request id is.
+            message_id=log_id_for(request_id, index),
             type=contract.TYPE_FANOUT,
         ),
     )

@@ -1,0 +1,126 @@
+"""What the consumer loop and the handlers pass each other: deliveries, messages to publish, settlements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pika
+
+from multillm import contract
+from multillm.contract import QueueSpec
+from multillm.redact import redact_body
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message as received. `generation` names the connection it came on; handlers never use it."""
+
+    tag: int
+    properties: pika.BasicProperties
+    body: bytes
+    redelivered: bool
+    generation: int
+
+    @property
+    def delivery_count(self) -> int:
+        """How many times the broker delivered it before (0 the first time).
+
+        Trusted only on a redelivery: on a first delivery the header can only have
+        come from the producer (or from a dead letter being replayed).
+        """
+        if not self.redelivered:
+            return 0
+        count = (self.properties.headers or {}).get(contract.HEADER_DELIVERY_COUNT, 0)
+        return int(count) if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish, mandatory and with a confirm."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    # A reply whose queue is gone is dead-lettered with this reason instead of being dropped.
+    dead_letter_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What a delivery owes before it is acked: messages to publish, or a retry."""
+
+    publishes: list[Outgoing] = field(default_factory=list)
+    requeue: bool = False
+
+
+class Io(Protocol):
+    """What a handler may ask of the connection's thread, from the connection's thread."""
+
+    def publish(self, message: Outgoing) -> bool:
+        """Publish with a confirm; False if no queue took it or the broker refused it."""
+        ...
+
+    def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...
+
+    def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
+        """Run `work` on the pool; its Settlement comes back to this thread."""
+        ...
+
+
+class Handler(Protocol):
+    """A worker's part of a message's life; the consumer loop does the rest."""
+
+    queue: QueueSpec
+
+    def on_delivery(self, delivery: Delivery, io: Io) -> None:
+        """Called on the connection's thread; must not block on anything but the broker."""
+        ...
+
+    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
+        """What is owed when handling failed unexpectedly (a bug): never a silent drop."""
+        ...
+
+    def on_give_up(self, delivery: Delivery, io: Io) -> None:
+        """The message was delivered too often (it keeps failing or killing workers):
+        settle it for good, with its reply or record and a dead letter."""
+        ...
+
+
+def dead_letter(
+    delivery: Delivery,
+    queue: str,
+    reason: str,
+    code: int,
+    body: bytes | None = None,
+    message_type: str | None = None,
+) -> Outgoing:
+    """A copy of a message (or `body` instead) for `multillm.dead`, with why it is there in headers.
+
+    The body has its api keys masked. Only our own headers go with it: a header the
+    producer sent may not even encode again (pika reads a huge double as an int it
+    cannot write back), and a copied `x-delivery-count` would make a replayed dead
+    letter look exhausted.
+    """
+    props = delivery.properties
+    headers = {
+        contract.HEADER_ERROR: reason[:1000],
+        contract.HEADER_ERROR_CODE: code,
+        contract.HEADER_SOURCE_QUEUE: queue,
+    }
+    return Outgoing(
+        exchange=contract.DEAD_EXCHANGE,
+        routing_key="",
+        body=redact_body(delivery.body if body is None else body),
+        properties=pika.BasicProperties(
+            content_type=props.content_type,
+            delivery_mode=contract.PERSISTENT,
+            message_id=props.message_id,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            type=message_type or props.type,
+            headers=headers,
+        ),
+    )
