@@ -109,5 +109,7 @@ def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     )
     assert table["requests sent (confirmed)"] == table["replies received"] != "0"
     assert table["lost replies"] == table["lost records"] == table["duplicate records"] == "0"
+    assert table["replies disagreeing with their record"] == "0"
+    assert table["SIGTERMed workers that did not exit 0"] == table["workers that died on their own"] == "0"
     assert int(table["records found"]) == 3 * int(table["requests sent (confirmed)"])
     assert table["worker restarts (SIGKILL + SIGTERM)"] != "0 (0 + 0)"

@@ -51,8 +51,12 @@ class ChaosReport(msgspec.Struct):
     records_found: int = 0
     duplicate_records: int = 0
     lost_records: int = 0
+    replies_disagreeing_with_records: int = 0
+    repeated_model_calls: int = 0
     worker_kills: int = 0
     worker_sigterms: int = 0
+    unclean_exits: int = 0
+    workers_died_on_their_own: int = 0
     connection_cuts: int = 0
     mock_calls_failed: int = 0
     dead_letters: int = 0
@@ -60,7 +64,15 @@ class ChaosReport(msgspec.Struct):
 
     @property
     def clean(self) -> bool:
-        return self.lost_replies == 0 and self.lost_records == 0 and self.duplicate_records == 0
+        failures = (
+            self.lost_replies,
+            self.lost_records,
+            self.duplicate_records,
+            self.replies_disagreeing_with_records,
+            self.unclean_exits,
+            self.workers_died_on_their_own,
+        )
+        return not any(failures)
 
     def table(self) -> str:
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.error_replies_by_code.items())) or "none"
@@ -75,10 +87,14 @@ class ChaosReport(msgspec.Struct):
             ("records found", self.records_found),
             ("duplicate records", self.duplicate_records),
             ("lost records", self.lost_records),
+            ("replies disagreeing with their record", self.replies_disagreeing_with_records),
+            ("model calls repeated (redeliveries)", self.repeated_model_calls),
             (
                 "worker restarts (SIGKILL + SIGTERM)",
                 f"{self.worker_kills + self.worker_sigterms} ({self.worker_kills} + {self.worker_sigterms})",
             ),
+            ("SIGTERMed workers that did not exit 0", self.unclean_exits),
+            ("workers that died on their own", self.workers_died_on_their_own),
             ("broker connection cuts", self.connection_cuts),
             ("mock calls failed on purpose", self.mock_calls_failed),
             ("messages in multillm.dead", self.dead_letters),
@@ -95,14 +111,18 @@ class _Replies:
     """Counts replies by correlation id, from the collector thread."""
 
     seen: Counter[str] = field(default_factory=Counter)
+    first: dict[str, Reply] = field(default_factory=dict)
     codes: Counter[int] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, reply: Reply) -> None:
+        request_id = reply.request_id or ""
         with self.lock:
-            self.seen[reply.request_id or ""] += 1
-            if self.seen[reply.request_id or ""] == 1 and reply.status is not None:
-                self.codes[reply.status.code] += 1
+            self.seen[request_id] += 1
+            if self.seen[request_id] == 1:
+                self.first[request_id] = reply
+                if reply.status is not None:
+                    self.codes[reply.status.code] += 1
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -127,13 +147,23 @@ class _Fleet:
     def _start(self, spec: list[str]) -> WorkerProcess:
         return WorkerProcess(spec, env=self._env, log_path=str(self._logs))
 
-    def replace(self, index: int, sig: str) -> None:
+    def replace(self, index: int, sig: str) -> int:
+        """Kill (SIGKILL) or stop (SIGTERM) one worker and start its successor; returns its exit code."""
         victim = self.workers[index]
         if sig == "KILL":
             victim.kill()
+            code = 0
         else:
-            victim.stop(timeout=30)
+            code = victim.stop(timeout=30)
         self.workers[index] = self._start(self.specs[index])
+        return code
+
+    def revive_dead(self) -> int:
+        """Restart the workers that exited without being asked to; returns how many."""
+        dead = [i for i, w in enumerate(self.workers) if not w.alive()]
+        for index in dead:
+            self.workers[index] = self._start(self.specs[index])
+        return len(dead)
 
     def stop(self) -> list[int]:
         return [w.stop(timeout=30) for w in self.workers]
@@ -162,10 +192,12 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
             for model in MODELS[1:]:
                 wait_for_consumers(broker_url, contract.model_queue(model), 2, timeout=60)
             print(f"chaos in vhost {vhost}: {len(fleet.workers)} workers, {requests} requests over ~{duration:g}s")
-            sent = _soak(broker_url, vhost, fleet, mock, rng, seed, requests, duration, report)
+            sent, replies = _soak(broker_url, vhost, fleet, mock, rng, seed, requests, duration, report)
             _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60)
-            fleet.stop()
+            report.workers_died_on_their_own += sum(1 for w in fleet.workers if not w.alive())
+            report.unclean_exits += sum(1 for code in fleet.stop() if code != 0)
             _count_records(sink_url, sent, report)
+            report.replies_disagreeing_with_records = _disagreements(sink_url, replies)
             report.dead_letters = _queue_depth(broker_url, contract.DEAD_QUEUE)
     finally:
         _rabbitmqctl("delete_vhost", vhost)
@@ -184,8 +216,8 @@ def _soak(
     requests: int,
     duration: float,
     report: ChaosReport,
-) -> list[str]:
-    """Send the requests under faults; returns the ids of those the broker confirmed."""
+) -> tuple[list[str], dict[str, Reply]]:
+    """Send the requests under faults; returns the ids the broker confirmed, and the first replies."""
     control = mock.control
     control.set_fault(
         "*", error_rate=MOCK_ERROR_RATE, error_statuses=[429, 500, 502, 503, 0], retry_after=0.05, seed=seed
@@ -224,21 +256,26 @@ def _soak(
         report.duplicate_replies = sum(n - 1 for n in replies.seen.values() if n > 1)
         report.error_replies_by_code = dict(replies.codes)
     report.lost_replies = report.requests_sent - report.replies_received
-    report.mock_calls_failed = sum(1 for call in control.calls() if call.status != 200)
+    calls = control.calls()
+    report.mock_calls_failed = sum(1 for call in calls if call.status != 200)
+    answered = Counter((call.model, call.prompt) for call in calls if call.status == 200)
+    report.repeated_model_calls = sum(n - 1 for n in answered.values())
     report.records_expected = len(sent) * len(MODELS)
-    return sent
+    with replies.lock:
+        return sent, dict(replies.first)
 
 
 def _wreak(vhost: str, fleet: _Fleet, rng: random.Random, sending: threading.Event, report: ChaosReport) -> None:
     """Kill or stop a random worker every few seconds; cut every connection now and then."""
     next_cut = time.monotonic() + rng.uniform(8, 15)
     while sending.wait(0) and not _sleep_while(sending, rng.uniform(2.0, 5.0)):
+        report.workers_died_on_their_own += fleet.revive_dead()
         index = rng.randrange(len(fleet.workers))
         if rng.random() < 0.7:
             fleet.replace(index, "KILL")
             report.worker_kills += 1
         else:
-            fleet.replace(index, "TERM")
+            report.unclean_exits += fleet.replace(index, "TERM") != 0
             report.worker_sigterms += 1
         if time.monotonic() >= next_cut:
             _rabbitmqctl("close_all_connections", "-p", vhost, "chaos")
@@ -292,6 +329,30 @@ def _count_records(sink_url: str, sent: list[str], report: ChaosReport) -> int:
     report.duplicate_records = sum(n - 1 for n in rows.values())
     report.lost_records = report.records_expected - report.records_found
     return report.records_found
+
+
+def _disagreements(sink_url: str, replies: dict[str, Reply]) -> int:
+    """Replies whose primary record says otherwise (another answer, another outcome)."""
+    sink = open_sink(sink_url)
+    try:
+        primaries = {r.request_id: r for r in sink.records() if r.is_primary and r.request_id in replies}
+    finally:
+        sink.close()
+    wrong = 0
+    for request_id, reply in replies.items():
+        record = primaries.get(request_id)
+        if record is None:
+            continue  # counted as a lost record
+        if reply.completion is not None:
+            agrees = (
+                record.status == "ok"
+                and reply.completion.id == record.log_id
+                and reply.completion.primary_external_id == record.external_id
+            )
+        else:
+            agrees = record.status == "error" and reply.status is not None and reply.status.code == record.error_code
+        wrong += not agrees
+    return wrong
 
 
 def _queue_depth(broker_url: str, queue: str) -> int:

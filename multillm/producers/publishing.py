@@ -141,7 +141,7 @@ class RequestPublisher:
         if timeout is not None:
             headers[contract.HEADER_DEADLINE] = int((time.time() + timeout) * 1000)
         try:
-            self._publish(encode(request), request_id, correlation_id or request_id, reply_to, headers)
+            self._publish(encode(request), request_id, correlation_id or request_id, reply_to, headers, timeout)
         except (OSError, kombu.exceptions.KombuError, amqp.exceptions.AMQPError) as exc:
             raise BrokerUnavailable(f"the broker did not confirm request {request_id}: {exc}") from exc
         with self._lock:
@@ -152,9 +152,20 @@ class RequestPublisher:
         return request_id
 
     def _publish(
-        self, body: bytes, request_id: str, correlation_id: str, reply_to: str | None, headers: dict[str, Any]
+        self,
+        body: bytes,
+        request_id: str,
+        correlation_id: str,
+        reply_to: str | None,
+        headers: dict[str, Any],
+        timeout: float | None,
     ) -> None:
-        with self._pool.acquire(block=True, timeout=CONFIRM_TIMEOUT_SECONDS) as producer:
+        # The caller's timeout bounds the whole publish too, reconnects included.
+        confirm = CONFIRM_TIMEOUT_SECONDS if timeout is None else max(0.5, min(CONFIRM_TIMEOUT_SECONDS, timeout))
+        policy = (
+            RETRY_POLICY if timeout is None else {**RETRY_POLICY, "max_retries": max(1, min(10, int(timeout // 2)))}
+        )
+        with self._pool.acquire(block=True, timeout=confirm) as producer:
             producer.publish(
                 body,
                 exchange=contract.REQUEST_EXCHANGE,
@@ -169,9 +180,9 @@ class RequestPublisher:
                 headers=headers,
                 mandatory=True,
                 retry=True,
-                retry_policy=RETRY_POLICY,
-                timeout=CONFIRM_TIMEOUT_SECONDS,
-                confirm_timeout=CONFIRM_TIMEOUT_SECONDS,
+                retry_policy=policy,
+                timeout=confirm,
+                confirm_timeout=confirm,
             )
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
