@@ -1,16 +1,4 @@
-"""An OpenAI-compatible chat server for the demo and the tests, with faults driven over HTTP.
-
-`POST /v1/chat/completions` answers deterministically: the text depends only on the
-model and the messages, so runs can be compared. Faults are set per model (the
-provider-side name, `echo` for `mock/echo`, or `*` for every model without its own)
-through `/_mock/faults`, so a test can drive a mock that runs in another process;
-`/_mock/calls` lists what was served. Status 0 in a fault means "close the socket
-without answering".
-
-Threads: one serves the listening socket; each connection gets a daemon thread
-(`ThreadingHTTPServer`). The fault table and the call log are shared by all of them
-under one lock.
-"""
+"""The mock's HTTP server: the fault table, the call log, the request handler, and running it."""
 
 from __future__ import annotations
 
@@ -22,167 +10,37 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Sequence
 from http.client import responses
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Annotated, Final, cast
+from typing import cast
 
 import msgspec
 import structlog
-from msgspec import Meta, Struct
 
 from multillm.config import DEFAULT_MOCK_PORT
+from multillm.mock_llm.control import MockControl
+from multillm.mock_llm.protocol import (
+    _ERROR_TYPES,
+    _MAX_CALLS,
+    DROP,
+    Fault,
+    MockCall,
+    _answer,
+    _chat_decoder,
+    _Choice,
+    _Completion,
+    _encoder,
+    _ErrorBody,
+    _ErrorDetail,
+    _fault_decoder,
+    _OutMessage,
+    _prompt,
+)
 
 log = structlog.get_logger(__name__)
-
-DROP: Final = 0
-_MAX_CALLS: Final = 100_000
-Status = Annotated[int, Meta(ge=0, le=599)]
-
-
-# --- the control protocol ----------------------------------------------------
-
-
-class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
-    """What `POST /_mock/faults` takes: how the next calls of one model are answered.
-
-    `statuses` are answered in order, then `always` for ever (or normal answers); a
-    status is 0 (close the socket without answering) or an HTTP status from 200 on.
-    `drop_connection` puts one dropped connection before `statuses`. `retry_after`
-    (seconds) and `retry_after_ms` become headers of the error answers; `latency_ms`
-    replaces the server's latency for this model; `echo_auth` puts the caller's bearer
-    token in error messages (to test that it gets scrubbed). `error_rate` makes each
-    call after those fail at random, with one of `error_statuses` (0 = drop), from a
-    generator seeded with `seed` (for chaos runs). Setting a model's fault replaces the
-    one it had.
-    """
-
-    model: str
-    statuses: list[Status] = msgspec.field(default_factory=list)
-    always: Status | None = None
-    retry_after: Annotated[float, Meta(ge=0)] | None = None
-    retry_after_ms: Annotated[int, Meta(ge=0)] | None = None
-    latency_ms: Annotated[float, Meta(ge=0)] | None = None
-    drop_connection: bool = False
-    echo_auth: bool = False
-    error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
-    error_statuses: list[Status] = msgspec.field(default_factory=lambda: [500])
-    seed: int = 0
-
-
-class MockCall(Struct, kw_only=True):
-    """One call the mock served, as `GET /_mock/calls` lists it (the last 100,000).
-
-    `id` is the `chatcmpl-` id of a completion (None for errors), `status` 0 a dropped
-    connection, `auth_sha256` the SHA-256 of the bearer token (never the token itself),
-    `prompt` the last user message's text (None for an undecodable request).
-    """
-
-    id: str | None
-    model: str | None
-    status: int
-    auth_sha256: str | None
-    prompt: str | None
-
-
-# --- OpenAI's wire, only the fields the mock reads or writes -------------------
-
-
-class _Part(Struct):
-    type: str = "text"
-    text: str | None = None
-
-
-class _InMessage(Struct):
-    role: str
-    content: str | list[_Part] | None = None
-
-
-class _ChatRequest(Struct):
-    model: str
-    messages: Annotated[list[_InMessage], Meta(min_length=1)]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
-
-
-class _OutMessage(Struct):
-    content: str
-    role: str = "assistant"
-
-
-class _Choice(Struct):
-    message: _OutMessage
-    finish_reason: str
-    index: int = 0
-
-
-class _Usage(Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class _Completion(Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[_Choice]
-    usage: _Usage
-    object: str = "chat.completion"
-
-
-class _ErrorDetail(Struct):
-    message: str
-    type: str
-    code: str | None = None
-    param: str | None = None
-
-
-class _ErrorBody(Struct):
-    error: _ErrorDetail
-
-
-_encoder: Final = msgspec.json.Encoder()
-_chat_decoder: Final = msgspec.json.Decoder(_ChatRequest)
-_fault_decoder: Final = msgspec.json.Decoder(Fault)
-_calls_decoder: Final = msgspec.json.Decoder(list[MockCall])
-
-_ERROR_TYPES: Final = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_exceeded",
-}
-
-
-def _text(message: _InMessage) -> str:
-    if isinstance(message.content, list):
-        return " ".join(p.text for p in message.content if p.text)
-    return message.content or ""
-
-
-def _prompt(request: _ChatRequest) -> str:
-    """The text of the last user message."""
-    return next((_text(m) for m in reversed(request.messages) if m.role == "user"), "")
-
-
-def _answer(request: _ChatRequest) -> tuple[str, str, _Usage]:
-    """The deterministic content, finish reason and usage (tokens are whitespace words)."""
-    words = _prompt(request).split()
-    if request.model == "reverse":
-        words.reverse()
-    elif request.model == "upper":
-        words = [w.upper() for w in words]
-    out = [request.model, "says:", *words]
-    limit = request.max_completion_tokens or request.max_tokens
-    finish = "stop"
-    if limit is not None and len(out) > limit:
-        out, finish = out[:limit], "length"
-    prompt_tokens = sum(len(_text(m).split()) for m in request.messages)
-    return " ".join(out), finish, _Usage(prompt_tokens, len(out), prompt_tokens + len(out))
 
 
 class _ModelFault:
@@ -416,84 +274,6 @@ class MockLLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-class MockControl:
-    """Drive a mock over HTTP (stdlib only), e.g. one that runs in another process.
-
-    Args:
-        base_url: the mock's URL, with or without the trailing `/v1`.
-        timeout: seconds for each control request.
-    """
-
-    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
-        self.timeout = timeout
-
-    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(self.base_url + path, data=body, method=method)
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return cast(bytes, response.read())
-
-    def set_fault(
-        self,
-        model: str,
-        *,
-        statuses: Sequence[int] = (),
-        always: int | None = None,
-        retry_after: float | None = None,
-        retry_after_ms: int | None = None,
-        latency_ms: float | None = None,
-        drop_connection: bool = False,
-        echo_auth: bool = False,
-        error_rate: float = 0.0,
-        error_statuses: Sequence[int] = (500,),
-        seed: int = 0,
-    ) -> None:
-        """Replace the fault of `model` (the provider-side name, or `*`); see `Fault`."""
-        fault = Fault(
-            model=model,
-            statuses=list(statuses),
-            always=always,
-            retry_after=retry_after,
-            retry_after_ms=retry_after_ms,
-            latency_ms=latency_ms,
-            drop_connection=drop_connection,
-            echo_auth=echo_auth,
-            error_rate=error_rate,
-            error_statuses=list(error_statuses),
-            seed=seed,
-        )
-        self._request("POST", "/_mock/faults", _encoder.encode(fault))
-
-    def clear_faults(self) -> None:
-        """Every model answers normally again."""
-        self._request("DELETE", "/_mock/faults")
-
-    def calls(self) -> list[MockCall]:
-        """Every call served since the last `clear_calls()`, oldest first."""
-        return _calls_decoder.decode(self._request("GET", "/_mock/calls"))
-
-    def clear_calls(self) -> None:
-        """Forget the calls served so far."""
-        self._request("DELETE", "/_mock/calls")
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the mock answers, e.g. after starting it in another process.
-
-        Raises:
-            TimeoutError: it did not answer within `timeout` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.calls()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mock LLM at {self.base_url} not ready after {timeout}s") from None
-                time.sleep(0.05)
 
 
 def main(host: str = "127.0.0.1", port: int = DEFAULT_MOCK_PORT, latency_ms: float = 0) -> None:

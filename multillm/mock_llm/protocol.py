@@ -1,0 +1,154 @@
+"""The mock's wire: its control protocol (faults, calls) and the part of OpenAI's chat API it speaks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta, Struct
+
+DROP: Final = 0
+_MAX_CALLS: Final = 100_000
+Status = Annotated[int, Meta(ge=0, le=599)]
+
+
+# --- the control protocol ----------------------------------------------------
+
+
+class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
+    """What `POST /_mock/faults` takes: how the next calls of one model are answered.
+
+    `statuses` are answered in order, then `always` for ever (or normal answers); a
+    status is 0 (close the socket without answering) or an HTTP status from 200 on.
+    `drop_connection` puts one dropped connection before `statuses`. `retry_after`
+    (seconds) and `retry_after_ms` become headers of the error answers; `latency_ms`
+    replaces the server's latency for this model; `echo_auth` puts the caller's bearer
+    token in error messages (to test that it gets scrubbed). `error_rate` makes each
+    call after those fail at random, with one of `error_statuses` (0 = drop), from a
+    generator seeded with `seed` (for chaos runs). Setting a model's fault replaces the
+    one it had.
+    """
+
+    model: str
+    statuses: list[Status] = msgspec.field(default_factory=list)
+    always: Status | None = None
+    retry_after: Annotated[float, Meta(ge=0)] | None = None
+    retry_after_ms: Annotated[int, Meta(ge=0)] | None = None
+    latency_ms: Annotated[float, Meta(ge=0)] | None = None
+    drop_connection: bool = False
+    echo_auth: bool = False
+    error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    error_statuses: list[Status] = msgspec.field(default_factory=lambda: [500])
+    seed: int = 0
+
+
+class MockCall(Struct, kw_only=True):
+    """One call the mock served, as `GET /_mock/calls` lists it (the last 100,000).
+
+    `id` is the `chatcmpl-` id of a completion (None for errors), `status` 0 a dropped
+    connection, `auth_sha256` the SHA-256 of the bearer token (never the token itself),
+    `prompt` the last user message's text (None for an undecodable request).
+    """
+
+    id: str | None
+    model: str | None
+    status: int
+    auth_sha256: str | None
+    prompt: str | None
+
+
+# --- OpenAI's wire, only the fields the mock reads or writes -------------------
+
+
+class _Part(Struct):
+    type: str = "text"
+    text: str | None = None
+
+
+class _InMessage(Struct):
+    role: str
+    content: str | list[_Part] | None = None
+
+
+class _ChatRequest(Struct):
+    model: str
+    messages: Annotated[list[_InMessage], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
+class _OutMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class _Choice(Struct):
+    message: _OutMessage
+    finish_reason: str
+    index: int = 0
+
+
+class _Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[_Choice]
+    usage: _Usage
+    object: str = "chat.completion"
+
+
+class _ErrorDetail(Struct):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class _ErrorBody(Struct):
+    error: _ErrorDetail
+
+
+_encoder: Final = msgspec.json.Encoder()
+_chat_decoder: Final = msgspec.json.Decoder(_ChatRequest)
+_fault_decoder: Final = msgspec.json.Decoder(Fault)
+_calls_decoder: Final = msgspec.json.Decoder(list[MockCall])
+
+_ERROR_TYPES: Final = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def _text(message: _InMessage) -> str:
+    if isinstance(message.content, list):
+        return " ".join(p.text for p in message.content if p.text)
+    return message.content or ""
+
+
+def _prompt(request: _ChatRequest) -> str:
+    """The text of the last user message."""
+    return next((_text(m) for m in reversed(request.messages) if m.role == "user"), "")
+
+
+def _answer(request: _ChatRequest) -> tuple[str, str, _Usage]:
+    """The deterministic content, finish reason and usage (tokens are whitespace words)."""
+    words = _prompt(request).split()
+    if request.model == "reverse":
+        words.reverse()
+    elif request.model == "upper":
+        words = [w.upper() for w in words]
+    out = [request.model, "says:", *words]
+    limit = request.max_completion_tokens or request.max_tokens
+    finish = "stop"
+    if limit is not None and len(out) > limit:
+        out, finish = out[:limit], "length"
+    prompt_tokens = sum(len(_text(m).split()) for m in request.messages)
+    return " ".join(out), finish, _Usage(prompt_tokens, len(out), prompt_tokens + len(out))
