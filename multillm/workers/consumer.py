@@ -8,8 +8,8 @@ thread hands its `Settlement` back with `add_callback_threadsafe`, so the
 connection's thread never blocks on a model and heartbeats keep flowing.
 
 A delivery is settled in exactly one place, `Consumer.settle`: publish what is
-owed (confirmed), then ack; or, when the work must be tried again, reject with
-requeue, which the queue's delivery limit bounds.
+owed (confirmed), then ack; or, when the broker would not take what is owed,
+reject with requeue, which the queue's delivery limit bounds.
 
 Each connection has a generation number. A delivery remembers the generation it
 came on; work or a settlement for an older generation is dropped, because the
@@ -244,7 +244,7 @@ class Consumer:
             log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
             return
         try:
-            delivered = not settlement.requeue and all(self._deliver(delivery, m) for m in settlement.publishes)
+            delivered = all(self._deliver(delivery, m) for m in settlement.publishes)
         except _CONNECTION_ERRORS:
             raise
         except Exception:

@@ -50,10 +50,9 @@ class Outgoing:
 
 @dataclass(slots=True)
 class Settlement:
-    """What a delivery owes before it is acked: messages to publish, or a retry."""
+    """What a delivery owes before it is acked: the messages to publish (confirmed) first."""
 
     publishes: list[Outgoing] = field(default_factory=list)
-    requeue: bool = False
 
 
 class Io(Protocol):
