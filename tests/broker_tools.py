@@ -71,9 +71,3 @@ def collect_replies(broker_url: str, queue: str, count: int, idle_timeout: float
     finally:
         reply_queue.close()
     return got
-
-
-def queue_depth(broker_url: str, queue: str) -> int:
-    with connect(broker_url) as connection:
-        _, depth, _ = connection.default_channel.queue_declare(queue, passive=True)
-        return int(depth)

@@ -9,11 +9,9 @@ with SIGTERM at the end of the test; a worker that does not exit 0 fails it.
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -21,6 +19,7 @@ from psycopg import sql
 
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.cli.rabbitmq import scratch_vhost
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.mock_llm import MockControl, MockLLM
 from multillm.producers import Client
@@ -30,18 +29,11 @@ from multillm.sinks import Sink, open_sink
 API_KEY_IN_CONFIG = "sk-config-0123456789abcdef"
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
 def broker_url() -> Iterator[str]:
     """An AMQP URL on a fresh vhost of this test's own."""
-    vhost = f"multillm-test-{uuid.uuid4().hex[:12]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
-    _rabbitmqctl("delete_vhost", vhost)
+    with scratch_vhost("amqp://guest:guest@127.0.0.1:5672/%2F", "multillm-test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

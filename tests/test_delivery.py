@@ -8,15 +8,14 @@ provider fault, and every kind of bad input is sent.
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 import pytest
 
 from multillm import contract
+from multillm.cli.rabbitmq import rabbitmqctl
 from multillm.errors import Code
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, ReplyQueue, make_request
@@ -43,15 +42,6 @@ def reply_queue(broker_url: str) -> None:
     queue = ReplyQueue(broker_url, REPLIES)
     queue.declare()
     queue.close()
-
-
-def _vhost(broker_url: str) -> str:
-    return unquote(urlsplit(broker_url).path.lstrip("/"))
-
-
-def _rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=120)
-    return done.stdout
 
 
 # --- workers killed mid-call ------------------------------------------------
@@ -146,11 +136,11 @@ def test_broker_restart_under_load_loses_nothing_that_was_confirmed(
     while len(confirmed) < 15:
         time.sleep(0.01)
     try:
-        _rabbitmqctl("stop_app")
+        rabbitmqctl("stop_app")
         time.sleep(1)
     finally:
-        _rabbitmqctl("start_app")
-        _rabbitmqctl("await_startup")
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
     publisher.join(timeout=120)
 
     assert len(confirmed) + len(failed) == 60 and len(confirmed) >= 15

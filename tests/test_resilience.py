@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-from urllib.parse import unquote, urlsplit
 
 from multillm import contract
+from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, vhost_of
 from multillm.config import ENV_BROKER_URL
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
 from multillm.sinks import Sink
-from tests.broker_tools import queue_depth
 from tests.conftest import StartWorker, wait_for_log, wait_for_records
-
-
-def _vhost(broker_url: str) -> str:
-    return unquote(urlsplit(broker_url).path.lstrip("/"))
 
 
 def test_client_and_worker_reconnect_after_the_broker_cuts_every_connection(
@@ -25,12 +19,7 @@ def test_client_and_worker_reconnect_after_the_broker_cuts_every_connection(
     worker = start_worker("primary")
     assert client.create(make_request(["mock/echo"], "before the cut")).text
 
-    subprocess.run(
-        ["rabbitmqctl", "-q", "close_all_connections", "-p", _vhost(broker_url), "test cut"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    rabbitmqctl("close_all_connections", "-p", vhost_of(broker_url), "test cut")
     wait_for_log(worker, "broker.connection_lost")
 
     assert client.create(make_request(["mock/echo"], "after the cut"), timeout=30).text == "echo says: after the cut"
@@ -64,5 +53,5 @@ def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
     assert reply.text == "slow says: finish me"
     assert worker.process.wait(timeout=30) == 0
     assert [r.status for r in wait_for_records(sink, future.request_id, 1)] == ["ok"]
-    assert queue_depth(broker_url, contract.REQUEST_QUEUE) == 0  # acked, not put back for a second call
+    assert queue_counts(broker_url, contract.REQUEST_QUEUE)[0] == 0  # acked, not put back for a second call
     assert len(mock_control.calls()) == 1

@@ -11,26 +11,23 @@ reply, every model of every request exactly one record.
 from __future__ import annotations
 
 import random
-import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, Reply, ReplyQueue, make_request
-from multillm.producers.publishing import connect
 from multillm.sinks import open_sink
 
 MODELS = ("mock/alpha", "mock/beta", "mock/gamma")
@@ -125,15 +122,6 @@ class _Replies:
                     self.codes[reply.status.code] += 1
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
-
-
-def _with_vhost(broker_url: str, vhost: str) -> str:
-    parts = urlsplit(broker_url)
-    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
-
-
 class _Fleet:
     """The worker processes; restarts whichever the chaos took down."""
 
@@ -171,36 +159,36 @@ class _Fleet:
 
 def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) -> int:
     rng = random.Random(seed)
-    vhost = f"multillm-chaos-{uuid.uuid4().hex[:8]}"
-    broker_url = _with_vhost(settings.broker_url, vhost)
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, urlsplit(settings.broker_url).username or "guest", ".*", ".*", ".*")
     report = ChaosReport()
     started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="multillm-chaos-") as tmp, MockLLM(latency_ms=20) as mock:
-            sink_url = f"sqlite:///{tmp}/chaos.db"
-            config = Path(tmp) / "multillm.toml"
-            config.write_text(
-                f'sink_url = "{sink_url}"\nshutdown_grace_seconds = 10\n'
-                "[retry]\nmax_attempts = 3\ninitial_wait = 0.05\nmax_wait = 0.5\nbudget_seconds = 10\n"
-                f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 5\n'
-            )
-            env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url}
-            fleet = _Fleet(env, Path(tmp) / "workers.log", primaries=2, per_model=2)
-            wait_for_consumers(broker_url, contract.REQUEST_QUEUE, 2, timeout=60)
-            for model in MODELS[1:]:
-                wait_for_consumers(broker_url, contract.model_queue(model), 2, timeout=60)
-            print(f"chaos in vhost {vhost}: {len(fleet.workers)} workers, {requests} requests over ~{duration:g}s")
-            sent, replies = _soak(broker_url, vhost, fleet, mock, rng, seed, requests, duration, report)
-            _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60)
-            report.workers_died_on_their_own += sum(1 for w in fleet.workers if not w.alive())
-            report.unclean_exits += sum(1 for code in fleet.stop() if code != 0)
-            _count_records(sink_url, sent, report)
-            report.replies_disagreeing_with_records = _disagreements(sink_url, replies)
-            report.dead_letters = _queue_depth(broker_url, contract.DEAD_QUEUE)
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+    with (
+        scratch_vhost(settings.broker_url, "multillm-chaos") as broker_url,
+        tempfile.TemporaryDirectory(prefix="multillm-chaos-") as tmp,
+        MockLLM(latency_ms=20) as mock,
+    ):
+        sink_url = f"sqlite:///{tmp}/chaos.db"
+        config = Path(tmp) / "multillm.toml"
+        config.write_text(
+            f'sink_url = "{sink_url}"\nshutdown_grace_seconds = 10\n'
+            "[retry]\nmax_attempts = 3\ninitial_wait = 0.05\nmax_wait = 0.5\nbudget_seconds = 10\n"
+            f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 5\n'
+        )
+        env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url}
+        fleet = _Fleet(env, Path(tmp) / "workers.log", primaries=2, per_model=2)
+        wait_for_consumers(broker_url, contract.REQUEST_QUEUE, 2, timeout=60)
+        for model in MODELS[1:]:
+            wait_for_consumers(broker_url, contract.model_queue(model), 2, timeout=60)
+        print(
+            f"chaos in vhost {vhost_of(broker_url)}: {len(fleet.workers)} workers,"
+            f" {requests} requests over ~{duration:g}s"
+        )
+        sent, replies = _soak(broker_url, fleet, mock, rng, seed, requests, duration, report)
+        _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60)
+        report.workers_died_on_their_own += sum(1 for w in fleet.workers if not w.alive())
+        report.unclean_exits += sum(1 for code in fleet.stop() if code != 0)
+        _count_records(sink_url, sent, report)
+        report.replies_disagreeing_with_records = _disagreements(sink_url, replies)
+        report.dead_letters = queue_counts(broker_url, contract.DEAD_QUEUE)[0]
     report.seconds = time.monotonic() - started
     print(report.table())
     return 0 if report.clean else 1
@@ -208,7 +196,6 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
 
 def _soak(
     broker_url: str,
-    vhost: str,
     fleet: _Fleet,
     mock: MockLLM,
     rng: random.Random,
@@ -230,7 +217,7 @@ def _soak(
     collector.start()
     sending = threading.Event()
     sending.set()
-    chaos = threading.Thread(target=_wreak, args=(vhost, fleet, rng, sending, report), daemon=True)
+    chaos = threading.Thread(target=_wreak, args=(vhost_of(broker_url), fleet, rng, sending, report), daemon=True)
     chaos.start()
 
     sent: list[str] = []
@@ -278,7 +265,7 @@ def _wreak(vhost: str, fleet: _Fleet, rng: random.Random, sending: threading.Eve
             report.unclean_exits += fleet.replace(index, "TERM") != 0
             report.worker_sigterms += 1
         if time.monotonic() >= next_cut:
-            _rabbitmqctl("close_all_connections", "-p", vhost, "chaos")
+            rabbitmqctl("close_all_connections", "-p", vhost, "chaos")
             report.connection_cuts += 1
             next_cut = time.monotonic() + rng.uniform(8, 15)
 
@@ -353,9 +340,3 @@ def _disagreements(sink_url: str, replies: dict[str, Reply]) -> int:
             agrees = record.status == "error" and reply.status is not None and reply.status.code == record.error_code
         wrong += not agrees
     return wrong
-
-
-def _queue_depth(broker_url: str, queue: str) -> int:
-    with connect(broker_url) as connection:
-        _, depth, _ = connection.default_channel.queue_declare(queue, passive=True)
-        return int(depth)

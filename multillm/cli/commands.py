@@ -9,7 +9,7 @@ import kombu.exceptions
 import msgspec
 
 from multillm import contract
-from multillm.cli.processes import consumer_count
+from multillm.cli.rabbitmq import queue_counts
 from multillm.config import Settings, load_settings
 from multillm.errors import MultiLLMError, RpcError
 from multillm.producers import Client, make_request
@@ -64,7 +64,7 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"invalid request: {exc}") from None
     try:
         with connect_client(settings) as client:
-            if not consumer_count(settings.broker_url, contract.REQUEST_QUEUE):
+            if not queue_counts(settings.broker_url, contract.REQUEST_QUEUE)[1]:
                 print(
                     f"no primary worker is serving {contract.REQUEST_QUEUE} yet (start `multillm worker primary`);"
                     f" waiting up to {args.timeout:g}s",

@@ -9,9 +9,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-import kombu
-
-from multillm.producers.publishing import connect
+from multillm.cli.rabbitmq import queue_counts
 
 
 class WorkerProcess:
@@ -69,16 +67,6 @@ class WorkerProcess:
         self.process.wait()
 
 
-def consumer_count(broker_url: str, queue: str) -> int:
-    """How many consumers `queue` has now; 0 when it does not exist yet."""
-    with connect(broker_url) as connection:
-        try:
-            _, _, consumers = connection.default_channel.queue_declare(queue, passive=True)
-        except kombu.exceptions.ChannelError:
-            return 0
-        return int(consumers)
-
-
 def wait_for_consumers(
     broker_url: str, queue: str, count: int, *, timeout: float = 30.0, workers: Sequence[WorkerProcess] = ()
 ) -> None:
@@ -92,7 +80,7 @@ def wait_for_consumers(
         dead = [w for w in workers if not w.alive()]
         if dead:
             raise RuntimeError(f"worker {dead[0].args} exited with {dead[0].process.returncode}")
-        if consumer_count(broker_url, queue) >= count:
+        if queue_counts(broker_url, queue)[1] >= count:
             return
         time.sleep(0.1)
     raise RuntimeError(f"queue {queue!r} did not get {count} consumer(s) within {timeout:g}s")

@@ -28,14 +28,13 @@ class AsyncClient:
         pool_size: int = 8,
         connect_timeout: float = 10.0,
     ) -> None:
-        self.timeout = timeout
         self._client = Client(broker_url, timeout=timeout, pool_size=pool_size, connect_timeout=connect_timeout)
 
     async def create(
         self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
     ) -> V1MultiLLMChatCompletion:
         """Publish `request` and await its reply; raises like `Client.create`."""
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._client.timeout if timeout is None else timeout
         pending = await asyncio.to_thread(self._client.submit, request, timeout=timeout)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(pending), timeout)

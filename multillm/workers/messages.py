@@ -88,6 +88,11 @@ class Handler(Protocol):
         ...
 
 
+def too_large(body: bytes, limit: int) -> str | None:
+    """Why `body` is refused unread (over `max_body_bytes`), or None."""
+    return f"body is {len(body)} bytes, over the limit of {limit}" if len(body) > limit else None
+
+
 def dead_letter(
     delivery: Delivery,
     queue: str,

@@ -14,7 +14,7 @@ from multillm import contract
 from multillm.errors import Code
 from multillm.providers import ProviderError
 from multillm.schemas import FanOutCopy, decode_fanout
-from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter, too_large
 from multillm.workers.model_run import ModelRunner
 
 log = structlog.get_logger(__name__)
@@ -58,8 +58,8 @@ class ModelHandler:
     def _decode(self, delivery: Delivery, io: Io) -> FanOutCopy | None:
         """The copy, or None after settling an undecodable one to the dead-letter queue."""
         try:
-            if len(delivery.body) > self._max_body_bytes:
-                raise ValueError(f"body is {len(delivery.body)} bytes, over the limit of {self._max_body_bytes}")
+            if reason := too_large(delivery.body, self._max_body_bytes):
+                raise ValueError(reason)
             return decode_fanout(delivery.body)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             reason = f"invalid fan-out copy: {exc}"

@@ -26,7 +26,7 @@ from multillm.schemas import (
     decode_request,
     encode,
 )
-from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter, too_large
 from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
 
 log = structlog.get_logger(__name__)
@@ -108,8 +108,8 @@ class PrimaryHandler:
 
     def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
         props, body = delivery.properties, delivery.body
-        if len(body) > self._max_body_bytes:
-            raise InvalidRequest(f"request body is {len(body)} bytes, over the limit of {self._max_body_bytes}")
+        if reason := too_large(body, self._max_body_bytes):
+            raise InvalidRequest(f"request {reason}")
         media_type, _, params = (props.content_type or contract.CONTENT_TYPE).partition(";")
         charset = params.strip().lower().removeprefix("charset=") if params.strip() else "utf-8"
         if media_type.strip().lower() != contract.CONTENT_TYPE or charset not in _UTF8:

@@ -1,0 +1,46 @@
+"""RabbitMQ administration for the chaos run and the tests: rabbitmqctl, scratch vhosts, queue figures."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import kombu.exceptions
+
+from multillm.producers.publishing import connect
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl -q ARGS` on this machine's broker; returns what it printed."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+def vhost_of(broker_url: str) -> str:
+    return unquote(urlsplit(broker_url).path.lstrip("/"))
+
+
+@contextmanager
+def scratch_vhost(broker_url: str, prefix: str) -> Iterator[str]:
+    """`broker_url` moved to a fresh vhost (the URL's user may do anything there), deleted afterwards."""
+    parts = urlsplit(broker_url)
+    vhost = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of `queue` now; (0, 0) when it does not exist yet."""
+    with connect(broker_url) as connection:
+        try:
+            _, messages, consumers = connection.default_channel.queue_declare(queue, passive=True)
+        except kombu.exceptions.ChannelError:
+            return 0, 0
+        return int(messages), int(consumers)
