@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from multillm.bench import SCENARIOS
 from multillm.cli import commands
 from multillm.config import DEFAULT_MOCK_PORT
 from multillm.errors import ConfigError
@@ -50,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--requests", type=_positive, default=3000)
     chaos.add_argument("--duration", type=float, default=150.0, help="seconds over which requests are sent")
     chaos.add_argument("--seed", type=int, default=1)
+
+    bench = sub.add_parser("bench", help="the benchmark: ours against the floor, a bare pika loop and Celery")
+    bench.add_argument("--only", action="append", default=[], choices=list(SCENARIOS), help="repeat for more")
+    bench.add_argument("--quick", action="store_true", help="every scenario for seconds only (a smoke run)")
+    bench.add_argument("--output", help="write the tables into this markdown file and a PNG chart beside it")
+    bench.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a server on which the sink scenario may create a scratch database ('' to skip)",
+    )
 
     logs = sub.add_parser("logs", help="read the log records in the sink")
     logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")

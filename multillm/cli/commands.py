@@ -39,6 +39,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from multillm.cli.chaos import run_chaos
 
         return run_chaos(settings, requests=args.requests, duration=args.duration, seed=args.seed)
+    if args.command == "bench":
+        from multillm.cli.bench import run_bench_command
+
+        return run_bench_command(
+            settings, only=args.only, quick=args.quick, output=args.output, postgres_url=args.postgres_url or None
+        )
     if args.command == "logs":
         from multillm.cli.logs import run_logs
 

@@ -8,7 +8,6 @@ record side by side, then stops everything with SIGTERM.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from multillm import contract
 from multillm.cli.commands import CommandError, connect_client
 from multillm.cli.logs import side_by_side
-from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
 from multillm.config import ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
@@ -36,22 +35,14 @@ PROMPTS = (
 )
 
 
-def _worker_config(settings: Settings, mock_url: str, folder: Path) -> Path:
-    # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
-    path = folder / "multillm.toml"
-    path.write_text(
-        f"broker_url = {json.dumps(settings.broker_url)}\n"
-        f"sink_url = {json.dumps(settings.sink_url)}\n\n"
-        f'[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = "unused"\n'
-    )
-    return path
-
-
 def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = 150.0) -> int:
     client = connect_client(settings)  # fails first, in one line, if no broker answers
     workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp, MockLLM(latency_ms=latency_ms) as mock:
-        env = {ENV_CONFIG: str(_worker_config(settings, mock.url, Path(tmp)))}
+        config = write_worker_config(
+            Path(tmp), broker_url=settings.broker_url, sink_url=settings.sink_url, mock_url=mock.url
+        )
+        env = {ENV_CONFIG: str(config)}
         logs = os.path.join(tmp, "workers.log")
         print(f"mock LLM at {mock.url} ({latency_ms:g} ms a call); sink {settings.sink_url}")
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from multillm.cli.rabbitmq import queue_counts
 
@@ -84,3 +86,15 @@ def wait_for_consumers(
             return
         time.sleep(0.1)
     raise RuntimeError(f"queue {queue!r} did not get {count} consumer(s) within {timeout:g}s")
+
+
+def write_worker_config(folder: Path, *, broker_url: str, sink_url: str, mock_url: str) -> Path:
+    """A `multillm.toml` in `folder` for workers against the mock at `mock_url` (provider `mock`)."""
+    # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
+    path = folder / "multillm.toml"
+    path.write_text(
+        f"broker_url = {json.dumps(broker_url)}\n"
+        f"sink_url = {json.dumps(sink_url)}\n\n"
+        f'[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = "unused"\n'
+    )
+    return path

@@ -1,0 +1,23 @@
+"""`multillm bench`: what the pipeline costs on top of the broker and the model, against baselines.
+
+Each scenario measures ours and its baseline in the same run (see `scenarios`);
+`report` prints the tables, and writes them with the machine's details into
+docs/benchmarks.md beside a chart of latency percentiles. Celery and matplotlib
+come with the `bench` extra.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Kept here, light to import, because the CLI's parser offers them as choices.
+SCENARIOS: Final[dict[str, str]] = {
+    "overhead": "latency of one request against the floor",
+    "throughput": "requests/s against a bare pika loop and Celery",
+    "slow": "1 s models at high concurrency: throughput, p99, memory",
+    "fanout": "CPU per request with 1, 3 and 8 models",
+    "sinks": "records/s per sink, batched and not",
+    "scale": "1, 2, 4 worker processes on one queue",
+}
+
+__all__ = ["SCENARIOS"]

@@ -1,0 +1,199 @@
+"""The baselines written the way a user would write them by hand, with pika and the openai SDK alone.
+
+Run as a process of its own (`python -m multillm.bench.bare MODE ...`), like a worker:
+
+- `echo`: consume a queue and send each body straight back to its `reply_to`. With
+  `rpc_round_trip` on the caller's side it is the broker's floor for one RPC.
+- `loop`: the primary worker's job and nothing more: decode the request, call the
+  model with the SDK, publish the other models' copies, reply, ack. No records, no
+  retries, no deadlines, no bad-input handling: the limit our worker is held to.
+
+Both keep the guarantees the pipeline gives, so that the comparison is of the code
+and not of the durability: quorum queues, persistent messages, publisher confirms,
+and the ack only after the reply is confirmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import openai
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from multillm import contract
+from multillm.contract import QueueSpec
+from multillm.schemas import (
+    V1ChatCompletion,
+    V1ChatCompletionMessage,
+    V1Choice,
+    V1CreateMultiLLMChatCompletionRequest,
+    V1MultiLLMChatCompletion,
+    V1Usage,
+    decode_request,
+    encode,
+)
+
+ECHO_QUEUE = "multillm-bench.echo"
+LOOP_QUEUE = contract.REQUEST_QUEUE
+
+
+def echo_queue() -> QueueSpec:
+    """A work queue like `multillm.requests` (quorum, same arguments) under another name."""
+    spec = contract.requests_queue()
+    return QueueSpec(name=ECHO_QUEUE, exchange="", routing_key="", arguments=spec.arguments)
+
+
+def _persistent(props: pika.BasicProperties, kind: str) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=contract.CONTENT_TYPE,
+        delivery_mode=contract.PERSISTENT,
+        correlation_id=props.correlation_id,
+        type=kind,
+    )
+
+
+def _consume(broker_url: str, queue: QueueSpec, handle: Callable[[BlockingChannel, Any, Any, bytes], None]) -> None:
+    """One connection, confirms on, prefetch 1: the plainest correct consumer."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_qos(prefetch_count=1)
+    channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+    channel.basic_consume(queue.name, lambda ch, method, props, body: handle(ch, method, props, body))
+    with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # the benchmark deletes the vhost under us
+        channel.start_consuming()
+
+
+def serve_echo(broker_url: str) -> None:
+    def handle(channel: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        channel.basic_publish("", props.reply_to, body, _persistent(props, "echo"))
+        channel.basic_ack(method.delivery_tag)
+
+    _consume(broker_url, echo_queue(), handle)
+
+
+def serve_loop(broker_url: str, mock_url: str) -> None:
+    sdk = openai.OpenAI(base_url=mock_url, api_key="unused", max_retries=0)
+
+    def handle(channel: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        request = decode_request(body)
+        for index, model in enumerate(request.models):
+            if index != request.display_model:
+                copy = encode(msgspec.structs.replace(request, display_model=index))
+                channel.basic_publish(contract.MODEL_EXCHANGE, model.name, copy, _persistent(props, "copy"))
+        reply = _answer(sdk, request)
+        channel.basic_publish("", props.reply_to, encode(reply), _persistent(props, contract.TYPE_REPLY))
+        channel.basic_ack(method.delivery_tag)
+
+    _consume(broker_url, contract.requests_queue(), handle)
+
+
+def _answer(sdk: openai.OpenAI, request: V1CreateMultiLLMChatCompletionRequest) -> V1MultiLLMChatCompletion:
+    primary = request.primary
+    response = sdk.chat.completions.create(
+        model=primary.name.partition("/")[2],
+        messages=[{"role": "user", "content": m.content or ""} for m in request.messages],  # type: ignore[misc]
+    )
+    choice = response.choices[0]
+    usage = response.usage
+    completion = V1ChatCompletion(
+        id=str(uuid.uuid4()),
+        external_id=response.id,
+        model=primary.name,
+        choices=[
+            V1Choice(
+                index=0,
+                message=V1ChatCompletionMessage(content=choice.message.content),
+                finish_reason=choice.finish_reason,
+            )
+        ],
+        usage=V1Usage(
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            total_tokens=usage.total_tokens if usage else 0,
+        ),
+    )
+    return V1MultiLLMChatCompletion(
+        id=completion.id,
+        primary_external_id=response.id,
+        model_names=request.model_names(),
+        display_model=request.display_model,
+        completion=completion,
+    )
+
+
+class RpcCaller:
+    """The caller's half of the floor: publish to the echo queue, wait for the body to come back.
+
+    Owns one pika connection; used from one thread.
+    """
+
+    def __init__(self, broker_url: str) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        spec = contract.client_reply_queue(uuid.uuid4().hex)
+        self._channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        self._reply_queue = spec.name
+        self._answers: dict[str, bytes] = {}
+        self._channel.basic_consume(spec.name, self._on_reply)
+
+    def _on_reply(self, channel: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        self._answers[props.correlation_id] = body
+        channel.basic_ack(method.delivery_tag)
+
+    def call(self, body: bytes, timeout: float = 30.0) -> bytes:
+        correlation_id = uuid.uuid4().hex
+        props = pika.BasicProperties(
+            content_type=contract.CONTENT_TYPE,
+            delivery_mode=contract.PERSISTENT,
+            correlation_id=correlation_id,
+            reply_to=self._reply_queue,
+        )
+        self._channel.basic_publish("", ECHO_QUEUE, body, props, mandatory=True)
+        deadline = time.monotonic() + timeout
+        while correlation_id not in self._answers:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the echo server did not answer")
+            self._connection.process_data_events(time_limit=1)
+        return self._answers.pop(correlation_id)
+
+    def close(self) -> None:
+        self._channel.queue_delete(self._reply_queue)
+        self._connection.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m multillm.bench.bare", description=__doc__)
+    parser.add_argument("mode", choices=["echo", "loop"])
+    parser.add_argument("--broker-url", required=True)
+    parser.add_argument("--mock-url", default="")
+    parser.add_argument("--threads", type=int, default=1, help="loop: consumers, one connection each")
+    args = parser.parse_args()
+    # A SIGTERM ends the process at once: a bare loop has no graceful stop.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if args.mode == "echo":
+        serve_echo(args.broker_url)
+        return
+    threads = [
+        threading.Thread(target=serve_loop, args=(args.broker_url, args.mock_url), daemon=True)
+        for _ in range(args.threads)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""What every scenario stands on: a scratch vhost, the mock in its own process, processes to measure.
+
+Everything the benchmark measures runs as a separate process, as in production:
+the mock LLM, our workers, the bare baselines, Celery. The benchmark's own
+process only drives requests and reads `/proc` for the others' CPU time and memory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from multillm import contract
+from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
+from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
+from multillm.config import ENV_CONFIG
+from multillm.mock_llm import MockControl
+from multillm.producers.publishing import connect, declare_queues
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Child:
+    """A process the benchmark started; its CPU time and peak memory come from /proc."""
+
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_path: str | None = None) -> None:
+        self._log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - kept open while it runs
+        self.process = subprocess.Popen(
+            list(args), env={**os.environ, **(env or {})}, stdout=self._log, stderr=self._log
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid`, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory `pid` has had (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+class Bench:
+    """The broker vhost, the mock and the folder of one benchmark run; scenarios start workers in it."""
+
+    def __init__(self, broker_url: str, mock_url: str, folder: Path, sink_url: str) -> None:
+        self.broker_url = broker_url
+        self.mock_url = mock_url
+        self.mock = MockControl(mock_url)
+        self.folder = folder
+        self.sink_url = sink_url
+        self.log_path = str(folder / "processes.log")
+        config = write_worker_config(folder, broker_url=broker_url, sink_url=sink_url, mock_url=mock_url)
+        self.worker_env = {ENV_CONFIG: str(config)}
+
+    def set_latency(self, latency_ms: float) -> None:
+        self.mock.set_fault("*", latency_ms=latency_ms)
+
+    def declare(self, models: Sequence[str]) -> None:
+        """Our topology, with a queue for every model so that fan-out copies are routed (and kept)."""
+        with connect(self.broker_url) as connection:
+            declare_queues(
+                connection,
+                contract.requests_queue(),
+                contract.dead_queue(),
+                *(contract.model_queue_spec(m) for m in models),
+            )
+
+    def purge(self) -> None:
+        """Empty every queue of the vhost between scenarios (copies nobody consumes pile up)."""
+        vhost = vhost_of(self.broker_url)
+        for line in rabbitmqctl("list_queues", "-p", vhost, "name", "--no-table-headers").splitlines():
+            if line.strip():
+                rabbitmqctl("purge_queue", "-p", vhost, line.strip())
+
+    @contextmanager
+    def workers(self, args: Sequence[str], count: int = 1) -> Iterator[list[WorkerProcess]]:
+        """`count` `multillm worker ARGS` processes, consuming, stopped with SIGTERM afterwards."""
+        started = [WorkerProcess(args, env=self.worker_env, log_path=self.log_path) for _ in range(count)]
+        try:
+            queue = (
+                contract.REQUEST_QUEUE
+                if args[0] == "primary"
+                else contract.model_queue(args[args.index("--model") + 1])
+            )
+            wait_for_consumers(self.broker_url, queue, count, workers=started, timeout=60)
+            yield started
+        finally:
+            for worker in started:
+                worker.stop()
+
+    @contextmanager
+    def child(self, args: Sequence[str], queue: str, consumers: int = 1) -> Iterator[Child]:
+        """A baseline process, once it consumes `queue`."""
+        process = Child(
+            args,
+            env={"MULTILLM_BENCH_BROKER": self.broker_url, "MULTILLM_BENCH_MOCK": self.mock_url},
+            log_path=self.log_path,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while queue_counts(self.broker_url, queue)[1] < consumers:
+                if process.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{args} did not start consuming {queue!r}; see {self.log_path}")
+                time.sleep(0.1)
+            yield process
+        finally:
+            process.stop()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@contextmanager
+def bench_environment(broker_url: str, sink_url: str | None = None) -> Iterator[Bench]:
+    """A scratch vhost, a temporary folder (with an SQLite sink unless told) and the mock LLM."""
+    with ExitStack() as stack:
+        vhost_url = stack.enter_context(scratch_vhost(broker_url, "multillm-bench"))
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="multillm-bench-")))
+        port = free_port()
+        mock = Child(python_module("multillm", "mock-llm", "--port", str(port)), log_path=str(folder / "mock.log"))
+        stack.callback(mock.stop)
+        mock_url = f"http://127.0.0.1:{port}/v1"
+        MockControl(mock_url).wait_ready()
+        yield Bench(vhost_url, mock_url, folder, sink_url or f"sqlite:///{folder / 'records.db'}")

@@ -1,0 +1,40 @@
+"""Running the chosen scenarios in one scratch environment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+from multillm.bench import SCENARIOS, scenarios
+from multillm.bench.harness import Bench, bench_environment
+from multillm.bench.scenarios import Section, Sizes
+
+
+def run_bench(
+    broker_url: str,
+    *,
+    only: Sequence[str] = (),
+    quick: bool = False,
+    postgres_url: str | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Section]:
+    """Run the scenarios named in `only` (all by default) in a scratch vhost; their sections in order."""
+    sizes = Sizes.quick() if quick else Sizes()
+    chosen = [name for name in SCENARIOS if not only or name in only]
+    runners: dict[str, Callable[[Bench], Section]] = {
+        "overhead": lambda b: scenarios.overhead(b, sizes),
+        "throughput": lambda b: scenarios.throughput(b, sizes),
+        "slow": lambda b: scenarios.slow_models(b, sizes),
+        "fanout": lambda b: scenarios.fanout_cost(b, sizes),
+        "sinks": lambda b: scenarios.sinks(b, sizes, postgres_url),
+        "scale": lambda b: scenarios.horizontal(b, sizes),
+    }
+    sections = []
+    with bench_environment(broker_url) as bench:
+        for number, name in enumerate(chosen, 1):
+            progress(f"[{number}/{len(chosen)}] {name}: {SCENARIOS[name]}")
+            sections.append(runners[name](bench))
+    return sections
+
+
+__all__ = ["run_bench"]
