@@ -9,14 +9,25 @@ text and decoded by msgspec into the record's types.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from multillm.errors import ConfigError
-from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import TABLE, Dialect, Kind, from_row, to_row
+from multillm.schemas import LLMLogRecord, LogAttribute
+from multillm.sinks._rows import ROWS_PER_INSERT, TABLE, Dialect, Kind, from_row, to_row
+from multillm.sinks.query import RecordFilter, first_of_each, spread
 
 if TYPE_CHECKING:
     import psycopg
+
+
+def _has_attribute(key: str, value: str) -> tuple[str, list[Any]]:
+    # Containment can use a GIN index on log_attributes, should a deployment add one.
+    pair = msgspec.json.encode([LogAttribute(key=key, value=value)]).decode()
+    return "log_attributes @> %s::jsonb", [pair]
+
 
 DIALECT: Final = Dialect(
     types={
@@ -29,8 +40,9 @@ DIALECT: Final = Dialect(
     param="%s",
     json_param="%s::jsonb",
     json_select="{}::text",
+    byte_order=' COLLATE "C"',
+    has_attribute=_has_attribute,
 )
-_INSERT: Final = DIALECT.insert_sql()
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
 
@@ -81,15 +93,35 @@ class PostgresSink:
 
     def write(self, record: LLMLogRecord) -> bool:
         """Insert `record`; False if a record with its `log_id` is already stored."""
-        row = to_row(record)
-        with self._lock:
-            cursor = self._connection().execute(_INSERT, row)
-        return cursor.rowcount == 1
+        return self.write_many([record])[0]
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
-        sql = DIALECT.select_sql(by_request=request_id is not None, limited=limit is not None)
-        params = [p for p in (request_id, limit) if p is not None]
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Insert `records` in one transaction; per record, False if its `log_id` was already stored
+        (or came earlier in the batch).
+
+        Each multi-row insert reports the ids it took (`RETURNING`), so a batch costs one
+        round trip per `ROWS_PER_INSERT` records rather than one per record.
+        """
+        unique, firsts = first_of_each(records)
+        taken: set[str] = set()
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                for start in range(0, len(unique), ROWS_PER_INSERT):
+                    chunk = unique[start : start + ROWS_PER_INSERT]
+                    params = [value for record in chunk for value in to_row(record)]
+                    cursor = conn.execute(DIALECT.insert_sql(len(chunk), returning=True), params)
+                    taken.update(row[0] for row in cursor.fetchall())
+        return spread(firsts, [record.log_id in taken for record in unique])
+
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all by default), by `created_at` then `model_index`.
+
+        `request_id` and `limit`, when given, override those of `where`.
+        """
+        sql, params = DIALECT.select_sql((where or RecordFilter()).narrowed(request_id, limit))
         with self._lock:
             rows = self._connection().execute(sql, params).fetchall()
         return [from_row(row) for row in rows]

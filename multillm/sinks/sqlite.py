@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from multillm.schemas import LLMLogRecord
 from multillm.sinks._rows import Dialect, Kind, from_row, to_row
+from multillm.sinks.query import RecordFilter, first_of_each, spread
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
+
+
+def _has_attribute(key: str, value: str) -> tuple[str, list[Any]]:
+    return (
+        "EXISTS (SELECT 1 FROM json_each(log_attributes) AS a"
+        " WHERE json_extract(a.value, '$.key') = ? AND json_extract(a.value, '$.value') = ?)",
+        [key, value],
+    )
+
 
 DIALECT: Final = Dialect(
     types={
@@ -29,6 +40,8 @@ DIALECT: Final = Dialect(
     param="?",
     json_param="?",
     json_select="{}",
+    byte_order="",  # SQLite's default collation, BINARY, is byte order
+    has_attribute=_has_attribute,
 )
 _INSERT: Final = DIALECT.insert_sql()
 
@@ -59,15 +72,33 @@ class SqliteSink:
 
     def write(self, record: LLMLogRecord) -> bool:
         """Insert `record`; False if a record with its `log_id` is already stored."""
-        row = to_row(record)
-        with self._lock:
-            cursor = self._conn.execute(_INSERT, row)
-        return cursor.rowcount == 1
+        return self.write_many([record])[0]
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
-        sql = DIALECT.select_sql(by_request=request_id is not None, limited=limit is not None)
-        params = [p for p in (request_id, limit) if p is not None]
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Insert `records` in one transaction; per record, False if its `log_id` was already stored
+        (or came earlier in the batch)."""
+        unique, firsts = first_of_each(records)
+        rows = [to_row(record) for record in unique]
+        with self._lock:
+            # IMMEDIATE takes the write lock up front: a deferred transaction that has to upgrade
+            # later can fail with SQLITE_BUSY at once instead of waiting out the busy timeout.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                written = [self._conn.execute(_INSERT, row).rowcount == 1 for row in rows]
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+        return spread(firsts, written)
+
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all by default), by `created_at` then `model_index`.
+
+        `request_id` and `limit`, when given, override those of `where`.
+        """
+        sql, params = DIALECT.select_sql((where or RecordFilter()).narrowed(request_id, limit))
         with self._lock:
             rows = self._conn.execute(sql, params).fetchall()
         return [from_row(row) for row in rows]
