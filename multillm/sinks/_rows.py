@@ -25,8 +25,6 @@ TABLE: Final = contract.LOG_TABLE
 INDEXED: Final = ("request_id", "trace_id", "model_name", "created_at")
 # Text columns compared and sorted as timestamps: their order must be the byte order of the text.
 ORDERED_TEXT: Final = frozenset({"created_at"})
-# A PostgreSQL statement takes at most 65535 parameters; batches are cut into inserts of this many rows.
-ROWS_PER_INSERT: Final = 500
 # Timestamps are ISO-8601 text; ties on them are broken by model order, then id, for a stable order.
 ORDER_BY: Final = ("created_at", "model_index", "log_id")
 
@@ -76,12 +74,11 @@ class Dialect:
         statements += [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({self._ordered(c)})" for c in INDEXED]
         return statements
 
-    def insert_sql(self, rows: int = 1, *, returning: bool = False) -> str:
-        """Insert `rows` rows, skipping those whose `log_id` is already there; optionally return the ids taken."""
+    def insert_sql(self, *, returning: bool = False) -> str:
+        """Insert one row, doing nothing when its `log_id` is already there; optionally return the id if taken."""
         params = ", ".join(self.json_param if c.kind is Kind.JSON else self.param for c in COLUMNS)
         names = ", ".join(c.name for c in COLUMNS)
-        values = ", ".join([f"({params})"] * rows)
-        sql = f"INSERT INTO {TABLE} ({names}) VALUES {values} ON CONFLICT (log_id) DO NOTHING"
+        sql = f"INSERT INTO {TABLE} ({names}) VALUES ({params}) ON CONFLICT (log_id) DO NOTHING"
         return sql + " RETURNING log_id" if returning else sql
 
     def select_sql(self, query: RecordFilter) -> tuple[str, list[Any]]:

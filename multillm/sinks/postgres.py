@@ -16,8 +16,8 @@ import msgspec
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord, LogAttribute
-from multillm.sinks._rows import ROWS_PER_INSERT, TABLE, Dialect, Kind, from_row, to_row
-from multillm.sinks.query import RecordFilter, first_of_each, spread
+from multillm.sinks._rows import TABLE, Dialect, Kind, from_row, to_row
+from multillm.sinks.query import RecordFilter
 
 if TYPE_CHECKING:
     import psycopg
@@ -43,6 +43,7 @@ DIALECT: Final = Dialect(
     byte_order=' COLLATE "C"',
     has_attribute=_has_attribute,
 )
+_INSERT: Final = DIALECT.insert_sql(returning=True)
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
 
@@ -99,20 +100,24 @@ class PostgresSink:
         """Insert `records` in one transaction; per record, False if its `log_id` was already stored
         (or came earlier in the batch).
 
-        Each multi-row insert reports the ids it took (`RETURNING`), so a batch costs one
-        round trip per `ROWS_PER_INSERT` records rather than one per record.
+        `executemany` runs in pipeline mode: one prepared insert per record, sent without
+        waiting for each answer, so a batch costs about one round trip. `RETURNING` tells
+        per record whether it was taken (a skipped one returns no row).
         """
-        unique, firsts = first_of_each(records)
-        taken: set[str] = set()
+        if not records:
+            return []
+        rows = [to_row(record) for record in records]
         with self._lock:
             conn = self._connection()
-            with conn.transaction():
-                for start in range(0, len(unique), ROWS_PER_INSERT):
-                    chunk = unique[start : start + ROWS_PER_INSERT]
-                    params = [value for record in chunk for value in to_row(record)]
-                    cursor = conn.execute(DIALECT.insert_sql(len(chunk), returning=True), params)
-                    taken.update(row[0] for row in cursor.fetchall())
-        return spread(firsts, [record.log_id in taken for record in unique])
+            if len(rows) == 1:
+                # One autocommitted statement is atomic already; a transaction would add two round trips.
+                return [conn.execute(_INSERT, rows[0]).fetchone() is not None]
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(_INSERT, rows, returning=True)
+                written = [cursor.fetchone() is not None]
+                while cursor.nextset():
+                    written.append(cursor.fetchone() is not None)
+        return written
 
     def records(
         self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None

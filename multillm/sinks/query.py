@@ -9,20 +9,18 @@ adding its condition here, so the three sinks cannot drift apart.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 
 from multillm.schemas import LLMLogRecord, Mode
 
-__all__ = ["Condition", "Op", "RecordFilter", "first_of_each", "parse_bound"]
+__all__ = ["Condition", "Op", "RecordFilter", "parse_bound"]
 
 # Record fields a filter may require to equal a given value.
 EQUAL_FIELDS: Final = ("request_id", "mode", "model_name", "trace_id", "session_id")
-_T = TypeVar("_T")
 
 
 class RecordFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,33 +90,6 @@ class Condition:
         if self.op is Op.AT_LEAST:
             return bool(actual >= self.value)
         return bool(actual < self.value)
-
-
-def first_of_each(records: Iterable[_T], key: str = "log_id") -> tuple[list[_T], list[bool]]:
-    """The records whose `key` has not appeared earlier in the batch, and per record whether it is one.
-
-    A batch that names one id twice stores the first copy, as two single writes in a row would.
-    """
-    seen: set[str] = set()
-    unique: list[_T] = []
-    firsts: list[bool] = []
-    for record in records:
-        value = getattr(record, key)
-        first = value not in seen
-        firsts.append(first)
-        if first:
-            seen.add(value)
-            unique.append(record)
-    return unique, firsts
-
-
-def spread(firsts: Sequence[bool], written: Sequence[bool]) -> list[bool]:
-    """Per record of a batch: True if it was a first copy and the store took it.
-
-    `written` has one entry per first copy, in order.
-    """
-    results = iter(written)
-    return [next(results) if first else False for first in firsts]
 
 
 def parse_bound(text: str, *, end_of_day: bool = False) -> str:

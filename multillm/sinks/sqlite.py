@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from multillm.schemas import LLMLogRecord
 from multillm.sinks._rows import Dialect, Kind, from_row, to_row
-from multillm.sinks.query import RecordFilter, first_of_each, spread
+from multillm.sinks.query import RecordFilter
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
@@ -77,19 +77,19 @@ class SqliteSink:
     def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         """Insert `records` in one transaction; per record, False if its `log_id` was already stored
         (or came earlier in the batch)."""
-        unique, firsts = first_of_each(records)
-        rows = [to_row(record) for record in unique]
+        rows = [to_row(record) for record in records]
         with self._lock:
             # IMMEDIATE takes the write lock up front: a deferred transaction that has to upgrade
             # later can fail with SQLITE_BUSY at once instead of waiting out the busy timeout.
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                # A later copy of an id in the batch conflicts with the first, so it reports False too.
                 written = [self._conn.execute(_INSERT, row).rowcount == 1 for row in rows]
             except BaseException:
                 self._conn.rollback()
                 raise
             self._conn.commit()
-        return spread(firsts, written)
+        return written
 
     def records(
         self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
