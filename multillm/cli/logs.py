@@ -84,7 +84,7 @@ def side_by_side_table(records: Sequence[LLMLogRecord]) -> Table:
     records = sorted(records, key=lambda r: r.model_index)
     head = records[0]
     table = Table(
-        title=Text(printable(f"request {head.request_id}  trace {head.trace_id}  mode {head.mode}")),
+        title=Text(printable(f"request {head.request_id}  trace {head.trace_id or '-'}  mode {head.mode}")),
         show_lines=True,
     )
     table.add_column("")
