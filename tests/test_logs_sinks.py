@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import msgspec
 import psycopg
@@ -58,10 +58,10 @@ def test_write_many_keeps_the_first_copy_of_an_id_named_twice_in_a_batch(sink: S
 
 @every_sink
 def test_write_many_against_records_stored_by_write_and_by_another_sink(
-    sink: Sink, sink_url: str, make_other: Callable[[], Sink]
+    sink: Sink, make_sink: Callable[[], Sink]
 ) -> None:
     assert sink.write(record("a")) is True
-    other = make_other()
+    other = make_sink()
     assert other.write_many([record("a"), record("b", index=1)]) == [False, True]
     assert sink.write_many([record("b", index=1), record("c", index=2)]) == [False, True]
     assert sink.write(record("c", index=2)) is False
@@ -72,19 +72,6 @@ def test_write_many_against_records_stored_by_write_and_by_another_sink(
 def test_write_many_of_nothing(sink: Sink) -> None:
     assert sink.write_many([]) == []
     assert sink.records() == []
-
-
-@pytest.fixture
-def make_other(sink_url: str) -> Iterator[Callable[[], Sink]]:
-    opened: list[Sink] = []
-
-    def make() -> Sink:
-        opened.append(open_sink(sink_url))
-        return opened[-1]
-
-    yield make
-    for s in opened:
-        s.close()
 
 
 # --- filters ---------------------------------------------------------------------------------

@@ -158,3 +158,23 @@ def from_row(row: Sequence[Any]) -> LLMLogRecord:
                 value = bool(value)
         values[col.name] = value
     return LLMLogRecord(**values)
+
+
+class SqlReader:
+    """`Sink.records` for the SQL sinks, which differ only in dialect and in how they reach their connection."""
+
+    _dialect: Dialect
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The rows of `sql`, run under the sink's lock."""
+        raise NotImplementedError
+
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all by default), by `created_at` then `model_index`.
+
+        `request_id` and `limit`, when given, override those of `where`.
+        """
+        sql, params = self._dialect.select_sql((where or RecordFilter()).narrowed(request_id, limit))
+        return [from_row(row) for row in self._fetch(sql, params)]

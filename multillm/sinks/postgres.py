@@ -16,8 +16,7 @@ import msgspec
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord, LogAttribute
-from multillm.sinks._rows import TABLE, Dialect, Kind, from_row, to_row
-from multillm.sinks.query import RecordFilter
+from multillm.sinks._rows import TABLE, Dialect, Kind, SqlReader, to_row
 
 if TYPE_CHECKING:
     import psycopg
@@ -55,12 +54,14 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class PostgresSink:
+class PostgresSink(SqlReader):
     """Records in PostgreSQL. Thread-safe: one autocommit connection, one statement at a time.
 
     A connection that broke (server restart, network) is replaced on the next call;
     the call that saw it break raises `psycopg.OperationalError`.
     """
+
+    _dialect = DIALECT
 
     def __init__(self, url: str) -> None:
         """Connect to `url` (a libpq URL) and create the table and indexes if missing.
@@ -119,17 +120,9 @@ class PostgresSink:
                     written.append(cursor.fetchone() is not None)
         return written
 
-    def records(
-        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
-    ) -> list[LLMLogRecord]:
-        """The records `where` selects (all by default), by `created_at` then `model_index`.
-
-        `request_id` and `limit`, when given, override those of `where`.
-        """
-        sql, params = DIALECT.select_sql((where or RecordFilter()).narrowed(request_id, limit))
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
         with self._lock:
-            rows = self._connection().execute(sql, params).fetchall()
-        return [from_row(row) for row in rows]
+            return self._connection().execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close the connection; the sink cannot be used afterwards."""

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import Dialect, Kind, from_row, to_row
-from multillm.sinks.query import RecordFilter
+from multillm.sinks._rows import Dialect, Kind, SqlReader, to_row
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
@@ -46,11 +45,13 @@ DIALECT: Final = Dialect(
 _INSERT: Final = DIALECT.insert_sql()
 
 
-class SqliteSink:
+class SqliteSink(SqlReader):
     """Records in an SQLite file (or `:memory:`). Thread-safe; safe across processes.
 
     Open one per process, after forking: an SQLite connection must not cross a fork.
     """
+
+    _dialect = DIALECT
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating file, parent folders and table as needed) the database at `path`."""
@@ -91,17 +92,9 @@ class SqliteSink:
             self._conn.commit()
         return written
 
-    def records(
-        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
-    ) -> list[LLMLogRecord]:
-        """The records `where` selects (all by default), by `created_at` then `model_index`.
-
-        `request_id` and `limit`, when given, override those of `where`.
-        """
-        sql, params = DIALECT.select_sql((where or RecordFilter()).narrowed(request_id, limit))
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
         with self._lock:
-            rows = self._conn.execute(sql, params).fetchall()
-        return [from_row(row) for row in rows]
+            return self._conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close the connection; the sink cannot be used afterwards."""
