@@ -98,6 +98,20 @@ def sink(sink_url: str) -> Iterator[Sink]:
 
 
 @pytest.fixture
+def make_sink(sink_url: str) -> Iterator[Callable[[], Sink]]:
+    """Opens sinks on `sink_url` and closes them at the end of the test."""
+    opened: list[Sink] = []
+
+    def make() -> Sink:
+        opened.append(open_sink(sink_url))
+        return opened[-1]
+
+    yield make
+    for sink in opened:
+        sink.close()
+
+
+@pytest.fixture
 def config_path(tmp_path: Path, mock_llm: MockLLM, broker_url: str, sink_url: str) -> Path:
     """The workers' multillm.toml: the mock as provider `mock`, a short retry budget."""
     path = tmp_path / "multillm.toml"

@@ -11,7 +11,7 @@ import sqlite3
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -48,20 +48,6 @@ FIELDS = msgspec.structs.fields(LLMLogRecord)
 def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty sink of each kind."""
     return empty_sink_url(request.param, tmp_path, request)
-
-
-@pytest.fixture
-def make_sink(sink_url: str) -> Iterator[Callable[[], Sink]]:
-    """Opens sinks on `sink_url` and closes them at the end of the test."""
-    opened: list[Sink] = []
-
-    def make() -> Sink:
-        opened.append(open_sink(sink_url))
-        return opened[-1]
-
-    yield make
-    for sink in opened:
-        sink.close()
 
 
 @pytest.fixture

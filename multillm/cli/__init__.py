@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from multillm.bench import SCENARIOS
 from multillm.cli import commands
 from multillm.config import DEFAULT_MOCK_PORT
 from multillm.errors import ConfigError
 from multillm.logging_setup import configure_logging
+from multillm.schemas import Mode
+from multillm.sinks.query import parse_bound
 
 __all__ = ["main"]
 
@@ -65,13 +68,58 @@ def _parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="read the log records in the sink")
     logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = logs_sub.add_parser("list", help="the latest requests, one line each")
-    listing.add_argument("--limit", type=_positive, default=20)
+    listing.add_argument("--limit", type=_positive, default=20, help="at most this many requests (default 20)")
     show = logs_sub.add_parser("show", help="one request's models side by side")
     show.add_argument("request_id")
-    logs_sub.add_parser("stats", help="per-model figures")
-    for p in logs_sub.choices.values():
+    stats = logs_sub.add_parser("stats", help="per-model count, error rate, latency percentiles, tokens")
+    report = logs_sub.add_parser("report", help="a self-contained HTML page comparing the models")
+    report.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
+    report.add_argument("--recent", type=_positive, default=20, help="side-by-side answers of this many requests")
+    for p in (listing, stats, report):
+        _add_filters(p)
+    for p in (listing, show, stats):
         p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    """The record filters of `logs list|stats|report`; they all must match."""
+    parser.add_argument("--mode", type=_mode, help="MODE_PROD, MODE_STAGING, MODE_TEST... (or prod, staging...)")
+    parser.add_argument("--model", help="provider/model")
+    parser.add_argument("--trace", help="trace id")
+    parser.add_argument("--session", help="session id")
+    parser.add_argument(
+        "--attr", action="append", type=_attribute, metavar="KEY=VALUE", help="a log attribute; repeat for more"
+    )
+    parser.add_argument("--since", type=_bound, metavar="WHEN", help="created at or after (ISO date or date-time, UTC)")
+    parser.add_argument(
+        "--until", type=_end_bound, metavar="WHEN", help="created before (a bare date includes that day)"
+    )
+
+
+def _mode(text: str) -> str:
+    mode = text.upper() if text.upper().startswith("MODE_") else "MODE_" + text.upper()
+    if mode not in get_args(Mode):
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}: one of {', '.join(get_args(Mode))}")
+    return mode
+
+
+def _attribute(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _bound(text: str, *, end_of_day: bool = False) -> str:
+    try:
+        return parse_bound(text, end_of_day=end_of_day)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _end_bound(text: str) -> str:
+    return _bound(text, end_of_day=True)
 
 
 def _positive(text: str) -> int:

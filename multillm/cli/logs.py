@@ -1,38 +1,47 @@
-"""`multillm logs list|show|stats`: reading the records back, for people and for scripts."""
+"""`multillm logs list|show|stats|report`: reading the records back, for people (rich tables) and scripts (`--json`)."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
-import statistics
-import textwrap
-from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from multillm.cli.commands import CommandError
+from multillm.cli.report import render_report
+from multillm.cli.summaries import (
+    STATS_COLUMNS,
+    ModelStats,
+    RequestSummary,
+    model_label,
+    model_stats,
+    printable,
+    side_by_side_rows,
+    stats_cells,
+    summarize,
+)
 from multillm.config import Settings
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import open_sink
+from multillm.sinks import RecordFilter, open_sink
 
 
-class RequestSummary(msgspec.Struct):
-    request_id: str
-    created_at: str
-    models: list[str]
-    statuses: list[str]
-    primary: str
-
-
-class ModelStats(msgspec.Struct):
-    model_name: str
-    records: int
-    errors: int
-    latency_ms_p50: float | None
-    latency_ms_p95: float | None
-    mean_total_tokens: float | None
-    mean_attempts: float
+def record_filter(args: argparse.Namespace) -> RecordFilter:
+    """The filter the command line's `--mode/--model/--trace/--session/--attr/--since/--until` ask for."""
+    return RecordFilter(
+        mode=args.mode,
+        model_name=args.model,
+        trace_id=args.trace,
+        session_id=args.session,
+        attributes=dict(args.attr or []),
+        since=args.since,
+        until=args.until,
+    )
 
 
 def run_logs(settings: Settings, args: argparse.Namespace) -> int:
@@ -42,15 +51,20 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
             records = sink.records(args.request_id)
             if not records:
                 raise CommandError(f"no records for request {args.request_id!r} in the sink")
-            print(_json(records) if args.json else side_by_side(records))
-        elif args.action == "list":
-            summaries = summarize(sink.records())[: args.limit]
-            print(_json(summaries) if args.json else _list_table(summaries))
-        else:
-            stats = model_stats(sink.records())
-            print(_json(stats) if args.json else _stats_table(stats))
+            _print(_json(records) if args.json else side_by_side_table(records))
+            return 0
+        records = sink.records(where=record_filter(args))
     finally:
         sink.close()
+    if args.action == "list":
+        summaries = summarize(records)[: args.limit]
+        _print(_json(summaries) if args.json else _list_table(summaries))
+    elif args.action == "stats":
+        stats = model_stats(records)
+        _print(_json(stats) if args.json else _stats_table(stats))
+    else:
+        Path(args.html).write_text(render_report(records, recent=args.recent), encoding="utf-8")
+        print(f"wrote {args.html}: {len(records)} records, {len(summarize(records))} requests")
     return 0
 
 
@@ -58,110 +72,61 @@ def _json(items: Sequence[msgspec.Struct]) -> str:
     return msgspec.json.format(msgspec.json.encode(items).decode(), indent=2)
 
 
-def summarize(records: Sequence[LLMLogRecord]) -> list[RequestSummary]:
-    """One line per request, newest first."""
-    by_request: dict[str, list[LLMLogRecord]] = defaultdict(list)
-    for record in records:
-        by_request[record.request_id].append(record)
-    summaries = []
-    for request_id, group in by_request.items():
-        group.sort(key=lambda r: r.model_index)
-        primary = next((r.model_name for r in group if r.is_primary), "")
-        summaries.append(
-            RequestSummary(
-                request_id=request_id,
-                created_at=min(r.created_at for r in group),
-                models=[r.model_name for r in group],
-                statuses=[r.status for r in group],
-                primary=primary,
-            )
-        )
-    summaries.sort(key=lambda s: s.created_at, reverse=True)
-    return summaries
+def _print(output: str | Table) -> None:
+    if isinstance(output, str):
+        print(output)  # JSON stays one plain document: no wrapping, no colour
+    else:
+        Console().print(output)
 
 
-def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
-    by_model: dict[str, list[LLMLogRecord]] = defaultdict(list)
-    for record in records:
-        by_model[record.model_name].append(record)
-    stats = []
-    for name, group in sorted(by_model.items()):
-        ok = [r for r in group if r.status == "ok"]
-        latencies = sorted(r.latency_ms for r in ok if r.latency_ms is not None)
-        tokens = [r.total_tokens for r in ok if r.total_tokens is not None]
-        stats.append(
-            ModelStats(
-                model_name=name,
-                records=len(group),
-                errors=len(group) - len(ok),
-                latency_ms_p50=_percentile(latencies, 0.50),
-                latency_ms_p95=_percentile(latencies, 0.95),
-                mean_total_tokens=round(statistics.fmean(tokens), 1) if tokens else None,
-                mean_attempts=round(statistics.fmean(r.attempts for r in group), 2),
-            )
-        )
-    return stats
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return round(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))], 1)
+def side_by_side_table(records: Sequence[LLMLogRecord]) -> Table:
+    """One column per model: what it answered, how fast, at what cost."""
+    records = sorted(records, key=lambda r: r.model_index)
+    head = records[0]
+    table = Table(
+        title=Text(printable(f"request {head.request_id}  trace {head.trace_id or '-'}  mode {head.mode}")),
+        show_lines=True,
+    )
+    table.add_column("")
+    for r in records:
+        table.add_column(Text(printable(model_label(r))), overflow="fold")
+    for label, cells in side_by_side_rows(records):
+        # Text, not str: a str cell is read as rich markup, and model output is untrusted.
+        table.add_row(label, *(Text(printable(cell)) for cell in cells))
+    return table
 
 
 def side_by_side(records: Sequence[LLMLogRecord]) -> str:
-    """One column per model: what each was asked, what it answered, and what it cost."""
-    records = sorted(records, key=lambda r: r.model_index)
-    width = max(24, (shutil.get_terminal_size((120, 40)).columns - 14) // max(1, len(records)) - 3)
-    rows: list[tuple[str, list[str]]] = [
-        ("model", [r.model_name + (" (primary)" if r.is_primary else "") for r in records]),
-        ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
-        ("external id", [r.external_id or "-" for r in records]),
-        ("latency", [f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-" for r in records]),
-        ("attempts", [str(r.attempts) for r in records]),
-        ("tokens", [f"{r.prompt_tokens}+{r.completion_tokens}" if r.total_tokens else "-" for r in records]),
-        ("output", [_output_text(r) for r in records]),
-    ]
-    head = records[0]
-    lines = [f"request {head.request_id}  trace {head.trace_id}  mode {head.mode}"]
-    for label, cells in rows:
-        wrapped = [textwrap.wrap(cell, width, break_on_hyphens=False) or [""] for cell in cells]
-        for i in range(max(len(w) for w in wrapped)):
-            parts = [(w[i] if i < len(w) else "").ljust(width) for w in wrapped]
-            lines.append(f"  {label if i == 0 else '':<12}" + " | ".join(parts).rstrip())
-    return "\n".join(lines)
+    """`side_by_side_table` rendered as plain text the width of the terminal."""
+    buffer = io.StringIO()
+    width = shutil.get_terminal_size((120, 40)).columns
+    Console(file=buffer, width=width, color_system=None).print(side_by_side_table(records))
+    return buffer.getvalue().rstrip("\n")
 
 
-def _output_text(record: LLMLogRecord) -> str:
-    if record.status != "ok":
-        return record.error_message or ""
-    return " ".join(choice.message.content or "" for choice in record.output or [])
-
-
-def _list_table(summaries: Sequence[RequestSummary]) -> str:
+def _list_table(summaries: Sequence[RequestSummary]) -> Table | str:
     if not summaries:
-        return "no records yet"
-    lines = [f"{'request id':<38}{'created at':<26}models"]
+        return "no records match"
+    table = Table(caption="* = primary")
+    for name in ("request id", "created at", "mode", "models"):
+        table.add_column(name, overflow="fold")
     for s in summaries:
         models = ", ".join(
             f"{m}{'*' if m == s.primary else ''}{'' if st == 'ok' else ' (error)'}"
             for m, st in zip(s.models, s.statuses, strict=True)
         )
-        lines.append(f"{s.request_id:<38}{s.created_at:<26}{models}")
-    return "\n".join(lines) + "\n(* = primary)"
+        table.add_row(*(Text(printable(cell)) for cell in (s.request_id, s.created_at, s.mode, models)))
+    return table
 
 
-def _stats_table(stats: Sequence[ModelStats]) -> str:
+def _stats_table(stats: Sequence[ModelStats]) -> Table | str:
     if not stats:
-        return "no records yet"
-    lines = [f"{'model':<32}{'records':>8}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'tokens':>8}{'tries':>7}"]
+        return "no records match"
+    table = Table(caption="latencies over successful calls; tokens are totals")
+    table.add_column(STATS_COLUMNS[0], overflow="fold")
+    for name in STATS_COLUMNS[1:]:
+        table.add_column(name, justify="right")
     for s in stats:
-        lines.append(
-            f"{s.model_name:<32}{s.records:>8}{s.errors:>8}{_num(s.latency_ms_p50):>9}"
-            f"{_num(s.latency_ms_p95):>9}{_num(s.mean_total_tokens):>8}{s.mean_attempts:>7}"
-        )
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+        cells = stats_cells(s)
+        table.add_row(Text(printable(cells[0])), *cells[1:])
+    return table

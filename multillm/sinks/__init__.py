@@ -6,6 +6,7 @@ second record, and is safe to share between threads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from multillm.errors import ConfigError
@@ -13,10 +14,20 @@ from multillm.schemas import LLMLogRecord
 from multillm.sinks._url import file_path, postgres_url, split_scheme
 from multillm.sinks.jsonl import JsonlSink
 from multillm.sinks.postgres import PostgresSink
+from multillm.sinks.query import RecordFilter, parse_bound
 from multillm.sinks.sqlite import SqliteSink
 from multillm.urls import mask_url
 
-__all__ = ["JsonlSink", "PostgresSink", "Sink", "SqliteSink", "mask_url", "open_sink"]
+__all__ = [
+    "JsonlSink",
+    "PostgresSink",
+    "RecordFilter",
+    "Sink",
+    "SqliteSink",
+    "mask_url",
+    "open_sink",
+    "parse_bound",
+]
 
 _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+psycopg"})
 
@@ -29,12 +40,24 @@ class Sink(Protocol):
         """Store `record`. True if written, False if a record with its `log_id` already existed."""
         ...
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, ordered by `created_at` then `model_index`.
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Store `records` in one transaction (one commit, one append). Per record, in order: True if
+        written, False if its `log_id` already existed or came earlier in the batch (the first copy wins).
+
+        On an exception none of the batch is stored (the JSON Lines sink: none is counted as
+        stored; a failed append may leave a torn line, which readers skip).
+        """
+        ...
+
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all if None), ordered by `created_at`, `model_index`, `log_id`.
 
         Args:
-            request_id: only the records of this request.
-            limit: at most this many records (the first in that order).
+            request_id: only the records of this request (overrides `where.request_id`).
+            limit: at most this many records, the first in that order (overrides `where.limit`).
+            where: the filter; see `RecordFilter` for what each field means.
         """
         ...
 

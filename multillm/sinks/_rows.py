@@ -8,7 +8,7 @@ Each SQL sink only says how its dialect spells types and parameters.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,10 +17,14 @@ import msgspec.inspect as mi
 
 from multillm import contract
 from multillm.schemas import LLMLogRecord
+from multillm.sinks.query import Condition, Op, RecordFilter
 
 TABLE: Final = contract.LOG_TABLE
-# Columns that get an index: the records of one request, and the siblings of one trace.
-INDEXED: Final = ("request_id", "trace_id")
+# Columns that get an index: the records of one request, the siblings of one trace, and what
+# `multillm logs` filters on most (one model, a time window).
+INDEXED: Final = ("request_id", "trace_id", "model_name", "created_at")
+# Text columns compared and sorted as timestamps: their order must be the byte order of the text.
+ORDERED_TEXT: Final = frozenset({"created_at"})
 # Timestamps are ISO-8601 text; ties on them are broken by model order, then id, for a stable order.
 ORDER_BY: Final = ("created_at", "model_index", "log_id")
 
@@ -52,6 +56,13 @@ class Dialect:
     param: str
     json_param: str
     json_select: str
+    # Appended to an ORDERED_TEXT column: PostgreSQL's default collation may not be byte order.
+    byte_order: str
+    # The condition and parameters of "attribute `key` has `value`".
+    has_attribute: Callable[[str, str], tuple[str, list[Any]]]
+
+    def _ordered(self, column: str) -> str:
+        return column + self.byte_order if column in ORDERED_TEXT else column
 
     def create_statements(self) -> list[str]:
         """`CREATE TABLE` and `CREATE INDEX` statements, all `IF NOT EXISTS`."""
@@ -60,25 +71,40 @@ class Dialect:
             constraint = " PRIMARY KEY" if col.name == "log_id" else ("" if col.nullable else " NOT NULL")
             defs.append(f"{col.name} {self.types[col.kind]}{constraint}")
         statements = [f"CREATE TABLE IF NOT EXISTS {TABLE} ({', '.join(defs)})"]
-        statements += [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({c})" for c in INDEXED]
+        statements += [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({self._ordered(c)})" for c in INDEXED]
         return statements
 
-    def insert_sql(self) -> str:
-        """Insert one row, doing nothing when its `log_id` is already there."""
+    def insert_sql(self, *, returning: bool = False) -> str:
+        """Insert one row, doing nothing when its `log_id` is already there; optionally return the id if taken."""
         params = ", ".join(self.json_param if c.kind is Kind.JSON else self.param for c in COLUMNS)
         names = ", ".join(c.name for c in COLUMNS)
-        return f"INSERT INTO {TABLE} ({names}) VALUES ({params}) ON CONFLICT (log_id) DO NOTHING"
+        sql = f"INSERT INTO {TABLE} ({names}) VALUES ({params}) ON CONFLICT (log_id) DO NOTHING"
+        return sql + " RETURNING log_id" if returning else sql
 
-    def select_sql(self, *, by_request: bool, limited: bool) -> str:
-        """Select rows in `ORDER_BY` order, optionally of one request and capped."""
+    def select_sql(self, query: RecordFilter) -> tuple[str, list[Any]]:
+        """The rows `query` selects, in `ORDER_BY` order, and the statement's parameters."""
         names = ", ".join(self.json_select.format(c.name) if c.kind is Kind.JSON else c.name for c in COLUMNS)
         sql = f"SELECT {names} FROM {TABLE}"
-        if by_request:
-            sql += f" WHERE request_id = {self.param}"
-        sql += f" ORDER BY {', '.join(ORDER_BY)}"
-        if limited:
+        clauses, params = [], []
+        for condition in query.conditions():
+            clause, values = self._where(condition)
+            clauses.append(clause)
+            params += values
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += f" ORDER BY {', '.join(self._ordered(c) for c in ORDER_BY)}"
+        if query.limit is not None:
             sql += f" LIMIT {self.param}"
-        return sql
+            params.append(query.limit)
+        return sql, params
+
+    def _where(self, condition: Condition) -> tuple[str, list[Any]]:
+        # The SQL spelling of `Condition.holds`; test_logs_filters checks the two agree on every sink.
+        if condition.op is Op.HAS_ATTRIBUTE:
+            return self.has_attribute(condition.field, condition.value)
+        column = self._ordered(condition.field)
+        operator = {Op.EQUAL: "=", Op.AT_LEAST: ">=", Op.BEFORE: "<"}[condition.op]
+        return f"{column} {operator} {self.param}", [condition.value]
 
 
 def _column(name: str, annotation: Any) -> Column:
@@ -132,3 +158,23 @@ def from_row(row: Sequence[Any]) -> LLMLogRecord:
                 value = bool(value)
         values[col.name] = value
     return LLMLogRecord(**values)
+
+
+class SqlReader:
+    """`Sink.records` for the SQL sinks, which differ only in dialect and in how they reach their connection."""
+
+    _dialect: Dialect
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The rows of `sql`, run under the sink's lock."""
+        raise NotImplementedError
+
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all by default), by `created_at` then `model_index`.
+
+        `request_id` and `limit`, when given, override those of `where`.
+        """
+        sql, params = self._dialect.select_sql((where or RecordFilter()).narrowed(request_id, limit))
+        return [from_row(row) for row in self._fetch(sql, params)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Final
@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from multillm.schemas import LLMLogRecord, decode_record, encode
+from multillm.sinks.query import RecordFilter
 
 _CHUNK: Final = 1 << 20
 _log = structlog.get_logger(__name__)
@@ -91,21 +92,42 @@ class JsonlSink:
 
     def write(self, record: LLMLogRecord) -> bool:
         """Append `record`; False if a record with its `log_id` is already in the file."""
-        line = encode(record) + b"\n"
+        return self.write_many([record])[0]
+
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Append the records whose `log_id` is new (to the file and earlier in the batch) with one write.
+
+        Per record, True if it was appended.
+        """
         with self._locked(fcntl.LOCK_EX) as fd:
             torn = self._catch_up(fd)
-            if record.log_id in self._seen:
-                return False
-            if torn:
-                # A writer died mid-line; end its line so ours stays whole and parseable.
-                line = b"\n" + line
-            _write_all(fd, line)
-            self._seen.add(record.log_id)
-            self._offset = os.fstat(fd).st_size
-        return True
+            lines, written = [], []
+            for record in records:
+                new = record.log_id not in self._seen
+                if new:
+                    lines.append(encode(record) + b"\n")
+                    self._seen.add(record.log_id)
+                written.append(new)
+            if lines:
+                # A writer died mid-line; end its line so ours stay whole and parseable.
+                data = (b"\n" if torn else b"") + b"".join(lines)
+                try:
+                    _write_all(fd, data)
+                except BaseException:
+                    # None of the batch may count as stored; the next catch-up re-reads whatever did land.
+                    self._seen.difference_update(r.log_id for r, new in zip(records, written, strict=True) if new)
+                    raise
+                self._offset = os.fstat(fd).st_size
+        return written
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
+    def records(
+        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
+    ) -> list[LLMLogRecord]:
+        """The records `where` selects (all by default), by `created_at` then `model_index`.
+
+        `request_id` and `limit`, when given, override those of `where`.
+        """
+        query = (where or RecordFilter()).narrowed(request_id, limit)
         with self._locked(fcntl.LOCK_SH) as fd:
             data = os.pread(fd, os.fstat(fd).st_size, 0)
         found: dict[str, LLMLogRecord] = {}
@@ -119,10 +141,12 @@ class JsonlSink:
                 continue
             # The first copy wins, as it would have in a database; a duplicate can
             # only come from a writer that did not take the lock.
-            if request_id is None or record.request_id == request_id:
-                found.setdefault(record.log_id, record)
-        ordered = sorted(found.values(), key=lambda r: (r.created_at, r.model_index, r.log_id))
-        return ordered if limit is None else ordered[:limit]
+            # The first copy wins, as it would have in a database; a duplicate can
+            # only come from a writer that did not take the lock.
+            found.setdefault(record.log_id, record)
+        selected = [record for record in found.values() if query.matches(record)]
+        selected.sort(key=lambda r: (r.created_at, r.model_index, r.log_id))
+        return selected if query.limit is None else selected[: query.limit]
 
     def close(self) -> None:
         """Close the file; the sink cannot be used afterwards."""

@@ -9,14 +9,24 @@ text and decoded by msgspec into the record's types.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from multillm.errors import ConfigError
-from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import TABLE, Dialect, Kind, from_row, to_row
+from multillm.schemas import LLMLogRecord, LogAttribute
+from multillm.sinks._rows import TABLE, Dialect, Kind, SqlReader, to_row
 
 if TYPE_CHECKING:
     import psycopg
+
+
+def _has_attribute(key: str, value: str) -> tuple[str, list[Any]]:
+    # Containment can use a GIN index on log_attributes, should a deployment add one.
+    pair = msgspec.json.encode([LogAttribute(key=key, value=value)]).decode()
+    return "log_attributes @> %s::jsonb", [pair]
+
 
 DIALECT: Final = Dialect(
     types={
@@ -29,8 +39,10 @@ DIALECT: Final = Dialect(
     param="%s",
     json_param="%s::jsonb",
     json_select="{}::text",
+    byte_order=' COLLATE "C"',
+    has_attribute=_has_attribute,
 )
-_INSERT: Final = DIALECT.insert_sql()
+_INSERT: Final = DIALECT.insert_sql(returning=True)
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
 
@@ -42,12 +54,14 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class PostgresSink:
+class PostgresSink(SqlReader):
     """Records in PostgreSQL. Thread-safe: one autocommit connection, one statement at a time.
 
     A connection that broke (server restart, network) is replaced on the next call;
     the call that saw it break raises `psycopg.OperationalError`.
     """
+
+    _dialect = DIALECT
 
     def __init__(self, url: str) -> None:
         """Connect to `url` (a libpq URL) and create the table and indexes if missing.
@@ -81,18 +95,34 @@ class PostgresSink:
 
     def write(self, record: LLMLogRecord) -> bool:
         """Insert `record`; False if a record with its `log_id` is already stored."""
-        row = to_row(record)
-        with self._lock:
-            cursor = self._connection().execute(_INSERT, row)
-        return cursor.rowcount == 1
+        return self.write_many([record])[0]
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
-        sql = DIALECT.select_sql(by_request=request_id is not None, limited=limit is not None)
-        params = [p for p in (request_id, limit) if p is not None]
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Insert `records` in one transaction; per record, False if its `log_id` was already stored
+        (or came earlier in the batch).
+
+        `executemany` runs in pipeline mode: one prepared insert per record, sent without
+        waiting for each answer, so a batch costs about one round trip. `RETURNING` tells
+        per record whether it was taken (a skipped one returns no row).
+        """
+        if not records:
+            return []
+        rows = [to_row(record) for record in records]
         with self._lock:
-            rows = self._connection().execute(sql, params).fetchall()
-        return [from_row(row) for row in rows]
+            conn = self._connection()
+            if len(rows) == 1:
+                # One autocommitted statement is atomic already; a transaction would add two round trips.
+                return [conn.execute(_INSERT, rows[0]).fetchone() is not None]
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.executemany(_INSERT, rows, returning=True)
+                written = [cursor.fetchone() is not None]
+                while cursor.nextset():
+                    written.append(cursor.fetchone() is not None)
+        return written
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close the connection; the sink cannot be used afterwards."""

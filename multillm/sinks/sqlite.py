@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import Dialect, Kind, from_row, to_row
+from multillm.sinks._rows import Dialect, Kind, SqlReader, to_row
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
+
+
+def _has_attribute(key: str, value: str) -> tuple[str, list[Any]]:
+    return (
+        "EXISTS (SELECT 1 FROM json_each(log_attributes) AS a"
+        " WHERE json_extract(a.value, '$.key') = ? AND json_extract(a.value, '$.value') = ?)",
+        [key, value],
+    )
+
 
 DIALECT: Final = Dialect(
     types={
@@ -29,15 +39,19 @@ DIALECT: Final = Dialect(
     param="?",
     json_param="?",
     json_select="{}",
+    byte_order="",  # SQLite's default collation, BINARY, is byte order
+    has_attribute=_has_attribute,
 )
 _INSERT: Final = DIALECT.insert_sql()
 
 
-class SqliteSink:
+class SqliteSink(SqlReader):
     """Records in an SQLite file (or `:memory:`). Thread-safe; safe across processes.
 
     Open one per process, after forking: an SQLite connection must not cross a fork.
     """
+
+    _dialect = DIALECT
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating file, parent folders and table as needed) the database at `path`."""
@@ -59,18 +73,28 @@ class SqliteSink:
 
     def write(self, record: LLMLogRecord) -> bool:
         """Insert `record`; False if a record with its `log_id` is already stored."""
-        row = to_row(record)
-        with self._lock:
-            cursor = self._conn.execute(_INSERT, row)
-        return cursor.rowcount == 1
+        return self.write_many([record])[0]
 
-    def records(self, request_id: str | None = None, limit: int | None = None) -> list[LLMLogRecord]:
-        """All records, or those of one request, by `created_at` then `model_index`, at most `limit`."""
-        sql = DIALECT.select_sql(by_request=request_id is not None, limited=limit is not None)
-        params = [p for p in (request_id, limit) if p is not None]
+    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+        """Insert `records` in one transaction; per record, False if its `log_id` was already stored
+        (or came earlier in the batch)."""
+        rows = [to_row(record) for record in records]
         with self._lock:
-            rows = self._conn.execute(sql, params).fetchall()
-        return [from_row(row) for row in rows]
+            # IMMEDIATE takes the write lock up front: a deferred transaction that has to upgrade
+            # later can fail with SQLITE_BUSY at once instead of waiting out the busy timeout.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                # A later copy of an id in the batch conflicts with the first, so it reports False too.
+                written = [self._conn.execute(_INSERT, row).rowcount == 1 for row in rows]
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+        return written
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close the connection; the sink cannot be used afterwards."""

@@ -1,0 +1,145 @@
+"""`multillm logs report --html FILE`: one self-contained HTML page comparing the models.
+
+No scripts, stylesheets, fonts or images from anywhere: the page is opened from a
+file, maybe offline, maybe mailed around. The charts are inline SVG drawn here (HTML5 needs no
+xmlns on inline SVG, so the page holds no URL at all).
+Every string taken from a record goes through `html.escape`: model output is untrusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from html import escape
+from typing import Final
+
+from multillm.cli.summaries import (
+    STATS_COLUMNS,
+    by_model,
+    by_request,
+    model_label,
+    model_stats,
+    ok_latencies,
+    percentile,
+    side_by_side_rows,
+    stats_cells,
+)
+from multillm.schemas import LLMLogRecord
+
+BINS: Final = 24
+WIDTH, HEIGHT, MARGIN = 480, 140, 28
+
+_STYLE: Final = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.answers td { white-space: pre-wrap; max-width: 40em; }
+.error { color: #b00; }
+.charts { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; } figcaption { font-weight: 600; }
+svg text { font: 10px sans-serif; fill: #444; }
+"""
+
+
+def render_report(records: Sequence[LLMLogRecord], *, recent: int = 20) -> str:
+    """The whole page: per-model figures, a latency histogram per model, the latest `recent` requests."""
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>multillm report</title>',
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>multillm: models compared</h1>",
+        f"<p>{len(records)} records, generated {escape(generated)}</p>",
+        "<h2>Per model</h2>",
+        _stats_table(records),
+        "<h2>Latency of successful calls</h2>",
+        _charts(records),
+        f"<h2>Latest {recent} requests</h2>",
+        *(_answers(group) for group in by_request(records)[:recent]),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _stats_table(records: Sequence[LLMLogRecord]) -> str:
+    head = "".join(f"<th>{escape(name)}</th>" for name in STATS_COLUMNS)
+    rows = []
+    for stats in model_stats(records):
+        name, *figures = stats_cells(stats)
+        cells = f"<td>{escape(name)}</td>" + "".join(f'<td class="n">{escape(v)}</td>' for v in figures)
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _charts(records: Sequence[LLMLogRecord]) -> str:
+    groups = {name: ok_latencies(group) for name, group in by_model(records).items()}
+    everything = [v for values in groups.values() for v in values]
+    if not everything:
+        return "<p>no successful calls</p>"
+    # One x scale for every model, so their charts compare at a glance.
+    top = max(everything) or 1.0
+    figures = [
+        f"<figure><figcaption>{escape(name)}</figcaption>{histogram(values, top)}</figure>"
+        for name, values in groups.items()
+    ]
+    return f'<div class="charts">{"".join(figures)}</div>'
+
+
+def histogram(latencies: Sequence[float], top: float) -> str:
+    """An SVG histogram of `latencies` (sorted) over 0..`top` ms, with p50/p95/p99 marked."""
+    plot_w, plot_h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
+    counts = [0] * BINS
+    for value in latencies:
+        counts[min(BINS - 1, int(value / top * BINS))] += 1
+    tallest = max(counts) or 1
+    bar_w = plot_w / BINS
+    shapes = []
+    for i, count in enumerate(counts):
+        h = count / tallest * plot_h
+        x, y = MARGIN + i * bar_w, MARGIN + plot_h - h
+        shapes.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4a7fb5">'
+            f"<title>{count} calls</title></rect>"
+        )
+    for line, (q, colour) in enumerate(((0.50, "#2a2"), (0.95, "#d80"), (0.99, "#c22"))):
+        mark = percentile(latencies, q)
+        if mark is None:
+            continue
+        x = MARGIN + min(mark, top) / top * plot_w
+        shapes.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MARGIN - 6}" y2="{MARGIN + plot_h}" stroke="{colour}"/>'
+            f'<text x="{x + 2:.1f}" y="{MARGIN - 8 + 8 * line}">p{round(q * 100)} {mark:g}</text>'
+        )
+    axis = (
+        f'<line x1="{MARGIN}" x2="{MARGIN + plot_w}" y1="{MARGIN + plot_h}" y2="{MARGIN + plot_h}" stroke="#888"/>'
+        f'<text x="{MARGIN}" y="{HEIGHT - 8}">0 ms</text>'
+        f'<text x="{MARGIN + plot_w}" y="{HEIGHT - 8}" text-anchor="end">{top:g} ms</text>'
+        f'<text x="{MARGIN}" y="12">{len(latencies)} calls, tallest bar {tallest}</text>'
+    )
+    return (
+        f'<svg width="{WIDTH}" height="{HEIGHT}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img">{axis}{"".join(shapes)}</svg>'
+    )
+
+
+def _answers(group: Sequence[LLMLogRecord]) -> str:
+    """One request: its prompt, then one column per model."""
+    head = group[0]
+    prompt = next((m.content for m in reversed(head.messages) if m.role == "user"), None)
+    prompt_text = prompt if isinstance(prompt, str) else "(structured content)"
+    header = "".join(f"<th>{escape(model_label(r))}</th>" for r in group)
+    body = "".join(
+        f"<tr><th>{label}</th>"
+        + "".join(
+            f"<td{' class=error' if r.status != 'ok' else ''}>{escape(cell)}</td>"
+            for r, cell in zip(group, cells, strict=True)
+        )
+        + "</tr>"
+        for label, cells in side_by_side_rows(group)
+    )
+    return (
+        f"<h3>{escape(head.request_id)} <small>{escape(head.created_at)} {escape(head.mode)}</small></h3>"
+        f"<p><b>prompt:</b> {escape(prompt_text)}</p>"
+        f'<table class="answers"><tr><th></th>{header}</tr>{body}</table>'
+    )

@@ -1,0 +1,177 @@
+"""What `multillm logs` computes from records: per-request summaries and per-model figures.
+
+Pure functions over `LLMLogRecord`s, shared by the terminal tables, `--json` and the HTML report.
+The Structs here are the `--json` output: their field names are part of the command's interface.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+
+from multillm.schemas import LLMLogRecord, Mode
+
+# C0/C1 controls other than newline and tab: model output could otherwise drive the terminal (ESC sequences).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+# The columns of the per-model table, in the terminal and in the HTML report.
+STATS_COLUMNS = (
+    "model",
+    "records",
+    "errors",
+    "error %",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "tokens in",
+    "tokens out",
+    "tries",
+)
+
+
+class RequestSummary(msgspec.Struct):
+    """One request in `logs list --json`: its records' models and statuses in model order."""
+
+    request_id: str
+    created_at: str
+    mode: Mode
+    models: list[str]
+    statuses: list[str]
+    primary: str
+
+
+class ModelStats(msgspec.Struct):
+    """One model in `logs stats --json`. Latencies are over `ok` records; token counts are totals."""
+
+    model_name: str
+    records: int
+    errors: int
+    error_rate: float
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_p99: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    mean_total_tokens: float | None
+    mean_attempts: float
+
+
+def by_request(records: Sequence[LLMLogRecord]) -> list[list[LLMLogRecord]]:
+    """The records grouped by request, newest request first, each group in model order."""
+    groups: dict[str, list[LLMLogRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.request_id].append(record)
+    for group in groups.values():
+        group.sort(key=lambda r: r.model_index)
+    return sorted(groups.values(), key=lambda g: min(r.created_at for r in g), reverse=True)
+
+
+def summarize(records: Sequence[LLMLogRecord]) -> list[RequestSummary]:
+    """One summary per request, newest first."""
+    return [
+        RequestSummary(
+            request_id=group[0].request_id,
+            created_at=min(r.created_at for r in group),
+            mode=group[0].mode,
+            models=[r.model_name for r in group],
+            statuses=[r.status for r in group],
+            primary=next((r.model_name for r in group if r.is_primary), ""),
+        )
+        for group in by_request(records)
+    ]
+
+
+def ok_latencies(records: Sequence[LLMLogRecord]) -> list[float]:
+    """Sorted latencies of the successful calls: an error's latency is mostly retry backoff."""
+    return sorted(r.latency_ms for r in records if r.status == "ok" and r.latency_ms is not None)
+
+
+def by_model(records: Sequence[LLMLogRecord]) -> dict[str, list[LLMLogRecord]]:
+    """The records grouped by model, models in name order."""
+    groups: dict[str, list[LLMLogRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.model_name].append(record)
+    return dict(sorted(groups.items()))
+
+
+def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
+    """Per-model figures, models in name order."""
+    stats = []
+    for name, group in by_model(records).items():
+        errors = sum(1 for r in group if r.status != "ok")
+        latencies = ok_latencies(group)
+        totals = [r.total_tokens for r in group if r.total_tokens is not None]
+        stats.append(
+            ModelStats(
+                model_name=name,
+                records=len(group),
+                errors=errors,
+                error_rate=round(errors / len(group), 4),
+                latency_ms_p50=percentile(latencies, 0.50),
+                latency_ms_p95=percentile(latencies, 0.95),
+                latency_ms_p99=percentile(latencies, 0.99),
+                prompt_tokens=sum(r.prompt_tokens or 0 for r in group),
+                completion_tokens=sum(r.completion_tokens or 0 for r in group),
+                mean_total_tokens=round(statistics.fmean(totals), 1) if totals else None,
+                mean_attempts=round(statistics.fmean(r.attempts for r in group), 2),
+            )
+        )
+    return stats
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank percentile: a latency that was actually observed, never an interpolation."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return round(sorted_values[rank - 1], 1)
+
+
+def output_text(record: LLMLogRecord) -> str:
+    """What the model answered (its choices' text), or why it failed."""
+    if record.status != "ok":
+        return f"error {record.error_code}: {record.error_message or ''}"
+    return "\n".join(choice.message.content or "" for choice in record.output or [])
+
+
+def side_by_side_rows(records: Sequence[LLMLogRecord]) -> list[tuple[str, list[str]]]:
+    """(label, one cell per record) rows comparing the models of one request, the answer last."""
+    return [
+        ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
+        ("latency", [f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-" for r in records]),
+        ("tokens in/out", [f"{r.prompt_tokens} / {r.completion_tokens}" if r.total_tokens else "-" for r in records]),
+        ("attempts", [str(r.attempts) for r in records]),
+        ("external id", [r.external_id or "-" for r in records]),
+        ("answer", [output_text(r) for r in records]),
+    ]
+
+
+def model_label(record: LLMLogRecord) -> str:
+    return record.model_name + (" (primary)" if record.is_primary else "")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as `\\xNN` instead of sent to the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def stats_cells(s: ModelStats) -> list[str]:
+    """One model's figures as the cells of a `STATS_COLUMNS` row."""
+    latencies = (s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99)
+    return [
+        s.model_name,
+        str(s.records),
+        str(s.errors),
+        f"{s.error_rate * 100:.1f}",
+        *("-" if v is None else f"{v:g}" for v in latencies),
+        str(s.prompt_tokens),
+        str(s.completion_tokens),
+        f"{s.mean_attempts:g}",
+    ]

@@ -1,0 +1,182 @@
+"""`multillm logs list|show|stats|report` on real sinks filled with records."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multillm.cli import main
+from multillm.config import ENV_SINK_URL
+from multillm.schemas import ChatMessage, LLMLogRecord, LogAttribute, V1ChatCompletionMessage, V1Choice
+from multillm.sinks import open_sink
+
+HOSTILE = '<script src="https://evil.example/x.js"></script>[bold]&amp;'
+
+
+def answer(
+    request: int, index: int, model: str, content: str, *, latency: float, status: str = "ok", **fields: object
+) -> LLMLogRecord:
+    ok = status == "ok"
+    return LLMLogRecord(
+        log_id=f"log-{request}-{index}",
+        request_id=f"req-{request}",
+        model_name=model,
+        model_index=index,
+        is_primary=index == 0,
+        status=status,  # type: ignore[arg-type]
+        error_code=None if ok else 14,
+        error_message=None if ok else "upstream unavailable",
+        messages=[ChatMessage(role="user", content=f"question {request}")],
+        output=[V1Choice(index=0, message=V1ChatCompletionMessage(content=content))] if ok else None,
+        prompt_tokens=10 if ok else None,
+        completion_tokens=request + index if ok else None,
+        total_tokens=10 + request + index if ok else None,
+        latency_ms=latency,
+        attempts=1 if ok else 4,
+        created_at=f"2026-11-{20 + request:02d}T10:00:00.000Z",
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+RECORDS = [
+    answer(1, 0, "mock/alpha", "alpha one", latency=100, mode="MODE_PROD"),
+    answer(1, 1, "mock/beta", HOSTILE, latency=300, mode="MODE_PROD"),
+    answer(2, 0, "mock/alpha", "alpha two", latency=120, mode="MODE_TEST", trace_id="trace-2"),
+    answer(2, 1, "mock/beta", "", latency=900, status="error", mode="MODE_TEST", trace_id="trace-2"),
+    answer(
+        3, 0, "mock/alpha", "alpha three", latency=140, session_id="sess-3", log_attributes=[LogAttribute("exp", "b")]
+    ),
+]
+
+
+@pytest.fixture(params=["jsonl", "sqlite", "postgres"])
+def sink_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    from tests.conftest import empty_sink_url
+
+    return empty_sink_url(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def filled(sink_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    sink = open_sink(sink_url)
+    try:
+        assert all(sink.write_many(RECORDS))
+    finally:
+        sink.close()
+    monkeypatch.setenv(ENV_SINK_URL, sink_url)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)  # no multillm.toml of the developer's
+    return sink_url
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["logs", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_list_json_filters(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = json.loads(run(capsys, "list", "--json"))
+    assert [s["request_id"] for s in listed] == ["req-3", "req-2", "req-1"]
+    assert listed[1] == {
+        "request_id": "req-2",
+        "created_at": "2026-11-22T10:00:00.000Z",
+        "mode": "MODE_TEST",
+        "models": ["mock/alpha", "mock/beta"],
+        "statuses": ["ok", "error"],
+        "primary": "mock/alpha",
+    }
+    cases = {
+        ("--mode", "test"): ["req-2"],
+        ("--model", "mock/beta"): ["req-2", "req-1"],
+        ("--trace", "trace-2"): ["req-2"],
+        ("--session", "sess-3"): ["req-3"],
+        ("--attr", "exp=b"): ["req-3"],
+        ("--since", "2026-11-22"): ["req-3", "req-2"],
+        ("--until", "2026-11-22"): ["req-2", "req-1"],
+        ("--until", "2026-11-22T00:00"): ["req-1"],
+        ("--limit", "1"): ["req-3"],
+    }
+    for flags, expected in cases.items():
+        assert [s["request_id"] for s in json.loads(run(capsys, "list", "--json", *flags))] == expected, flags
+
+
+def test_list_table(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "list", "--model", "mock/beta")
+    assert "req-1" in out and "req-2" in out and "req-3" not in out
+    assert "mock/beta (error)" in out
+
+
+def test_show_puts_every_model_side_by_side(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "show", "req-1")
+    assert "mock/alpha (primary)" in out and "mock/beta" in out
+    assert "alpha one" in out and "100 ms" in out and "300 ms" in out and "10 / 2" in out
+    assert "[bold]" in out  # model output is shown as it is, not read as rich markup
+    shown = json.loads(run(capsys, "show", "req-2", "--json"))
+    assert [(r["model_name"], r["status"]) for r in shown] == [("mock/alpha", "ok"), ("mock/beta", "error")]
+
+
+def test_stats(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
+    stats = {s["model_name"]: s for s in json.loads(run(capsys, "stats", "--json"))}
+    assert stats["mock/alpha"] == {
+        "model_name": "mock/alpha",
+        "records": 3,
+        "errors": 0,
+        "error_rate": 0.0,
+        "latency_ms_p50": 120.0,
+        "latency_ms_p95": 140.0,
+        "latency_ms_p99": 140.0,
+        "prompt_tokens": 30,
+        "completion_tokens": 6,
+        "mean_total_tokens": 12.0,
+        "mean_attempts": 1.0,
+    }
+    beta = stats["mock/beta"]
+    assert (beta["records"], beta["errors"], beta["error_rate"]) == (2, 1, 0.5)
+    assert beta["latency_ms_p99"] == 300.0  # the failed call's 900 ms is retry time, not model latency
+    filtered = json.loads(run(capsys, "stats", "--json", "--mode", "MODE_TEST"))
+    assert [(s["model_name"], s["records"]) for s in filtered] == [("mock/alpha", 1), ("mock/beta", 1)]
+    table = run(capsys, "stats")
+    assert re.search(r"mock/beta .*2 .*1 .*50\.0", table)
+
+
+def test_report_is_one_self_contained_escaped_page(
+    filled: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "report.html"
+    assert "5 records, 3 requests" in run(capsys, "report", "--html", str(path))
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "mock/alpha" in page and "mock/beta" in page
+    assert page.count("<svg") == 2  # one latency chart per model
+    assert "alpha three" in page and "upstream unavailable" in page
+    assert "&lt;script src=&quot;https://evil.example/x.js&quot;&gt;" in page
+    assert "<script" not in page
+    # The only URL is the escaped text of the model's answer: nothing is loaded from anywhere.
+    assert "http://" not in page and page.count("https://") == 1
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+
+    recent = tmp_path / "recent.html"
+    run(capsys, "report", "--html", str(recent), "--recent", "1", "--model", "mock/alpha")
+    page = recent.read_text()
+    assert "alpha three" in page and "alpha one" not in page  # only the newest request's answers
+    assert "mock/beta" not in page
+
+
+def test_bad_since_is_a_clear_error_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "multillm", "logs", "list", "--since", "last tuesday"],
+        env={**os.environ, ENV_SINK_URL: f"sqlite:///{tmp_path}/logs.db"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "argument --since: 'last tuesday' is not an ISO-8601 date" in done.stderr
