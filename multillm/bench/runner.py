@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-
 from multillm.bench import SCENARIOS, scenarios
 from multillm.bench.harness import Bench, bench_environment
 from multillm.bench.scenarios import Section, Sizes

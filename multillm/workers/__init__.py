@@ -6,6 +6,7 @@ from multillm.config import Settings
 from multillm.errors import ConfigError
 from multillm.providers import Providers
 from multillm.sinks import open_sink
+from multillm.sinks.group_commit import GroupCommitSink
 from multillm.workers.consumer import Consumer
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
@@ -16,7 +17,8 @@ __all__ = ["run_model_worker", "run_primary_worker"]
 
 def _runner(settings: Settings) -> tuple[Providers, ModelRunner]:
     providers = Providers(settings.providers, settings.retry)
-    return providers, ModelRunner(providers, open_sink(settings.sink_url))
+    # Records of calls that end together are stored in one transaction (see group_commit).
+    return providers, ModelRunner(providers, GroupCommitSink(open_sink(settings.sink_url)))
 
 
 def run_primary_worker(settings: Settings, concurrency: int) -> int:

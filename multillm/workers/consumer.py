@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import FrameType
@@ -39,6 +39,7 @@ from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
 from multillm.redact import redact_body
+from multillm.workers.confirms import PipelinedConfirms
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
 
 log = structlog.get_logger(__name__)
@@ -77,6 +78,7 @@ class Consumer:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model-call")
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._confirms: PipelinedConfirms | None = None
         self._generation = 0
         self._cancelled = False
         self._in_flight: set[int] = set()
@@ -142,7 +144,7 @@ class Consumer:
         connection = pika.BlockingConnection(self._params)
         try:
             channel = connection.channel()
-            channel.confirm_delivery()
+            confirms = PipelinedConfirms(connection, channel)
             channel.basic_qos(prefetch_count=self._concurrency)
             declare(channel, self._declare)
             channel.add_on_cancel_callback(self._on_cancelled)
@@ -158,6 +160,7 @@ class Consumer:
             raise
         self._generation += 1
         self._connection, self._channel, self._in_flight, self._cancelled = connection, channel, set(), False
+        self._confirms = confirms
         self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
 
@@ -196,7 +199,7 @@ class Consumer:
         if self._connection is not None and self._connection.is_open:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 self._connection.close()
-        self._connection = self._channel = None
+        self._connection = self._channel = self._confirms = None
         self._in_flight = set()
 
     # --- the connection's thread ------------------------------------------
@@ -222,53 +225,68 @@ class Consumer:
             log.exception("worker.handler_failed", queue=self._handler.queue.name)
             self.settle(delivery, self._handler.on_error(delivery, exc))
 
-    def publish(self, message: Outgoing) -> bool:
-        assert self._channel is not None
-        try:
-            self._channel.basic_publish(
-                message.exchange, message.routing_key, message.body, message.properties, mandatory=True
-            )
-        except pika.exceptions.UnroutableError:
-            return False
-        except pika.exceptions.NackError:
-            # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
-            log.warning("publish.refused", exchange=message.exchange, routing_key=message.routing_key)
-            return False
-        return True
+    def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
+        assert self._confirms is not None
+        self._confirms.publish_all(messages, then)
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
-        channel = self._channel
-        if channel is None or delivery.generation != self._generation or not channel.is_open:
-            # The connection it came on is gone: the broker redelivers it, and the
-            # sink's idempotent write keeps the record single.
-            log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+        if not self._current(delivery):
             return
         try:
-            delivered = all(self._deliver(delivery, m) for m in settlement.publishes)
+            self.publish_all(settlement.publishes, partial(self._after_publish, delivery, settlement.publishes))
         except _CONNECTION_ERRORS:
             raise
         except Exception:
             # Something it owes cannot even be encoded: a retry would fail the same way.
             log.exception("settle.failed", queue=self._handler.queue.name)
-            delivered = self.publish(self._last_resort(delivery))
-        if delivered:
-            channel.basic_ack(delivery.tag)
-        else:
-            # Tried again on a later delivery; the delivery limit bounds how often.
-            channel.basic_nack(delivery.tag, requeue=True)
-        self._in_flight.discard(delivery.tag)
+            self.publish_all([self._last_resort(delivery)], partial(self._finish, delivery))
 
-    def _deliver(self, delivery: Delivery, message: Outgoing) -> bool:
-        """Publish what a delivery owes; a reply no queue takes goes to the dead letters instead."""
-        if self.publish(message):
-            return True
-        if message.dead_letter_reason:
-            log.warning("reply.unroutable", reply_to=message.routing_key)
-            reason = f"{message.dead_letter_reason}: no queue named {message.routing_key!r} took it"
-            if self.publish(dead_letter(delivery, self._handler.queue.name, reason, Code.NOT_FOUND, message.body)):
-                return True
-        log.error("settle.publish_refused", exchange=message.exchange, routing_key=message.routing_key)
-        return False
+    def _current(self, delivery: Delivery) -> bool:
+        channel = self._channel
+        if channel is None or delivery.generation != self._generation or not channel.is_open:
+            # The connection it came on is gone: the broker redelivers it, and the
+            # sink's idempotent write keeps the record single.
+            log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+            return False
+        return True
+
+    def _after_publish(self, delivery: Delivery, published: Sequence[Outgoing], taken: list[bool]) -> None:
+        """What a delivery owed is confirmed; a reply no queue took goes to the dead letters instead."""
+        refused = [m for m, ok in zip(published, taken, strict=True) if not ok]
+        for message in refused:
+            if message.dead_letter_reason:
+                log.warning("reply.unroutable", reply_to=message.routing_key)
+            else:
+                log.error("settle.publish_refused", exchange=message.exchange, routing_key=message.routing_key)
+        if any(not m.dead_letter_reason for m in refused):
+            self._finish(delivery, [False])
+            return
+        dead = [
+            dead_letter(
+                delivery,
+                self._handler.queue.name,
+                f"{m.dead_letter_reason}: no queue named {m.routing_key!r} took it",
+                Code.NOT_FOUND,
+                m.body,
+                m.properties.type,
+            )
+            for m in refused
+        ]
+        if dead and self._current(delivery):
+            self.publish_all(dead, partial(self._finish, delivery))
+        else:
+            self._finish(delivery, [True])
+
+    def _finish(self, delivery: Delivery, taken: list[bool]) -> None:
+        """Ack when everything owed was taken; otherwise requeue (the delivery limit bounds how often)."""
+        if not self._current(delivery):
+            return
+        assert self._channel is not None
+        if all(taken):
+            self._channel.basic_ack(delivery.tag)
+        else:
+            self._channel.basic_nack(delivery.tag, requeue=True)
+        self._in_flight.discard(delivery.tag)
 
     def _last_resort(self, delivery: Delivery) -> Outgoing:
         """A dead letter with nothing of the original but its masked body."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,8 +58,10 @@ class Settlement:
 class Io(Protocol):
     """What a handler may ask of the connection's thread, from the connection's thread."""
 
-    def publish(self, message: Outgoing) -> bool:
-        """Publish with a confirm; False if no queue took it or the broker refused it."""
+    def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
+        """Publish with confirms, without waiting; `then` gets, per message, whether a queue took it
+        (False: unroutable, or refused by the broker). It runs on this thread, and never if the
+        connection is lost first (the message is redelivered then)."""
         ...
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...

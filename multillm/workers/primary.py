@@ -66,14 +66,17 @@ class PrimaryHandler:
             )
             io.settle(delivery, Settlement(self._reply(delivery, request_id, status)))
             return
-        unrouted = [
-            index
-            for index in range(len(request.models))
-            if index != request.display_model
-            and not io.publish(_fanout(request, request_id, index, deadline, delivery.redelivered))
-        ]
-        bound.info("request.accepted", models=request.model_names(), unrouted=unrouted)
-        io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
+        others = [index for index in range(len(request.models)) if index != request.display_model]
+        copies = [_fanout(request, request_id, index, deadline, delivery.redelivered) for index in others]
+
+        def call_primary(taken: list[bool]) -> None:
+            # After the copies are confirmed, so that an ack never loses one, and a copy that
+            # no queue took becomes an error record.
+            unrouted = [index for index, ok in zip(others, taken, strict=True) if not ok]
+            bound.debug("request.accepted", models=request.model_names(), unrouted=unrouted)
+            io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
+
+        io.publish_all(copies, call_primary)
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
         request_id = _request_id(delivery)

@@ -1,0 +1,156 @@
+"""Publisher confirms without waiting: many publishes in flight share the broker's round trips.
+
+pika's `BlockingChannel` in confirm mode waits for each publish's confirm before
+returning; on a quorum queue that wait is a replicated, fsynced write, and the
+worker's connection thread did nothing else meanwhile (profiled: two thirds of
+its time at 300 requests/s). The asynchronous `pika.channel.Channel` that every
+`BlockingChannel` wraps reports confirms by callback instead (pika's
+asynchronous publisher example does the same). We publish on it, count
+delivery tags, and run each publish's callback once its confirm arrives.
+
+A mandatory message that no queue takes comes back as `Basic.Return` before its
+`Basic.Ack`; the return is matched to the publish by exchange, routing key and
+message and correlation ids, which are unique among a worker's unconfirmed messages.
+
+Threads: only the connection's thread touches this, as every pika object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.channel
+import pika.spec
+import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+
+from multillm.workers.messages import Outgoing
+
+log = structlog.get_logger(__name__)
+
+_Key = tuple[str, str, str | None, str | None]
+# Called with whether each message was taken (confirmed and routed), in order.
+Then = Callable[[list[bool]], None]
+
+
+def _key(exchange: str, routing_key: str, props: pika.BasicProperties) -> _Key:
+    return exchange, routing_key, props.message_id, props.correlation_id
+
+
+def _ignore(taken: list[bool]) -> None:
+    pass
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Messages published together; `then` runs when the last of them is confirmed."""
+
+    taken: list[bool | None]
+    then: Then
+
+    def resolve(self, index: int, taken: bool) -> bool:
+        """Record one outcome; True when this completed the batch."""
+        self.taken[index] = taken
+        return all(t is not None for t in self.taken)
+
+
+@dataclass(slots=True)
+class _Unconfirmed:
+    key: _Key
+    batch: _Batch
+    index: int
+    returned: bool = False
+
+
+class PipelinedConfirms:
+    """Confirmed publishing on one channel, without waiting in `publish_all`.
+
+    Args:
+        connection: the channel's connection (for scheduling callbacks outside pika's frame handling).
+        channel: a channel not yet in confirm mode.
+    """
+
+    def __init__(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        self._connection = connection
+        # The one use of pika's private attribute: the asynchronous channel under the blocking one.
+        self._channel: pika.channel.Channel = channel._impl
+        self._unconfirmed: dict[int, _Unconfirmed] = {}
+        self._next_tag = 1
+        self._done: list[_Batch] = []
+        self._scheduled = False
+        selected: list[bool] = []
+        self._channel.add_on_return_callback(self._on_return)
+        self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: selected.append(True))
+        while not selected:
+            connection.process_data_events(time_limit=1)
+
+    def publish_all(self, messages: Sequence[Outgoing], then: Then) -> None:
+        """Publish `messages` (mandatory, confirmed); `then(taken)` runs on this thread when all are confirmed.
+
+        Raises:
+            Exception: a message's properties cannot be encoded (nothing of it was sent).
+        """
+        batch = _Batch([None] * len(messages), then)
+        if not messages:
+            self._finish(batch)
+            return
+        for index, message in enumerate(messages):
+            try:
+                self._channel.basic_publish(
+                    message.exchange, message.routing_key, message.body, message.properties, mandatory=True
+                )
+            except Exception:
+                # Those already sent are confirmed into a batch nobody waits for; the caller settles otherwise.
+                batch.then = _ignore
+                raise
+            self._unconfirmed[self._next_tag] = _Unconfirmed(
+                _key(message.exchange, message.routing_key, message.properties), batch, index
+            )
+            self._next_tag += 1
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    # --- pika's callbacks, inside its frame handling: record only ---------------
+
+    def _on_return(
+        self, channel: Any, method: pika.spec.Basic.Return, props: pika.BasicProperties, body: bytes
+    ) -> None:
+        key = _key(method.exchange, method.routing_key, props)
+        match = next((u for u in self._unconfirmed.values() if u.key == key and not u.returned), None)
+        if match is None:
+            log.warning("publish.return_unmatched", exchange=method.exchange, routing_key=method.routing_key)
+            return
+        match.returned = True
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            entry = self._unconfirmed.pop(tag, None)
+            if entry is None:
+                continue
+            if not acked:
+                # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
+                log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1])
+            if entry.batch.resolve(entry.index, acked and not entry.returned):
+                self._done.append(entry.batch)
+        if self._done and not self._scheduled:
+            # What the callbacks do (publish, ack) must not run inside pika's frame handling.
+            self._scheduled = True
+            self._connection.call_later(0, self._run_done)
+
+    def _run_done(self) -> None:
+        self._scheduled = False
+        done, self._done = self._done, []
+        for batch in done:
+            self._finish(batch)
+
+    @staticmethod
+    def _finish(batch: _Batch) -> None:
+        batch.then([bool(t) for t in batch.taken])
