@@ -38,6 +38,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
+from multillm.metrics import WorkerMetrics
 from multillm.redact import redact_body
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
 
@@ -68,7 +69,16 @@ class Consumer:
     the pool's threads run `work` callables and touch no pika object.
     """
 
-    def __init__(self, broker_url: str, handler: Handler, *, concurrency: int = 4, grace_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        handler: Handler,
+        *,
+        concurrency: int = 4,
+        grace_seconds: float = 30.0,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or WorkerMetrics()
         self._params = pika.URLParameters(broker_url)
         self._handler = handler
         self._concurrency = concurrency
@@ -210,16 +220,23 @@ class Consumer:
     ) -> None:
         delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self._generation)
         self._in_flight.add(delivery.tag)
+        give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
+        self._metrics.consumed(self._handler.queue.name, delivery.redelivered, give_up)
         try:
-            if delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT:
-                log.error("message.given_up", queue=self._handler.queue.name, deliveries=delivery.delivery_count + 1)
+            if give_up:
+                log.error(
+                    "message.given_up",
+                    queue=self._handler.queue.name,
+                    deliveries=delivery.delivery_count + 1,
+                    message_id=props.message_id,
+                )
                 self._handler.on_give_up(delivery, self)
             else:
                 self._handler.on_delivery(delivery, self)
         except _CONNECTION_ERRORS:
             raise
         except Exception as exc:
-            log.exception("worker.handler_failed", queue=self._handler.queue.name)
+            log.exception("worker.handler_failed", queue=self._handler.queue.name, message_id=props.message_id)
             self.settle(delivery, self._handler.on_error(delivery, exc))
 
     def publish(self, message: Outgoing) -> bool:
@@ -229,11 +246,14 @@ class Consumer:
                 message.exchange, message.routing_key, message.body, message.properties, mandatory=True
             )
         except pika.exceptions.UnroutableError:
+            self._metrics.published(message, "unroutable")
             return False
         except pika.exceptions.NackError:
             # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
             log.warning("publish.refused", exchange=message.exchange, routing_key=message.routing_key)
+            self._metrics.published(message, "refused")
             return False
+        self._metrics.published(message, "ok")
         return True
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
@@ -300,7 +320,9 @@ class Consumer:
             try:
                 settlement = work()
             except Exception as exc:
-                log.exception("worker.task_failed", queue=self._handler.queue.name)
+                log.exception(
+                    "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
+                )
                 settlement = self._handler.on_error(delivery, exc)
             try:
                 connection.add_callback_threadsafe(partial(self.settle, delivery, settlement))
