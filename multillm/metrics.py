@@ -104,11 +104,12 @@ class _Children(Generic[M]):
 
     def _add(self, values: tuple[str, ...]) -> M:
         with self._lock:
-            key = values
             if len(self._children) >= MAX_SERIES:
+                # Not remembered under its own values: they are what must not pile up.
                 values = ("other",) * len(values)
-            child = self._children.get(values) or self._metric.labels(self._kind, *values)
-            self._children[key] = self._children[values] = child
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = self._metric.labels(self._kind, *values)
             return child
 
 
