@@ -115,8 +115,9 @@ def test_two_primary_workers_share_the_work(
     start_worker: StartWorker, client: Client, mock_control: MockControl
 ) -> None:
     mock_control.set_fault("slow", latency_ms=150)
-    first = start_worker("primary", concurrency=1)
-    second = start_worker("primary", concurrency=1)
+    # request.accepted is a debug line.
+    first = start_worker("primary", concurrency=1, env={"MULTILLM_LOG_LEVEL": "debug"})
+    second = start_worker("primary", concurrency=1, env={"MULTILLM_LOG_LEVEL": "debug"})
     futures = [client.submit(make_request(["mock/slow"], f"job {i}")) for i in range(12)]
     for future in futures:
         future.result(timeout=60)

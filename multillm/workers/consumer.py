@@ -283,7 +283,7 @@ class Consumer:
         if self.publish(message):
             return True
         if message.dead_letter_reason:
-            log.warning("reply.unroutable", reply_to=message.routing_key)
+            log.warning("reply.unroutable", reply_to=message.routing_key, request_id=message.properties.message_id)
             reason = f"{message.dead_letter_reason}: no queue named {message.routing_key!r} took it"
             if self.publish(dead_letter(delivery, self._handler.queue.name, reason, Code.NOT_FOUND, message.body)):
                 return True
