@@ -134,8 +134,9 @@ class ModelRunner:
                 if wait is None:
                     return ModelRun(record, outcome, stored=False)
                 time.sleep(wait)
-        # A written record is the normal case, one a message: debug, off the hot path's output.
-        (bound.debug if written else bound.info)(
+        # A record written ok is the normal case, one a message: debug, to keep it off a busy worker's output.
+        emit = bound.info if not written else bound.debug if record.status == "ok" else bound.warning
+        emit(
             "record.written" if written else "record.duplicate",
             status=record.status,
             error_code=record.error_code,
