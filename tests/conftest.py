@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -134,9 +134,14 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
     started: list[WorkerProcess] = []
 
     def start(
-        kind: str, *, model: str | None = None, concurrency: int = 4, env: dict[str, str] | None = None
+        kind: str,
+        *,
+        model: str | None = None,
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> WorkerProcess:
-        args = [kind, "--concurrency", str(concurrency)]
+        args = [kind, "--concurrency", str(concurrency), *extra_args]
         if model:
             args += ["--model", model]
         env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, **(env or {})}

@@ -115,10 +115,9 @@ def test_two_primary_workers_share_the_work(
     start_worker: StartWorker, client: Client, mock_control: MockControl
 ) -> None:
     mock_control.set_fault("slow", latency_ms=150)
-    # "request.accepted" is a debug line: nothing per message is logged at info.
-    debug = {"MULTILLM_LOG_LEVEL": "debug"}
-    first = start_worker("primary", concurrency=1, env=debug)
-    second = start_worker("primary", concurrency=1, env=debug)
+    # request.accepted is a debug line.
+    first = start_worker("primary", concurrency=1, env={"MULTILLM_LOG_LEVEL": "debug"})
+    second = start_worker("primary", concurrency=1, env={"MULTILLM_LOG_LEVEL": "debug"})
     futures = [client.submit(make_request(["mock/slow"], f"job {i}")) for i in range(12)]
     for future in futures:
         future.result(timeout=60)

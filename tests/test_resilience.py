@@ -42,7 +42,7 @@ def test_a_slow_model_call_does_not_starve_heartbeats(
 def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
     start_worker: StartWorker, client: Client, sink: Sink, mock_control: MockControl, broker_url: str
 ) -> None:
-    worker = start_worker("primary")
+    worker = start_worker("primary", env={"MULTILLM_LOG_LEVEL": "debug"})  # request.accepted is a debug line
     mock_control.set_fault("slow", latency_ms=1500)
     future = client.submit(make_request(["mock/slow"], "finish me"))
     wait_for_log(worker, "request.accepted")

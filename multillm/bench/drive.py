@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
+from typing import Any
 
 import msgspec
 
@@ -57,7 +59,7 @@ def keep_in_flight(
     errors = 0
     finished = threading.Event()
 
-    def on_done(future: Future[object], sent: float) -> None:
+    def on_done(future: Future[Any], *, sent: float) -> None:
         nonlocal errors
         elapsed = (time.perf_counter() - sent) * 1000
         with lock:
@@ -75,7 +77,7 @@ def keep_in_flight(
             raise TimeoutError(f"no reply within {timeout:g}s with {in_flight} requests in flight")
         sent = time.perf_counter()
         future = client.submit(make(i), timeout=timeout)
-        future.add_done_callback(lambda f, sent=sent: on_done(f, sent))
+        future.add_done_callback(partial(on_done, sent=sent))
     if not finished.wait(timeout):
         raise TimeoutError(f"only {len(latencies) + errors} of {total} replies within {timeout:g}s")
     return Run(requests=total, errors=errors, seconds=time.perf_counter() - started, latencies_ms=latencies)

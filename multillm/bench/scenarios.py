@@ -184,9 +184,9 @@ def throughput(bench: Bench, sizes: Sizes) -> Section:
         for models in (ONE, THREE):
             best: dict[str, tuple[Run, float]] = {}
             for _ in range(sizes.rounds):
-                for name, run in _throughput_round(bench, client, models, sizes).items():
-                    if name not in best or run[0].per_second > best[name][0].per_second:
-                        best[name] = run
+                for name, measured in _throughput_round(bench, client, models, sizes).items():
+                    if name not in best or measured[0].per_second > best[name][0].per_second:
+                        best[name] = measured
             for name, (run, cpu) in best.items():
                 rows.append(
                     [

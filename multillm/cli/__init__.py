@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import get_args
@@ -17,11 +18,19 @@ from multillm.sinks.query import parse_bound
 
 __all__ = ["main"]
 
+ENV_LOG_LEVEL = "MULTILLM_LOG_LEVEL"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multillm", description=__doc__)
     parser.add_argument("--config", help="settings file (default: ./multillm.toml if present)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get(ENV_LOG_LEVEL, "info").strip().lower() or "info",
+        choices=_LOG_LEVELS,
+        help=f"lowest level logged (default: ${ENV_LOG_LEVEL}, else info)",
+    )
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -32,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--model", required=True, help="provider/model, e.g. openai/gpt-4o-mini")
     for p in (primary, model):
         p.add_argument("--concurrency", type=_positive, default=4, help="model calls in flight (default 4)")
+        p.add_argument(
+            "--metrics-port",
+            type=_port,
+            help="serve Prometheus metrics at http://0.0.0.0:P/metrics (0: a free port, logged); default: none",
+        )
 
     request = sub.add_parser("request", help="send one request, print the reply")
     request.add_argument("prompt")
@@ -129,8 +143,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0 to 65535), got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.log_level not in _LOG_LEVELS:
+        # argparse checks choices only for values given on the command line, not for defaults.
+        parser.error(f"{ENV_LOG_LEVEL}={args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     configure_logging(args.log_level, args.log_json)
     try:
         return commands.dispatch(args)

@@ -23,6 +23,7 @@ import msgspec
 
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers
+from multillm.cli.progress import progress
 from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
@@ -183,7 +184,7 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
             f" {requests} requests over ~{duration:g}s"
         )
         sent, replies = _soak(broker_url, fleet, mock, rng, seed, requests, duration, report)
-        _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60)
+        _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60, what="records")
         report.workers_died_on_their_own += sum(1 for w in fleet.workers if not w.alive())
         report.unclean_exits += sum(1 for code in fleet.stop() if code != 0)
         _count_records(sink_url, sent, report)
@@ -221,7 +222,7 @@ def _soak(
     chaos.start()
 
     sent: list[str] = []
-    with Client(broker_url, timeout=60) as client:
+    with Client(broker_url, timeout=60) as client, progress("sending under faults", requests) as sent_so_far:
         pace = duration / requests
         for i in range(requests):
             request = make_request(list(MODELS), f"chaos request {i}", display_model=0)
@@ -229,13 +230,14 @@ def _soak(
                 sent.append(client.publish(request, reply_to=REPLIES))
             except MultiLLMError:
                 report.publish_failures += 1
+            sent_so_far(i + 1)
             time.sleep(max(0.0, pace - 0.002))
     sending.clear()
     chaos.join()
     control.clear_faults()
 
     report.requests_sent = len(sent)
-    _wait_for(lambda: sum(1 for r in sent if replies.seen[r]), len(sent), patience=90)
+    _wait_for(lambda: sum(1 for r in sent if replies.seen[r]), len(sent), patience=90, what="replies")
     collecting.clear()
     collector.join(timeout=30)
     with replies.lock:
@@ -290,18 +292,20 @@ def _collect(broker_url: str, replies: _Replies, collecting: threading.Event) ->
     queue.close()
 
 
-def _wait_for(progress: Callable[[], int], target: int, patience: float) -> None:
-    """Wait while `progress()` approaches `target`, giving up after `patience` s without change."""
+def _wait_for(count: Callable[[], int], target: int, patience: float, what: str) -> None:
+    """Wait while `count()` approaches `target`, giving up after `patience` s without change."""
     last, since = -1, time.monotonic()
-    while True:
-        now = progress()
-        if now >= target:
-            return
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since > patience:
-            return
-        time.sleep(0.5)
+    with progress(f"waiting for {what}", target) as shown:
+        while True:
+            now = count()
+            shown(now)
+            if now >= target:
+                return
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since > patience:
+                return
+            time.sleep(0.5)
 
 
 def _count_records(sink_url: str, sent: list[str], report: ChaosReport) -> int:

@@ -56,8 +56,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from multillm.workers import run_model_worker, run_primary_worker
 
     if args.kind == "primary":
-        return run_primary_worker(settings, args.concurrency)
-    return run_model_worker(settings, args.model, args.concurrency)
+        return run_primary_worker(settings, args.concurrency, args.metrics_port)
+    return run_model_worker(settings, args.model, args.concurrency, args.metrics_port)
 
 
 def _request(settings: Settings, args: argparse.Namespace) -> int:

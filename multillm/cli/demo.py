@@ -17,6 +17,7 @@ from multillm import contract
 from multillm.cli.commands import CommandError, connect_client
 from multillm.cli.logs import side_by_side
 from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
+from multillm.cli.progress import progress
 from multillm.config import ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
@@ -49,9 +50,11 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = 150.0
             workers.append(WorkerProcess(["primary", "--concurrency", "4"], env=env, log_path=logs))
             for model in MODELS:
                 workers.append(WorkerProcess(["model", "--model", model, "--concurrency", "4"], env=env, log_path=logs))
-            wait_for_consumers(settings.broker_url, contract.REQUEST_QUEUE, 1, workers=workers)
-            for model in MODELS:
-                wait_for_consumers(settings.broker_url, contract.model_queue(model), 1, workers=workers)
+            queues = [contract.REQUEST_QUEUE, *(contract.model_queue(model) for model in MODELS)]
+            with progress("starting workers", len(queues)) as started:
+                for done, queue in enumerate(queues, 1):
+                    wait_for_consumers(settings.broker_url, queue, 1, workers=workers)
+                    started(done)
             print(f"started {len(workers)} workers: primary + one per model ({', '.join(MODELS)})\n")
             _send(client, settings, requests)
         except (RuntimeError, MultiLLMError, TimeoutError) as exc:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code
+from multillm.metrics import WorkerMetrics
 from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
 from multillm.providers.retry import ProviderError
 from multillm.schemas import ChatMessage, V1Model
@@ -46,11 +47,15 @@ class Providers:
     Args:
         providers: each provider's endpoint and key, by the name used in model names.
         retry: the retry policy of every call.
+        metrics: where the providers count retries (none when None).
     """
 
-    def __init__(self, providers: Mapping[str, ProviderConfig], retry: RetryConfig) -> None:
+    def __init__(
+        self, providers: Mapping[str, ProviderConfig], retry: RetryConfig, metrics: WorkerMetrics | None = None
+    ) -> None:
         self._configs = dict(providers)
         self._retry = retry
+        self._metrics = metrics
         self._built: dict[str, OpenAICompatProvider] = {}
         self._lock = threading.Lock()
 
@@ -79,7 +84,7 @@ class Providers:
             # Another thread may have built it while this one waited.
             provider = self._built.get(provider_name)
             if provider is None:
-                provider = OpenAICompatProvider(provider_name, config, self._retry)
+                provider = OpenAICompatProvider(provider_name, config, self._retry, self._metrics)
                 self._built[provider_name] = provider
             return provider
 

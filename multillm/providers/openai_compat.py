@@ -8,6 +8,7 @@ SDK's pydantic models.
 
 from __future__ import annotations
 
+import functools
 from typing import Final, cast
 
 import msgspec
@@ -18,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code
+from multillm.metrics import WorkerMetrics
 from multillm.providers.retry import ProviderError, call_with_retry
 from multillm.schemas import ChatMessage, ToolCall, V1ChatCompletionMessage, V1Choice, V1Usage
 
@@ -115,10 +117,14 @@ class OpenAICompatProvider:
         name: the provider's name in model names (`mock` in `mock/echo`).
         config: endpoint, key and per-try timeout.
         retry: the retry policy of every call.
+        metrics: where retries are counted (none when None).
     """
 
-    def __init__(self, name: str, config: ProviderConfig, retry: RetryConfig) -> None:
+    def __init__(
+        self, name: str, config: ProviderConfig, retry: RetryConfig, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.name = name
+        self._metrics = metrics
         self._config = config
         self._retry = retry
         self._key = config.configured_key()
@@ -166,6 +172,7 @@ class OpenAICompatProvider:
             timeout=self._config.timeout,
             describe=describe,
             secrets=(call.api_key, self._key),
+            on_retry=functools.partial(self._metrics.retried, describe) if self._metrics else None,
         )
         log.debug("provider.call", model=describe, attempts=attempts, latency_ms=round(latency_ms, 1))
         usage = completion.usage or _Usage()

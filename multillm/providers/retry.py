@@ -103,16 +103,19 @@ def _waiter(policy: RetryConfig) -> Callable[[RetryCallState], float]:
     return wait
 
 
-def _log_retry(describe: str, state: RetryCallState) -> None:
+def _log_retry(describe: str, on_retry: Callable[[str], None] | None, state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
+    status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
     log.warning(
         "provider.retry",
         model=describe,
         attempt=state.attempt_number,
         wait_s=round(state.upcoming_sleep, 3),
-        status=exc.status_code if isinstance(exc, openai.APIStatusError) else None,
+        status=status,
         error=type(exc).__name__,
     )
+    if on_retry is not None:
+        on_retry(str(status) if status is not None else type(exc).__name__)
 
 
 def classify(exc: Exception) -> tuple[Code, str]:
@@ -151,6 +154,7 @@ def call_with_retry(
     timeout: float,
     describe: str,
     secrets: Sequence[str | None] = (),
+    on_retry: Callable[[str], None] | None = None,
 ) -> tuple[T, int, float]:
     """Call `attempt(timeout_of_this_try)` until it succeeds, fails for good, or the policy stops it.
 
@@ -160,6 +164,7 @@ def call_with_retry(
         timeout: the longest a single try may take (cut to what is left of the budget).
         describe: names the call in error messages, e.g. `mock/echo`.
         secrets: api keys to scrub from every error message.
+        on_retry: told before each retry why it is made (the HTTP status, or the error's type).
 
     Returns:
         The result, the number of tries made, and the wall time in milliseconds.
@@ -174,7 +179,7 @@ def call_with_retry(
         # No retry starts unless a useful try still fits in the budget after its wait.
         stop=stop_after_attempt(policy.max_attempts)
         | stop_before_delay(max(policy.budget_seconds - _MIN_TRY_TIMEOUT, 0.0)),
-        before_sleep=functools.partial(_log_retry, describe),
+        before_sleep=functools.partial(_log_retry, describe, on_retry),
         reraise=True,
     )
     tries = 0

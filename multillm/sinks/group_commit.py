@@ -12,7 +12,8 @@ once: batches form only when writes overlap, so nothing waits for a timer.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Final
 
@@ -27,10 +28,12 @@ class GroupCommitSink:
 
     Args:
         inner: the sink that stores the batches.
+        observe: told, for every record, how long its batch's write took and whether it raised.
     """
 
-    def __init__(self, inner: Sink) -> None:
+    def __init__(self, inner: Sink, observe: Callable[[float, bool], None] = lambda seconds, failed: None) -> None:
         self._inner = inner
+        self._observe = observe
         self._lock = threading.Condition()
         self._waiting: list[tuple[LLMLogRecord, Future[bool]]] = []
         self._closed = False
@@ -75,11 +78,19 @@ class GroupCommitSink:
                 if not self._waiting:
                     return
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            started = time.perf_counter()
             try:
                 results = self._inner.write_many([record for record, _ in batch])
             except Exception as exc:
+                self._observed(started, len(batch), failed=True)
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
+            self._observed(started, len(batch), failed=False)
             for (_, future), written in zip(batch, results, strict=True):
                 future.set_result(written)
+
+    def _observed(self, started: float, count: int, *, failed: bool) -> None:
+        seconds = time.perf_counter() - started
+        for _ in range(count):
+            self._observe(seconds, failed)

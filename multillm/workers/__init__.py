@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from multillm.config import Settings
 from multillm.errors import ConfigError
+from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
 from multillm.sinks import open_sink
 from multillm.sinks.group_commit import GroupCommitSink
@@ -15,24 +16,48 @@ from multillm.workers.primary import PrimaryHandler
 __all__ = ["run_model_worker", "run_primary_worker"]
 
 
-def _runner(settings: Settings) -> tuple[Providers, ModelRunner]:
-    providers = Providers(settings.providers, settings.retry)
+def _runner(settings: Settings, metrics: WorkerMetrics) -> tuple[Providers, ModelRunner]:
+    providers = Providers(settings.providers, settings.retry, metrics)
     # Records of calls that end together are stored in one transaction (see group_commit).
-    return providers, ModelRunner(providers, GroupCommitSink(open_sink(settings.sink_url)))
+    sink = GroupCommitSink(open_sink(settings.sink_url), metrics.sink_written)
+    return providers, ModelRunner(providers, sink, metrics)
 
 
-def run_primary_worker(settings: Settings, concurrency: int) -> int:
-    """Serve `multillm.requests` until SIGTERM; returns the exit code."""
-    providers, runner = _runner(settings)
+def _metrics(kind: str, port: int | None) -> WorkerMetrics:
+    # Counted either way (it costs microseconds); served only when asked, before the broker
+    # is contacted, so that a busy port fails the start at once.
+    metrics = WorkerMetrics(kind)
+    if port is not None:
+        serve(metrics, port)
+    return metrics
+
+
+def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
+    """Serve `multillm.requests` until SIGTERM; returns the exit code.
+
+    Raises:
+        ConfigError: `metrics_port` cannot be bound.
+    """
+    metrics = _metrics("primary", metrics_port)
+    providers, runner = _runner(settings, metrics)
     handler = PrimaryHandler(providers, runner, settings.max_body_bytes)
     return Consumer(
-        settings.broker_url, handler, concurrency=concurrency, grace_seconds=settings.shutdown_grace_seconds
+        settings.broker_url,
+        handler,
+        concurrency=concurrency,
+        grace_seconds=settings.shutdown_grace_seconds,
+        metrics=metrics,
     ).run()
 
 
-def run_model_worker(settings: Settings, model: str, concurrency: int) -> int:
-    """Serve `multillm.model.<model>` until SIGTERM; returns the exit code."""
-    providers, runner = _runner(settings)
+def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
+    """Serve `multillm.model.<model>` until SIGTERM; returns the exit code.
+
+    Raises:
+        ConfigError: the model's provider is not configured, or `metrics_port` cannot be bound.
+    """
+    metrics = _metrics("model", metrics_port)
+    providers, runner = _runner(settings, metrics)
     provider = model.split("/", 1)[0]
     if "/" not in model or not providers.has(provider):
         raise ConfigError(
@@ -41,5 +66,9 @@ def run_model_worker(settings: Settings, model: str, concurrency: int) -> int:
         )
     handler = ModelHandler(model, runner, settings.max_body_bytes)
     return Consumer(
-        settings.broker_url, handler, concurrency=concurrency, grace_seconds=settings.shutdown_grace_seconds
+        settings.broker_url,
+        handler,
+        concurrency=concurrency,
+        grace_seconds=settings.shutdown_grace_seconds,
+        metrics=metrics,
     ).run()

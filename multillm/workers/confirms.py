@@ -59,6 +59,7 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Unconfirmed:
+    message: Outgoing
     key: _Key
     batch: _Batch
     index: int
@@ -71,10 +72,17 @@ class PipelinedConfirms:
     Args:
         connection: the channel's connection (for scheduling callbacks outside pika's frame handling).
         channel: a channel not yet in confirm mode.
+        observe: told each publish's outcome: `ok`, `unroutable` or `refused` (for the metrics).
     """
 
-    def __init__(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+    def __init__(
+        self,
+        connection: pika.BlockingConnection,
+        channel: BlockingChannel,
+        observe: Callable[[Outgoing, str], None] = lambda message, outcome: None,
+    ) -> None:
         self._connection = connection
+        self._observe = observe
         # The one use of pika's private attribute: the asynchronous channel under the blocking one.
         self._channel: pika.channel.Channel = channel._impl
         self._unconfirmed: dict[int, _Unconfirmed] = {}
@@ -107,7 +115,7 @@ class PipelinedConfirms:
                 batch.then = _ignore
                 raise
             self._unconfirmed[self._next_tag] = _Unconfirmed(
-                _key(message.exchange, message.routing_key, message.properties), batch, index
+                message, _key(message.exchange, message.routing_key, message.properties), batch, index
             )
             self._next_tag += 1
 
@@ -138,6 +146,7 @@ class PipelinedConfirms:
             if not acked:
                 # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
                 log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1])
+            self._observe(entry.message, "refused" if not acked else "unroutable" if entry.returned else "ok")
             if entry.batch.resolve(entry.index, acked and not entry.returned):
                 self._done.append(entry.batch)
         if self._done and not self._scheduled:

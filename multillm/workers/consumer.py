@@ -38,6 +38,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
+from multillm.metrics import WorkerMetrics
 from multillm.redact import redact_body
 from multillm.workers.confirms import PipelinedConfirms
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
@@ -69,7 +70,16 @@ class Consumer:
     the pool's threads run `work` callables and touch no pika object.
     """
 
-    def __init__(self, broker_url: str, handler: Handler, *, concurrency: int = 4, grace_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        handler: Handler,
+        *,
+        concurrency: int = 4,
+        grace_seconds: float = 30.0,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or WorkerMetrics()
         self._params = pika.URLParameters(broker_url)
         self._handler = handler
         self._concurrency = concurrency
@@ -144,7 +154,7 @@ class Consumer:
         connection = pika.BlockingConnection(self._params)
         try:
             channel = connection.channel()
-            confirms = PipelinedConfirms(connection, channel)
+            confirms = PipelinedConfirms(connection, channel, self._metrics.published)
             channel.basic_qos(prefetch_count=self._concurrency)
             declare(channel, self._declare)
             channel.add_on_cancel_callback(self._on_cancelled)
@@ -213,16 +223,23 @@ class Consumer:
     ) -> None:
         delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self._generation)
         self._in_flight.add(delivery.tag)
+        give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
+        self._metrics.consumed(self._handler.queue.name, delivery.redelivered, give_up)
         try:
-            if delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT:
-                log.error("message.given_up", queue=self._handler.queue.name, deliveries=delivery.delivery_count + 1)
+            if give_up:
+                log.error(
+                    "message.given_up",
+                    queue=self._handler.queue.name,
+                    deliveries=delivery.delivery_count + 1,
+                    message_id=props.message_id,
+                )
                 self._handler.on_give_up(delivery, self)
             else:
                 self._handler.on_delivery(delivery, self)
         except _CONNECTION_ERRORS:
             raise
         except Exception as exc:
-            log.exception("worker.handler_failed", queue=self._handler.queue.name)
+            log.exception("worker.handler_failed", queue=self._handler.queue.name, message_id=props.message_id)
             self.settle(delivery, self._handler.on_error(delivery, exc))
 
     def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
@@ -255,7 +272,7 @@ class Consumer:
         refused = [m for m, ok in zip(published, taken, strict=True) if not ok]
         for message in refused:
             if message.dead_letter_reason:
-                log.warning("reply.unroutable", reply_to=message.routing_key)
+                log.warning("reply.unroutable", reply_to=message.routing_key, request_id=message.properties.message_id)
             else:
                 log.error("settle.publish_refused", exchange=message.exchange, routing_key=message.routing_key)
         if any(not m.dead_letter_reason for m in refused):
@@ -318,7 +335,9 @@ class Consumer:
             try:
                 settlement = work()
             except Exception as exc:
-                log.exception("worker.task_failed", queue=self._handler.queue.name)
+                log.exception(
+                    "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
+                )
                 settlement = self._handler.on_error(delivery, exc)
             try:
                 connection.add_callback_threadsafe(partial(self.settle, delivery, settlement))

@@ -31,9 +31,10 @@ class ModelHandler:
         copy = self._decode(delivery, io)
         if copy is None:
             return
+        bound = log.bind(request_id=copy.request_id, log_id=delivery.properties.message_id, model=copy.model.name)
         if copy.model.name != self.model_name:
-            log.warning("copy.misrouted", expected=self.model_name, got=copy.model.name)
-        log.info("copy.accepted", request_id=copy.request_id, model=copy.model.name, index=copy.model_index)
+            bound.warning("copy.misrouted", expected=self.model_name)
+        bound.debug("copy.accepted", index=copy.model_index)
         io.submit(delivery, lambda: self._work(delivery, copy))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
@@ -63,7 +64,8 @@ class ModelHandler:
             return decode_fanout(delivery.body)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             reason = f"invalid fan-out copy: {exc}"
-            log.warning("copy.invalid", error=reason, message_id=delivery.properties.message_id)
+            # A copy's message_id is its record's log id (see primary._fanout).
+            log.warning("copy.invalid", error=reason, log_id=delivery.properties.message_id, model=self.model_name)
             io.settle(delivery, Settlement([self._dead_letter(delivery, reason, Code.INVALID_ARGUMENT)]))
             return None
 

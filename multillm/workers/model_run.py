@@ -6,10 +6,12 @@ import time
 from dataclasses import dataclass
 
 import structlog
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from multillm.errors import Code
+from multillm.metrics import WorkerMetrics
 from multillm.providers import ModelResult, ProviderError, Providers
-from multillm.records import build_record, outcome_of, utc_now
+from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.sinks import Sink
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
@@ -46,9 +48,10 @@ class ModelRunner:
     Runs on the worker's pool threads; providers and sinks are thread-safe.
     """
 
-    def __init__(self, providers: Providers, sink: Sink) -> None:
+    def __init__(self, providers: Providers, sink: Sink, metrics: WorkerMetrics | None = None) -> None:
         self._providers = providers
         self._sink = sink
+        self._metrics = metrics or WorkerMetrics()
 
     def run(
         self,
@@ -74,17 +77,30 @@ class ModelRunner:
         if deadline_ms is not None and now_ms() > deadline_ms:
             outcome = ProviderError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called")
         else:
+            self._metrics.call_started(model.name)
+            # Bound for the call so that the providers' lines (retries) name the request too; not
+            # `bound_contextvars`, whose generator costs twice as much on this hot path.
+            log_id = log_id_for(request_id, model_index)
+            tokens = bind_contextvars(request_id=request_id, log_id=log_id, model=model.name)
             try:
                 outcome = self._providers.complete(model, request.messages)
             except ProviderError as exc:
                 outcome = exc
+            finally:
+                reset_contextvars(**tokens)
+                self._metrics.call_ended(model.name)
         return self._record(request, request_id, model_index, outcome, created_at)
 
     def _existing(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         try:
             records = self._sink.records(request_id)
         except Exception as exc:  # the sink is down: calling again is the safe side
-            log.warning("record.lookup_failed", request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "record.lookup_failed",
+                request_id=request_id,
+                log_id=log_id_for(request_id, model_index),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return None
         return next((r for r in records if r.model_index == model_index), None)
 
@@ -107,6 +123,7 @@ class ModelRunner:
         created_at: str,
     ) -> ModelRun:
         record = build_record(request, request_id, model_index, outcome, created_at, utc_now())
+        self._metrics.recorded(record)
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
         for wait in (*_SINK_RETRY_WAITS, None):
             try:
@@ -117,7 +134,9 @@ class ModelRunner:
                 if wait is None:
                     return ModelRun(record, outcome, stored=False)
                 time.sleep(wait)
-        bound.info(
+        # A record written ok is the normal case, one a message: debug, to keep it off a busy worker's output.
+        emit = bound.info if not written else bound.debug if record.status == "ok" else bound.warning
+        emit(
             "record.written" if written else "record.duplicate",
             status=record.status,
             error_code=record.error_code,

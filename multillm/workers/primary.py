@@ -58,6 +58,7 @@ class PrimaryHandler:
             bound.warning("request.invalid", error=str(exc), reply_to=props.reply_to)
             io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
             return
+        bound = bound.bind(log_id=log_id_for(request_id, request.display_model), model=request.primary.name)
         deadline = _deadline(props)
         if deadline is not None and now_ms() > deadline:
             bound.warning("request.expired", deadline_ms=deadline)
@@ -73,7 +74,10 @@ class PrimaryHandler:
             # After the copies are confirmed, so that an ack never loses one, and a copy that
             # no queue took becomes an error record.
             unrouted = [index for index, ok in zip(others, taken, strict=True) if not ok]
+            # One line a request on the hot path: debug; unrouted copies stay warnings.
             bound.debug("request.accepted", models=request.model_names(), unrouted=unrouted)
+            if unrouted:
+                bound.warning("request.unrouted", models=[request.models[i].name for i in unrouted])
             io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
 
         io.publish_all(copies, call_primary)

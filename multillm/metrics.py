@@ -1,0 +1,234 @@
+"""Every Prometheus metric a worker exports, defined here and nowhere else.
+
+A worker builds one `WorkerMetrics` (its own `CollectorRegistry`, not the global
+one, so that tests and several workers in one process never collide) and passes
+it to the parts that count: the consumer loop, the model runner, the providers
+and the sink (through `GroupCommitSink`'s observer). `serve` exposes it over HTTP only when
+`--metrics-port` is given. All metrics carry `kind` (`primary` or `model`).
+
+| metric | type | labels (besides kind) | counts or measures |
+|---|---|---|---|
+| `multillm_messages_consumed_total` | counter | queue | deliveries taken (redeliveries too) |
+| `multillm_redeliveries_total` | counter | queue | deliveries marked redelivered |
+| `multillm_given_up_total` | counter | queue | messages settled for good after too many deliveries |
+| `multillm_replies_sent_total` | counter | outcome, code | confirmed replies: ok/`OK`, error/gRPC code name |
+| `multillm_errors_total` | counter | model, code | models of a request that ended in error, by code name |
+| `multillm_model_call_seconds` | histogram | model | model call wall time, retries included |
+| `multillm_model_calls_in_flight` | gauge | model | model calls running now |
+| `multillm_retries_total` | counter | model, reason | retries; reason = HTTP status or error type |
+| `multillm_fanout_copies_total` | counter | model, result | copies: published, unroutable, refused |
+| `multillm_publish_failures_total` | counter | target, result | replies/dead letters not taken |
+| `multillm_dead_letters_total` | counter | queue, code | messages put into `multillm.dead` |
+| `multillm_sink_write_seconds` | histogram | | one try of writing a record (the time of the batch it went in) |
+| `multillm_sink_write_failures_total` | counter | | tries that raised |
+
+docs/metrics.md says more about each, with PromQL.
+
+Label values are bounded: every metric keeps at most `MAX_SERIES` label sets, and
+counts further ones under `other` (model names come from requests). No label
+ever holds an api key, a prompt or a request id.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
+
+import msgspec
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+from multillm import contract
+from multillm.errors import Code, ConfigError
+from multillm.schemas import LLMLogRecord
+
+if TYPE_CHECKING:
+    from multillm.workers.messages import Outgoing
+
+log = structlog.get_logger(__name__)
+
+# Label sets per metric before new ones are folded into `other`.
+MAX_SERIES: Final = 1000
+# From a cached mock answer (~10 ms) to a long generation with retries (60 s).
+MODEL_CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# A local SQLite insert (~1 ms) to a database that stalls (10 s).
+SINK_WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class _StatusCode(msgspec.Struct):
+    code: int
+
+
+_status_decoder: Final = msgspec.json.Decoder(_StatusCode)
+
+
+def code_name(code: object) -> str:
+    """`UNAVAILABLE` for 14; the number itself for a code we do not name."""
+    if isinstance(code, int) and code in Code._value2member_map_:
+        return Code(code).name
+    return str(code)
+
+
+def _reply_code(body: bytes) -> str:
+    # Error replies are rare: reading the code back from the body keeps `Outgoing` as it is.
+    try:
+        return code_name(_status_decoder.decode(body).code)
+    except msgspec.DecodeError:  # (ValidationError is one) never let counting break a settlement
+        return "unknown"
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children by label values, with `kind` filled in.
+
+    `prometheus_client`'s own `labels()` takes a lock and builds a key on every
+    call; this dict lookup is all the hot path pays once a label set was seen.
+    """
+
+    def __init__(self, metric: M, kind: str) -> None:
+        self._metric = metric
+        self._kind = kind
+        self._children: dict[tuple[str, ...], M] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._add(values)
+        return child
+
+    def _add(self, values: tuple[str, ...]) -> M:
+        with self._lock:
+            if len(self._children) >= MAX_SERIES:
+                # Not remembered under its own values: they are what must not pile up.
+                values = ("other",) * len(values)
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = self._metric.labels(self._kind, *values)
+            return child
+
+
+class WorkerMetrics:
+    """The metrics of one worker, in a registry of its own; every method is thread-safe and cheap.
+
+    Args:
+        kind: `primary` or `model`, the `kind` label of every metric.
+    """
+
+    def __init__(self, kind: str = "unserved") -> None:
+        self.kind = kind
+        self.registry = CollectorRegistry()
+        # CPU and memory of the worker process, as the global registry would have them.
+        ProcessCollector(registry=self.registry)
+        self._consumed = self._counter("messages_consumed", "Deliveries taken from the queue", "queue")
+        self._redelivered = self._counter("redeliveries", "Deliveries marked as redelivered", "queue")
+        self._given_up = self._counter("given_up", "Messages settled for good after too many deliveries", "queue")
+        self._replies = self._counter("replies_sent", "Replies the broker confirmed", "outcome", "code")
+        self._errors = self._counter("errors", "Models of a request that ended in error", "model", "code")
+        self._latency = self._histogram(
+            "model_call_seconds", "Wall time of a model call, retries included", MODEL_CALL_BUCKETS, "model"
+        )
+        self._in_flight = _Children(
+            Gauge(
+                "multillm_model_calls_in_flight", "Model calls running now", ["kind", "model"], registry=self.registry
+            ),
+            kind,
+        )
+        self._retries = self._counter("retries", "Retries of model calls", "model", "reason")
+        self._fanout = self._counter("fanout_copies", "Fan-out copies published", "model", "result")
+        self._publish_failures = self._counter(
+            "publish_failures", "Replies and dead letters the broker did not take", "target", "result"
+        )
+        self._dead_letters = self._counter("dead_letters", "Messages put into multillm.dead", "queue", "code")
+        self._sink_latency = self._histogram(
+            "sink_write_seconds", "Time of one write of a record to the sink", SINK_WRITE_BUCKETS
+        )
+        self._sink_failures = self._counter("sink_write_failures", "Sink writes that raised")
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> _Children[Counter]:
+        metric = Counter(f"multillm_{name}", documentation, ["kind", *labels], registry=self.registry)
+        return _Children(metric, self.kind)
+
+    def _histogram(
+        self, name: str, documentation: str, buckets: tuple[float, ...], *labels: str
+    ) -> _Children[Histogram]:
+        metric = Histogram(
+            f"multillm_{name}", documentation, ["kind", *labels], buckets=buckets, registry=self.registry
+        )
+        return _Children(metric, self.kind)
+
+    # --- the consumer loop ---------------------------------------------------
+
+    def consumed(self, queue: str, redelivered: bool, given_up: bool) -> None:
+        """A delivery arrived on `queue`."""
+        self._consumed(queue).inc()
+        if redelivered:
+            self._redelivered(queue).inc()
+        if given_up:
+            self._given_up(queue).inc()
+
+    def published(self, message: Outgoing, result: str) -> None:
+        """The broker answered a publish: `ok`, `unroutable` (no queue took it) or `refused` (nacked)."""
+        exchange = message.exchange
+        if exchange == contract.MODEL_EXCHANGE:
+            self._fanout(message.routing_key, "published" if result == "ok" else result).inc()
+        elif result != "ok":
+            target = "reply" if exchange == "" else "dead_letter" if exchange == contract.DEAD_EXCHANGE else "other"
+            self._publish_failures(target, result).inc()
+        elif exchange == "":
+            if message.properties.type == contract.TYPE_ERROR:
+                self._replies("error", _reply_code(message.body)).inc()
+            else:
+                self._replies("ok", "OK").inc()
+        elif exchange == contract.DEAD_EXCHANGE:
+            headers = message.properties.headers or {}
+            queue = str(headers.get(contract.HEADER_SOURCE_QUEUE, ""))
+            self._dead_letters(queue, code_name(headers.get(contract.HEADER_ERROR_CODE))).inc()
+
+    # --- model calls ------------------------------------------------------------
+
+    def call_started(self, model: str) -> None:
+        self._in_flight(model).inc()
+
+    def call_ended(self, model: str) -> None:
+        self._in_flight(model).dec()
+
+    def recorded(self, record: LLMLogRecord) -> None:
+        """A model's outcome became a record: its latency if it was called, its error code if it failed."""
+        if record.attempts:
+            self._latency(record.model_name).observe((record.latency_ms or 0.0) / 1000)
+        if record.status != "ok":
+            self._errors(record.model_name, code_name(record.error_code)).inc()
+
+    def retried(self, model: str, reason: str) -> None:
+        """A model call is about to be tried again after `reason` (an HTTP status or an error type)."""
+        self._retries(model, reason).inc()
+
+    # --- the sink ---------------------------------------------------------------
+
+    def sink_written(self, seconds: float, failed: bool) -> None:
+        self._sink_latency().observe(seconds)
+        if failed:
+            self._sink_failures().inc()
+
+
+def serve(metrics: WorkerMetrics, port: int, host: str = "0.0.0.0") -> int:
+    """Serve `metrics` at `http://host:port/metrics` from a daemon thread; returns the port (0 picks a free one).
+
+    Raises:
+        ConfigError: the port cannot be bound (in use, or not ours to take).
+    """
+    try:
+        server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+        raise ConfigError(f"metrics port {port} {reason}; pick another with --metrics-port") from None
+    chosen: int = server.server_port
+    log.info("metrics.serving", port=chosen, url=f"http://{host}:{chosen}/metrics")
+    return chosen
+
+
+__all__ = ["MAX_SERIES", "WorkerMetrics", "code_name", "serve"]
