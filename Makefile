@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test chaos lint typecheck services clean
+.PHONY: demo test chaos bench lint typecheck services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -21,6 +21,13 @@ demo: $(VENV)/.installed
 chaos: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker
 	$(VENV)/bin/multillm --log-level error chaos --requests 3000 --duration 150
+
+# The six scenarios of docs/benchmarks.md, each against its baseline in the same run (about 10 minutes);
+# rewrites the generated part of docs/benchmarks.md and docs/benchmarks.png.
+bench: $(VENV)/.installed
+	@PY=$(PY) bash scripts/services.sh broker
+	@PY=$(PY) bash scripts/services.sh postgres
+	$(VENV)/bin/multillm --log-level error bench --output docs/benchmarks.md
 
 services:
 	@PY=$(PY) bash scripts/services.sh broker --install

@@ -40,6 +40,12 @@ class GroupCommitSink:
         self._writer = threading.Thread(target=self._write_batches, name="sink-writer", daemon=True)
         self._writer.start()
 
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer (not counting the batch it is writing)."""
+        with self._lock:
+            return len(self._waiting)
+
     def write(self, record: LLMLogRecord) -> bool:
         """Store `record` with whatever else is waiting; False if its `log_id` was already stored.
 

@@ -1,0 +1,66 @@
+"""`multillm bench --quick`: every scenario runs end to end, so that the benchmark cannot rot.
+
+Its figures are not asserted (the machines are noisy); what is asserted is that
+each scenario measured something, against its baseline, and wrote it down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from multillm.bench import SCENARIOS
+from multillm.cli.rabbitmq import rabbitmqctl
+from tests.conftest import ADMIN_URL
+
+HAND_WRITTEN = (
+    "# Benchmarks\n\nAnalysis that a new run must keep.\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nTail.\n"
+)
+
+
+def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    page.write_text(HAND_WRITTEN)
+    env = {**os.environ, "MULTILLM_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F", "MULTILLM_CONFIG": ""}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "multillm",
+            "--log-level",
+            "error",
+            "bench",
+            "--quick",
+            "--output",
+            str(page),
+            "--postgres-url",
+            ADMIN_URL,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for number in range(1, len(SCENARIOS) + 1):
+        assert f"[{number}/{len(SCENARIOS)}]" in done.stderr  # progress, one line per scenario
+
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nAnalysis that a new run must keep.") and text.endswith("Tail.\n")
+    assert "\nold\n" not in text
+    tables = {block.split("\n", 1)[0]: block for block in text.split("### ")[1:]}
+    for heading in ("1. Overhead", "2. Throughput", "3. Slow models", "4. Fan-out cost", "5. Sinks", "6. Horizontal"):
+        [block] = [b for title, b in tables.items() if title.startswith(heading)]
+        data_rows = [line for line in block.splitlines() if line.startswith("| ")][1:]
+        assert data_rows and all(any(ch.isdigit() for ch in row) for row in data_rows), block
+    # Each system of the throughput scenario was measured, and each sink.
+    for name in ("multillm", "bare pika loop", "celery", "jsonl", "sqlite", "postgresql"):
+        assert f"| {name} |" in text, name
+    verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
+    assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
+    assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
+    # The scratch vhost and database are gone.
+    assert "multillm-bench-" not in rabbitmqctl("list_vhosts")
