@@ -23,7 +23,7 @@ HAND_WRITTEN = (
 def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path) -> None:
     page = tmp_path / "benchmarks.md"
     page.write_text(HAND_WRITTEN)
-    env = {**os.environ, "MULTILLM_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F", "MULTILLM_CONFIG": ""}
+    env = {**os.environ, "MULTILLM_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F"}
     done = subprocess.run(
         [
             sys.executable,

@@ -20,7 +20,7 @@ from pathlib import Path
 from multillm import contract
 from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
 from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
-from multillm.config import ENV_CONFIG
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
 from multillm.mock_llm import MockControl
 from multillm.producers.publishing import connect, declare_queues
 
@@ -82,7 +82,8 @@ class Bench:
         self.sink_url = sink_url
         self.log_path = str(folder / "processes.log")
         config = write_worker_config(folder, broker_url=broker_url, sink_url=sink_url, mock_url=mock_url)
-        self.worker_env = {ENV_CONFIG: str(config)}
+        # The environment overrides the file: a caller's MULTILLM_BROKER_URL must not send workers elsewhere.
+        self.worker_env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url, ENV_SINK_URL: sink_url}
 
     def set_latency(self, latency_ms: float) -> None:
         self.mock.set_fault("*", latency_ms=latency_ms)
