@@ -56,7 +56,8 @@ def model_queue(model_name: str) -> str:
 # A message that has been delivered this many times without an ack goes to
 # `multillm.dead`. Fixed here rather than configurable: producers and workers
 # both declare the queues, and RabbitMQ refuses a redeclaration whose arguments
-# differ. Operators tune it with a policy, which needs no redeclaration.
+# differ. A policy cannot raise it (the lower value wins) and must not lower it
+# below GIVE_UP_AT_DELIVERY_COUNT + 1, or the broker dead-letters first.
 DELIVERY_LIMIT: Final = 5
 # Workers give up on a message themselves one delivery before the broker would:
 # that way the message still gets its reply or record, and its dead letter has

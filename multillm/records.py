@@ -7,6 +7,7 @@ keeps exactly one record per model per request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ def request_id_for(message_id: str | None, correlation_id: str | None, body: byt
     return str(uuid.uuid5(_NAMESPACE, digest))
 
 
+@functools.lru_cache(maxsize=4096)  # asked for three times per model call (logging, record, copy)
 def log_id_for(request_id: str, model_index: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{request_id}/{model_index}"))
 

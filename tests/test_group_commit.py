@@ -98,7 +98,7 @@ def test_a_failed_batch_raises_in_every_caller_of_that_batch(tmp_path: object, m
     assert set(results) == {f"log-{i}" for i in range(5)}
     assert all(isinstance(r, OSError) and "disk full" in str(r) for r in results.values())
     counting.fail_with = None
-    assert grouped.write(record("after", index=9)) is True  # the writer survives a failed batch
+    assert grouped.write(record("after", index=9)) is True  # a failed batch leaves the sink usable
     grouped.close()
     with pytest.raises(RuntimeError, match="closed"):
         grouped.write(record("too late"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from multillm.schemas import V1CreateMultiLLMChatCompletionRequest
 
 PROMPT = "Say something short about message queues."
 
+# Threads publishing requests; the Client's producer pool has 8 producers.
+SENDERS = 4
+
 MakeRequest = Callable[[int], V1CreateMultiLLMChatCompletionRequest]
 
 
@@ -26,10 +30,25 @@ class Run(msgspec.Struct):
     errors: int
     seconds: float
     latencies_ms: list[float]
+    # When each reply came, in seconds from the first publish, in order.
+    finished_at: list[float] = msgspec.field(default_factory=list)
 
     @property
     def per_second(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_per_second(self) -> float:
+        """Replies per second between the 20th and the 80th percentile of reply times.
+
+        Leaves out the start (slots still filling) and the end (slots emptying, nothing
+        sent any more), which with 1 s calls are a large part of a short run.
+        """
+        if len(self.finished_at) < 10:
+            return self.per_second
+        first, last = int(len(self.finished_at) * 0.2), int(len(self.finished_at) * 0.8)
+        span = self.finished_at[last] - self.finished_at[first]
+        return (last - first) / span if span > 0 else self.per_second
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,18 +70,28 @@ def keep_in_flight(
     total: int,
     in_flight: int,
     timeout: float = 300.0,
+    ramp_seconds: float = 0.0,
 ) -> Run:
-    """Send `total` requests, never more than `in_flight` unanswered; time each from publish to reply."""
+    """Send `total` requests, never more than `in_flight` unanswered; time each from publish to reply.
+
+    With `ramp_seconds`, the first `in_flight` requests are spread over that time
+    rather than sent at once: with slow calls, all of them would otherwise finish
+    together and restart together, in waves that no real traffic makes.
+    """
     slots = threading.BoundedSemaphore(in_flight)
     lock = threading.Lock()
     latencies: list[float] = []
     errors = 0
     finished = threading.Event()
 
+    finished_at: list[float] = []
+
     def on_done(future: Future[Any], *, sent: float) -> None:
         nonlocal errors
-        elapsed = (time.perf_counter() - sent) * 1000
+        now = time.perf_counter()
+        elapsed = (now - sent) * 1000
         with lock:
+            finished_at.append(now - started)
             if future.exception() is None:
                 latencies.append(elapsed)
             else:
@@ -71,16 +100,28 @@ def keep_in_flight(
                 finished.set()
         slots.release()
 
+    counter = itertools.count()
+
+    def send() -> None:
+        # Several threads publish, as a service's request handlers would: one publish waits
+        # for its confirm, and one thread alone could not keep hundreds of requests in flight.
+        while (i := next(counter)) < total:
+            if not slots.acquire(timeout=timeout):
+                return
+            if i < in_flight and ramp_seconds:
+                time.sleep(max(0.0, started + ramp_seconds * i / in_flight - time.perf_counter()))
+            sent = time.perf_counter()
+            future = client.submit(make(i), timeout=timeout)
+            future.add_done_callback(partial(on_done, sent=sent))
+
     started = time.perf_counter()
-    for i in range(total):
-        if not slots.acquire(timeout=timeout):
-            raise TimeoutError(f"no reply within {timeout:g}s with {in_flight} requests in flight")
-        sent = time.perf_counter()
-        future = client.submit(make(i), timeout=timeout)
-        future.add_done_callback(partial(on_done, sent=sent))
+    senders = [threading.Thread(target=send, daemon=True) for _ in range(SENDERS)]
+    for sender in senders:
+        sender.start()
     if not finished.wait(timeout):
         raise TimeoutError(f"only {len(latencies) + errors} of {total} replies within {timeout:g}s")
-    return Run(requests=total, errors=errors, seconds=time.perf_counter() - started, latencies_ms=latencies)
+    seconds = time.perf_counter() - started
+    return Run(requests=total, errors=errors, seconds=seconds, latencies_ms=latencies, finished_at=sorted(finished_at))
 
 
 def windowed(submit: Callable[[int], Callable[[], object]], *, total: int, in_flight: int) -> Run:

@@ -3,10 +3,12 @@
 A worker's pool threads each write one record per message and must know it is
 stored before the message is acked. One transaction per record made them queue
 on the sink's lock (profiled: 8 threads spent most of their sink time waiting
-for it). Here a writer thread takes everything waiting and stores it with one
-`write_many`; each caller still blocks until its own record's batch is stored,
-and gets its own result or the batch's exception. A lone record is written at
-once: batches form only when writes overlap, so nothing waits for a timer.
+for it). Here the first thread to arrive while nobody writes becomes the writer:
+it stores everything waiting with one `write_many`, its own record included,
+while later arrivals wait for it (or for the next writer among them). Each
+caller still returns only once its own record's batch is stored, with its own
+result or the batch's exception. A lone record is written at once by its own
+thread: no hand-off to another thread, and nothing waits for a timer.
 """
 
 from __future__ import annotations
@@ -34,16 +36,15 @@ class GroupCommitSink:
     def __init__(self, inner: Sink, observe: Callable[[float, bool], None] = lambda seconds, failed: None) -> None:
         self._inner = inner
         self._observe = observe
-        self._lock = threading.Condition()
+        self._changed = threading.Condition()
         self._waiting: list[tuple[LLMLogRecord, Future[bool]]] = []
+        self._writing = False
         self._closed = False
-        self._writer = threading.Thread(target=self._write_batches, name="sink-writer", daemon=True)
-        self._writer.start()
 
     @property
     def queued(self) -> int:
-        """Records waiting for the writer (not counting the batch it is writing)."""
-        with self._lock:
+        """Records waiting for a writer (not counting the batch being written)."""
+        with self._changed:
             return len(self._waiting)
 
     def write(self, record: LLMLogRecord) -> bool:
@@ -56,11 +57,24 @@ class GroupCommitSink:
 
     def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         futures: list[Future[bool]] = [Future() for _ in records]
-        with self._lock:
+        with self._changed:
             if self._closed:
                 raise RuntimeError("the sink is closed")
             self._waiting.extend(zip(records, futures, strict=True))
-            self._lock.notify()
+        while not all(f.done() for f in futures):
+            with self._changed:
+                while self._writing and not all(f.done() for f in futures):
+                    self._changed.wait()
+                if all(f.done() for f in futures):
+                    break
+                self._writing = True
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            try:
+                self._write(batch)
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
         return [f.result() for f in futures]
 
     def records(
@@ -69,32 +83,25 @@ class GroupCommitSink:
         return self._inner.records(request_id, limit, where=where)
 
     def close(self) -> None:
-        """Store what is waiting, stop the writer, close the inner sink."""
-        with self._lock:
+        """Wait for the batch being written, then close the inner sink."""
+        with self._changed:
             self._closed = True
-            self._lock.notify()
-        self._writer.join()
+            while self._writing:
+                self._changed.wait()
         self._inner.close()
 
-    def _write_batches(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if not self._waiting:
-                    return
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            started = time.perf_counter()
-            try:
-                results = self._inner.write_many([record for record, _ in batch])
-            except Exception as exc:
-                self._observed(started, len(batch), failed=True)
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            self._observed(started, len(batch), failed=False)
-            for (_, future), written in zip(batch, results, strict=True):
-                future.set_result(written)
+    def _write(self, batch: list[tuple[LLMLogRecord, Future[bool]]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._inner.write_many([record for record, _ in batch])
+        except Exception as exc:
+            self._observed(started, len(batch), failed=True)
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        self._observed(started, len(batch), failed=False)
+        for (_, future), written in zip(batch, results, strict=True):
+            future.set_result(written)
 
     def _observed(self, started: float, count: int, *, failed: bool) -> None:
         seconds = time.perf_counter() - started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from multillm.config import Settings
 from multillm.errors import ConfigError
 from multillm.metrics import WorkerMetrics, serve
@@ -32,6 +34,15 @@ def _metrics(kind: str, port: int | None) -> WorkerMetrics:
     return metrics
 
 
+def _tune_gc() -> None:
+    # A worker allocates many short-lived objects per message, freed by reference counting;
+    # cycles are rare. Freezing what start-up built (modules, the SDK, pika) keeps the
+    # collector from re-scanning it, and fewer gen-0 collections cut its share of the CPU
+    # (bench, slow models at 512: about 7% more requests per second).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
+
+
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
     """Serve `multillm.requests` until SIGTERM; returns the exit code.
 
@@ -40,6 +51,7 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     """
     metrics = _metrics("primary", metrics_port)
     providers, runner = _runner(settings, metrics)
+    _tune_gc()
     handler = PrimaryHandler(providers, runner, settings.max_body_bytes)
     return Consumer(
         settings.broker_url,
@@ -65,6 +77,7 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
     handler = ModelHandler(model, runner, settings.max_body_bytes)
+    _tune_gc()
     return Consumer(
         settings.broker_url,
         handler,

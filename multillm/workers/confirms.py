@@ -119,6 +119,14 @@ class PipelinedConfirms:
             )
             self._next_tag += 1
 
+    def ack(self, delivery_tag: int) -> None:
+        """Ack a delivery; the frame leaves with the connection's next write, not a flush of its own."""
+        self._channel.basic_ack(delivery_tag)
+
+    def nack(self, delivery_tag: int) -> None:
+        """Reject a delivery back to its queue (the queue's delivery limit bounds how often)."""
+        self._channel.basic_nack(delivery_tag, requeue=True)
+
     @property
     def unconfirmed(self) -> int:
         return len(self._unconfirmed)

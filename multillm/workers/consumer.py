@@ -4,8 +4,10 @@ Threading rule (as in pika's threaded consumer example and dramatiq's RabbitMQ
 consumer): the thread that calls `Consumer.run` owns the connection and is the
 only one that touches a pika object: it receives deliveries, publishes, acks.
 Model calls and sink writes run on a fixed pool of `concurrency` threads; a pool
-thread hands its `Settlement` back with `add_callback_threadsafe`, so the
-connection's thread never blocks on a model and heartbeats keep flowing.
+thread hands its `Settlement` back through `Handback` (`add_callback_threadsafe`,
+once for all that finished meanwhile), so the connection's thread never blocks on
+a model and heartbeats keep flowing. Publishes and acks go out on the channel
+without waiting (`PipelinedConfirms`); a delivery is acked once what it owes is confirmed.
 
 A delivery is settled in exactly one place, `Consumer.settle`: publish what is
 owed (confirmed), then ack; or, when the broker would not take what is owed,
@@ -26,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import FrameType
 
@@ -41,7 +42,9 @@ from multillm.errors import Code, ConfigError
 from multillm.metrics import WorkerMetrics
 from multillm.redact import redact_body
 from multillm.workers.confirms import PipelinedConfirms
+from multillm.workers.handback import Handback
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
+from multillm.workers.pool import ThreadPool
 
 log = structlog.get_logger(__name__)
 
@@ -85,10 +88,11 @@ class Consumer:
         self._concurrency = concurrency
         self._grace = grace_seconds
         self._declare = (handler.queue, contract.dead_queue())
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model-call")
+        self._pool = ThreadPool(concurrency, "model-call")
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._confirms: PipelinedConfirms | None = None
+        self._handback = Handback(self.settle)
         self._generation = 0
         self._cancelled = False
         self._in_flight: set[int] = set()
@@ -121,11 +125,11 @@ class Consumer:
         self._wait_for_running_calls()
         self._close()
         abandoned = self._running_calls()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
         if abandoned:
-            # Calls still running past the grace period would hold the process open
-            # (pool threads are not daemons); their messages are redelivered.
+            # Calls still running past the grace period are left (their messages are redelivered).
+            # Exit without the interpreter's finalization, which a thread inside a call could trip.
             sys.stderr.flush()
             os._exit(0)
         return 0
@@ -171,6 +175,7 @@ class Consumer:
         self._generation += 1
         self._connection, self._channel, self._in_flight, self._cancelled = connection, channel, set(), False
         self._confirms = confirms
+        self._handback.attach(connection)
         self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
 
@@ -209,6 +214,7 @@ class Consumer:
         if self._connection is not None and self._connection.is_open:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 self._connection.close()
+        self._handback.attach(None)
         self._connection = self._channel = self._confirms = None
         self._in_flight = set()
 
@@ -298,11 +304,11 @@ class Consumer:
         """Ack when everything owed was taken; otherwise requeue (the delivery limit bounds how often)."""
         if not self._current(delivery):
             return
-        assert self._channel is not None
+        assert self._confirms is not None
         if all(taken):
-            self._channel.basic_ack(delivery.tag)
+            self._confirms.ack(delivery.tag)
         else:
-            self._channel.basic_nack(delivery.tag, requeue=True)
+            self._confirms.nack(delivery.tag)
         self._in_flight.discard(delivery.tag)
 
     def _last_resort(self, delivery: Delivery) -> Outgoing:
@@ -316,17 +322,13 @@ class Consumer:
         return Outgoing(contract.DEAD_EXCHANGE, "", redact_body(delivery.body), props)
 
     def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
-        connection = self._connection
-        assert connection is not None
         with self._running_lock:
             self._running += 1
-        self._pool.submit(self._run_work, connection, delivery, work)
+        self._pool.submit(partial(self._run_work, delivery, work))
 
     # --- pool threads -------------------------------------------------------
 
-    def _run_work(
-        self, connection: pika.BlockingConnection, delivery: Delivery, work: Callable[[], Settlement]
-    ) -> None:
+    def _run_work(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
         try:
             if delivery.generation != self._generation:
                 # Queued behind a call while the connection was lost: the broker has
@@ -339,10 +341,7 @@ class Consumer:
                     "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
                 )
                 settlement = self._handler.on_error(delivery, exc)
-            try:
-                connection.add_callback_threadsafe(partial(self.settle, delivery, settlement))
-            except pika.exceptions.ConnectionWrongStateError:
-                log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+            self._handback.put(delivery, settlement)
         finally:
             with self._running_lock:
                 self._running -= 1
