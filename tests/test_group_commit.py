@@ -20,6 +20,7 @@ class _CountingSink:
         self.inner = inner
         self.batches: list[int] = []
         self.fail_with: Exception | None = None
+        self.refuse: str | None = None  # a log_id the "database" refuses, failing its whole batch
         self.release = threading.Event()
         self.release.set()
         self.entered = threading.Event()
@@ -33,6 +34,8 @@ class _CountingSink:
         self.batches.append(len(records))
         if self.fail_with:
             raise self.fail_with
+        if self.refuse in {r.log_id for r in records}:
+            raise ValueError(f"refused {self.refuse}")
         return self.inner.write_many(records)
 
     def records(
@@ -102,3 +105,22 @@ def test_a_failed_batch_raises_in_every_caller_of_that_batch(tmp_path: object, m
     grouped.close()
     with pytest.raises(RuntimeError, match="closed"):
         grouped.write(record("too late"))
+
+
+def test_a_record_the_sink_refuses_fails_only_its_own_caller(make_sink: object) -> None:
+    counting = _CountingSink(make_sink())  # type: ignore[operator]
+    grouped = GroupCommitSink(counting)
+    counting.refuse = "bad"
+    counting.release.clear()
+    first = threading.Thread(target=grouped.write, args=(record("first", index=0),))
+    first.start()
+    assert counting.entered.wait(10)
+    batch = [record(f"log-{i}", index=i + 1) for i in range(5)] + [record("bad", index=9)]
+    threading.Thread(target=_release_when_queued, args=(grouped, counting, len(batch))).start()
+    results = _write_from_threads(grouped, batch)
+    first.join(10)
+    assert {k: v for k, v in results.items() if k != "bad"} == {f"log-{i}": True for i in range(5)}
+    assert isinstance(results["bad"], ValueError)
+    assert counting.batches[:2] == [1, 6]  # the shared batch failed, then each record went alone
+    assert {r.log_id for r in counting.inner.records()} == {"first", *(f"log-{i}" for i in range(5))}
+    grouped.close()

@@ -71,12 +71,51 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
+def broker_pid() -> int | None:
+    """The local RabbitMQ's Erlang VM, if it runs on this machine."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text().strip() == "beam.smp":
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent on anything but idling, all cores, since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / _CLOCK_TICKS
+
+
+class CpuShares:
+    """Who used the CPU during a run: each named process, and the whole machine, in % of one core."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self._pids = pids
+        self._start = time.monotonic()
+        self._machine = machine_busy_seconds()
+        self._before = {name: self._seconds(ids) for name, ids in pids.items()}
+
+    @staticmethod
+    def _seconds(pids: list[int]) -> float:
+        return sum(cpu_seconds(pid) for pid in pids)
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self._start
+        shares = {name: (self._seconds(ids) - self._before[name]) / wall * 100 for name, ids in self._pids.items()}
+        shares["machine"] = (machine_busy_seconds() - self._machine) / wall * 100
+        return shares
+
+
 class Bench:
     """The broker vhost, the mock and the folder of one benchmark run; scenarios start workers in it."""
 
-    def __init__(self, broker_url: str, mock_url: str, folder: Path, sink_url: str) -> None:
+    def __init__(self, broker_url: str, mock_url: str, folder: Path, sink_url: str, mock_pid: int) -> None:
         self.broker_url = broker_url
         self.mock_url = mock_url
+        self.mock_pid = mock_pid
         self.mock = MockControl(mock_url)
         self.folder = folder
         self.sink_url = sink_url
@@ -155,4 +194,4 @@ def bench_environment(broker_url: str, sink_url: str | None = None) -> Iterator[
         stack.callback(mock.stop)
         mock_url = f"http://127.0.0.1:{port}/v1"
         MockControl(mock_url).wait_ready()
-        yield Bench(vhost_url, mock_url, folder, sink_url or f"sqlite:///{folder / 'records.db'}")
+        yield Bench(vhost_url, mock_url, folder, sink_url or f"sqlite:///{folder / 'records.db'}", mock.pid)

@@ -7,7 +7,8 @@ for it). Here the first thread to arrive while nobody writes becomes the writer:
 it stores everything waiting with one `write_many`, its own record included,
 while later arrivals wait for it (or for the next writer among them). Each
 caller still returns only once its own record's batch is stored, with its own
-result or the batch's exception. A lone record is written at once by its own
+result. A batch that fails is written again record by record, so that a record
+the database refuses fails its own caller only. A lone record is written at once by its own
 thread: no hand-off to another thread, and nothing waits for a timer.
 """
 
@@ -19,8 +20,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Final
 
+import structlog
+
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import RecordFilter, Sink
+
+log = structlog.get_logger(__name__)
 
 MAX_BATCH: Final = 500
 
@@ -91,19 +96,46 @@ class GroupCommitSink:
         self._inner.close()
 
     def _write(self, batch: list[tuple[LLMLogRecord, Future[bool]]]) -> None:
+        """Store a batch; if it fails as a whole, each record alone, so that one bad record
+        (one the database refuses) fails only its own caller. Every future is settled."""
+        try:
+            try:
+                self._settle(batch, self._timed(batch))
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0][1].set_exception(exc)
+                    return
+                for one in batch:
+                    if one[1].done():
+                        continue
+                    try:
+                        self._settle([one], self._timed([one]))
+                    except Exception as single:
+                        one[1].set_exception(single)
+        finally:
+            for _, future in batch:
+                if not future.done():  # only a bug gets here; never leave a caller waiting
+                    future.set_exception(RuntimeError("the record was not stored"))
+
+    def _timed(self, batch: list[tuple[LLMLogRecord, Future[bool]]]) -> list[bool]:
         started = time.perf_counter()
         try:
             results = self._inner.write_many([record for record, _ in batch])
-        except Exception as exc:
+        except Exception:
             self._observed(started, len(batch), failed=True)
-            for _, future in batch:
-                future.set_exception(exc)
-            return
+            raise
         self._observed(started, len(batch), failed=False)
+        return results
+
+    @staticmethod
+    def _settle(batch: list[tuple[LLMLogRecord, Future[bool]]], results: list[bool]) -> None:
         for (_, future), written in zip(batch, results, strict=True):
             future.set_result(written)
 
     def _observed(self, started: float, count: int, *, failed: bool) -> None:
         seconds = time.perf_counter() - started
-        for _ in range(count):
-            self._observe(seconds, failed)
+        try:
+            for _ in range(count):
+                self._observe(seconds, failed)
+        except Exception:  # counting must never fail a write
+            log.exception("sink.observe_failed")

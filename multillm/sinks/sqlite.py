@@ -86,10 +86,12 @@ class SqliteSink(SqlReader):
             try:
                 # A later copy of an id in the batch conflicts with the first, so it reports False too.
                 written = [self._conn.execute(_INSERT, row).rowcount == 1 for row in rows]
+                self._conn.commit()
             except BaseException:
-                self._conn.rollback()
+                # Also after a failed COMMIT: a transaction left open would fail every later BEGIN.
+                if self._conn.in_transaction:
+                    self._conn.rollback()
                 raise
-            self._conn.commit()
         return written
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:

@@ -10,7 +10,10 @@ delivery tags, and run each publish's callback once its confirm arrives.
 
 A mandatory message that no queue takes comes back as `Basic.Return` before its
 `Basic.Ack`; the return is matched to the publish by exchange, routing key and
-message and correlation ids, which are unique among a worker's unconfirmed messages.
+message and correlation ids. Those are unique among a worker's unconfirmed
+messages but for rare duplicates (a request delivered twice at once); when a
+return matches several, all of them count as not taken: a reply dead-lettered
+twice is better than one lost.
 
 Threads: only the connection's thread touches this, as every pika object.
 """
@@ -137,11 +140,16 @@ class PipelinedConfirms:
         self, channel: Any, method: pika.spec.Basic.Return, props: pika.BasicProperties, body: bytes
     ) -> None:
         key = _key(method.exchange, method.routing_key, props)
-        match = next((u for u in self._unconfirmed.values() if u.key == key and not u.returned), None)
-        if match is None:
-            log.warning("publish.return_unmatched", exchange=method.exchange, routing_key=method.routing_key)
-            return
-        match.returned = True
+        matches = [u for u in self._unconfirmed.values() if u.key == key and not u.returned]
+        if len(matches) != 1:
+            log.warning(
+                "publish.return_ambiguous" if matches else "publish.return_unmatched",
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                candidates=len(matches),
+            )
+        for match in matches:
+            match.returned = True
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
@@ -165,8 +173,17 @@ class PipelinedConfirms:
     def _run_done(self) -> None:
         self._scheduled = False
         done, self._done = self._done, []
+        failed: Exception | None = None
         for batch in done:
-            self._finish(batch)
+            try:
+                self._finish(batch)
+            except Exception as exc:  # a bug in a callback: the others still run
+                log.exception("publish.callback_failed")
+                failed = failed or exc
+        if failed is not None:
+            # Its delivery would stay unacked for ever: reconnect, so that the broker redelivers
+            # it (the queue's delivery limit bounds how often).
+            raise failed
 
     @staticmethod
     def _finish(batch: _Batch) -> None:

@@ -215,6 +215,8 @@ class Consumer:
             with contextlib.suppress(*_CONNECTION_ERRORS):
                 self._connection.close()
         self._handback.attach(None)
+        # Tasks still queued for the closed connection are skipped, even while reconnecting.
+        self._generation += 1
         self._connection = self._channel = self._confirms = None
         self._in_flight = set()
 
@@ -322,6 +324,8 @@ class Consumer:
         return Outgoing(contract.DEAD_EXCHANGE, "", redact_body(delivery.body), props)
 
     def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
+        if not self._current(delivery):
+            return  # the broker redelivers it: calling the model now would be paid twice
         with self._running_lock:
             self._running += 1
         self._pool.submit(partial(self._run_work, delivery, work))
