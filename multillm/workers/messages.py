@@ -50,9 +50,14 @@ class Outgoing:
 
 @dataclass(slots=True)
 class Settlement:
-    """What a delivery owes before it is acked: the messages to publish (confirmed) first."""
+    """What a delivery owes before it is acked: the messages to publish (confirmed) first.
+
+    `requeue`: nothing was done; put the message back for any worker (one that was
+    waiting for a thread when its worker began to stop).
+    """
 
     publishes: list[Outgoing] = field(default_factory=list)
+    requeue: bool = False
 
 
 class Io(Protocol):
