@@ -72,11 +72,18 @@ def _json(items: Sequence[msgspec.Struct]) -> str:
     return msgspec.json.format(msgspec.json.encode(items).decode(), indent=2)
 
 
+PIPED_WIDTH = 160
+
+
 def _print(output: str | Table) -> None:
     if isinstance(output, str):
         print(output)  # JSON stays one plain document: no wrapping, no colour
     else:
-        Console().print(output)
+        console = Console()
+        if not console.is_terminal:
+            # Piped into a file or a pager: rich would assume 80 columns and fold model names.
+            console = Console(width=PIPED_WIDTH)
+        console.print(output)
 
 
 def side_by_side_table(records: Sequence[LLMLogRecord]) -> Table:
