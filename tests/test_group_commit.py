@@ -69,19 +69,26 @@ def test_writes_that_overlap_are_stored_in_fewer_transactions_with_each_callers_
     counting = _CountingSink(sink)
     grouped = GroupCommitSink(counting)
     sink.write(record("already", index=0))
-    # Hold the writer inside its first batch, so that the other writes queue up behind it.
-    counting.release.clear()
-    first = threading.Thread(target=grouped.write, args=(record("first", index=1),))
-    first.start()
-    assert counting.entered.wait(10)
     later = [record(f"log-{i}", index=i + 2) for i in range(20)] + [record("already", index=0)]
-    threading.Thread(target=_release_when_queued, args=(grouped, counting, len(later))).start()
-    results = _write_from_threads(grouped, later)
-    first.join(10)
+    results = _behind_a_held_writer(grouped, counting, record("first", index=1), later)
     assert results == {**{f"log-{i}": True for i in range(20)}, "already": False}
     assert counting.batches == [1, 21]  # the first alone, then everything that waited for it, together
     assert {r.log_id for r in sink.records()} == {"already", "first", *(f"log-{i}" for i in range(20))}
     grouped.close()
+
+
+def _behind_a_held_writer(
+    grouped: GroupCommitSink, counting: _CountingSink, first: LLMLogRecord, later: list[LLMLogRecord]
+) -> dict[str, bool | Exception]:
+    """Write `first` and hold the writer inside its batch until all of `later` queue behind it."""
+    counting.release.clear()
+    writer = threading.Thread(target=grouped.write, args=(first,))
+    writer.start()
+    assert counting.entered.wait(10)
+    threading.Thread(target=_release_when_queued, args=(grouped, counting, len(later))).start()
+    results = _write_from_threads(grouped, later)
+    writer.join(10)
+    return results
 
 
 def _release_when_queued(grouped: GroupCommitSink, counting: _CountingSink, count: int) -> None:
@@ -111,14 +118,8 @@ def test_a_record_the_sink_refuses_fails_only_its_own_caller(make_sink: object) 
     counting = _CountingSink(make_sink())  # type: ignore[operator]
     grouped = GroupCommitSink(counting)
     counting.refuse = "bad"
-    counting.release.clear()
-    first = threading.Thread(target=grouped.write, args=(record("first", index=0),))
-    first.start()
-    assert counting.entered.wait(10)
     batch = [record(f"log-{i}", index=i + 1) for i in range(5)] + [record("bad", index=9)]
-    threading.Thread(target=_release_when_queued, args=(grouped, counting, len(batch))).start()
-    results = _write_from_threads(grouped, batch)
-    first.join(10)
+    results = _behind_a_held_writer(grouped, counting, record("first", index=0), batch)
     assert {k: v for k, v in results.items() if k != "bad"} == {f"log-{i}": True for i in range(5)}
     assert isinstance(results["bad"], ValueError)
     assert counting.batches[:2] == [1, 6]  # the shared batch failed, then each record went alone
