@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from multillm.bench.common import Section
 from multillm.bench.drive import percentile
-from multillm.bench.scenarios import Section
 
 START: Final = "<!-- bench:start -->"
 END: Final = "<!-- bench:end -->"

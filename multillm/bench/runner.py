@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from multillm.bench import SCENARIOS, scenarios
+from multillm.bench import SCENARIOS, overhead, scale, sink_rates, slow, throughput
+from multillm.bench.common import Section, Sizes
 from multillm.bench.harness import Bench, bench_environment
-from multillm.bench.scenarios import Section, Sizes
 
 
 def run_bench(
@@ -21,12 +21,12 @@ def run_bench(
     sizes = Sizes.quick() if quick else Sizes()
     chosen = [name for name in SCENARIOS if not only or name in only]
     runners: dict[str, Callable[[Bench], Section]] = {
-        "overhead": lambda b: scenarios.overhead(b, sizes),
-        "throughput": lambda b: scenarios.throughput(b, sizes),
-        "slow": lambda b: scenarios.slow_models(b, sizes),
-        "fanout": lambda b: scenarios.fanout_cost(b, sizes),
-        "sinks": lambda b: scenarios.sinks(b, sizes, postgres_url),
-        "scale": lambda b: scenarios.horizontal(b, sizes),
+        "overhead": lambda b: overhead.overhead(b, sizes),
+        "throughput": lambda b: throughput.throughput(b, sizes),
+        "slow": lambda b: slow.slow_models(b, sizes),
+        "fanout": lambda b: throughput.fanout_cost(b, sizes),
+        "sinks": lambda b: sink_rates.sinks(b, sizes, postgres_url),
+        "scale": lambda b: scale.horizontal(b, sizes),
     }
     sections = []
     with bench_environment(broker_url) as bench:

@@ -1,0 +1,84 @@
+"""What the scenarios share: the models they ask for, their sizes, their result, worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import msgspec
+
+from multillm.bench.harness import Bench
+from multillm.cli.processes import WorkerProcess
+
+ONE: Final = ["mock/echo"]
+THREE: Final = ["mock/echo", "mock/upper", "mock/reverse"]
+
+
+def models_of(count: int) -> list[str]:
+    return [*THREE, *(f"mock/m{i}" for i in range(3, count))][:count]
+
+
+class Sizes(msgspec.Struct, frozen=True):
+    """How much each scenario does: `quick` keeps every scenario to seconds (the smoke test)."""
+
+    overhead_samples: int = 300
+    throughput_requests: int = 3000
+    throughput_in_flight: int = 200
+    rounds: int = 2
+    slow_seconds: int = 8
+    slow_concurrency: tuple[int, ...] = (32, 128, 512)
+    fanout_requests: int = 1500
+    sink_records: int = 10000
+    scale_requests: int = 2000
+    scale_processes: tuple[int, ...] = (1, 2, 4)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            overhead_samples=10,
+            throughput_requests=60,
+            throughput_in_flight=20,
+            rounds=1,
+            slow_seconds=2,
+            slow_concurrency=(8, 32),
+            fanout_requests=30,
+            sink_records=200,
+            scale_requests=40,
+            scale_processes=(1, 2),
+        )
+
+
+class Section(msgspec.Struct):
+    name: str
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    verdicts: list[str] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)
+    # Latency samples in ms by series name, for the chart.
+    samples: dict[str, list[float]] = msgspec.field(default_factory=dict)
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def verdict(what: str, value: float, limit: float, *, at_most: bool) -> str:
+    met = value <= limit if at_most else value >= limit
+    sign = "≤" if at_most else "≥"
+    return f"{'met' if met else 'MISSED'}: {what} {value:.2f} (target {sign} {limit:g})"
+
+
+@contextlib.contextmanager
+def primary(bench: Bench, concurrency: int, count: int = 1) -> Iterator[list[WorkerProcess]]:
+    with bench.workers(["primary", "--concurrency", str(concurrency)], count) as workers:
+        yield workers
+
+
+@contextlib.contextmanager
+def model_workers(bench: Bench, models: Sequence[str]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(bench.workers(["model", "--model", model, "--concurrency", "4"]))
+        yield

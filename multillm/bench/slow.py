@@ -1,0 +1,68 @@
+"""Scenario 3: slow models at high concurrency: throughput against concurrency / latency, p99, memory."""
+
+from __future__ import annotations
+
+from multillm.bench.common import ONE, Section, Sizes, ms, primary, verdict
+from multillm.bench.drive import keep_in_flight, percentile, requests_for
+from multillm.bench.harness import Bench, peak_rss_mb
+from multillm.producers import Client
+
+
+def slow_models(bench: Bench, sizes: Sizes) -> Section:
+    """Mock latency 1 s: does one worker process keep `concurrency` calls in flight, and at what memory?"""
+    latency_s = 1.0
+    bench.set_latency(latency_s * 1000)
+    bench.declare(ONE)
+    rows: list[list[str]] = []
+    verdicts: list[str] = []
+    samples: dict[str, list[float]] = {}
+    with Client(bench.broker_url, pool_size=4) as client:
+        for concurrency in sizes.slow_concurrency:
+            with primary(bench, concurrency) as (worker,):
+                run = keep_in_flight(
+                    client,
+                    requests_for(ONE),
+                    total=concurrency * sizes.slow_seconds,
+                    in_flight=concurrency,
+                    ramp_seconds=latency_s,
+                )
+                rss = peak_rss_mb(worker.pid)
+            bound = concurrency / latency_s
+            rate = run.steady_per_second
+            p99 = percentile(run.latencies_ms, 0.99)
+            rows.append(
+                [
+                    str(concurrency),
+                    f"{rate:.1f}",
+                    f"{bound:.0f}",
+                    f"{rate / bound:.2f}",
+                    ms(percentile(run.latencies_ms, 0.5)),
+                    ms(p99),
+                    f"{rss:.0f}",
+                    str(run.errors),
+                ]
+            )
+            samples[f"concurrency {concurrency}"] = run.latencies_ms
+            verdicts += [
+                verdict(f"throughput / bound at {concurrency}", rate / bound, 0.9, at_most=False),
+                verdict(f"p99 seconds at {concurrency}", p99 / 1000, 1.2, at_most=True),
+            ]
+            if concurrency >= 512:
+                verdicts.append(verdict(f"peak RSS MB at {concurrency}", rss, 300, at_most=True))
+    bench.set_latency(0)
+    bench.purge()
+    return Section(
+        name="slow",
+        title=f"3. Slow models: mock latency {latency_s:g} s, one primary worker process",
+        headers=["concurrency", "requests/s", "bound", "ratio", "p50 ms", "p99 ms", "peak RSS MB", "errors"],
+        rows=rows,
+        verdicts=verdicts,
+        notes=[
+            "bound = concurrency / latency. The driver keeps exactly `concurrency` requests in flight for "
+            f"{sizes.slow_seconds} rounds, so the latency is the model's plus ours, with no queueing in front. "
+            "The first `concurrency` requests are spread over one latency (all at once, they would finish and "
+            "restart together, in waves), and requests/s counts the steady middle of the run: the replies "
+            "between the 20th and 80th percentile of reply times.",
+        ],
+        samples=samples,
+    )
