@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from multillm.cli.summaries import nearest_rank
 from multillm.producers import Client, make_request
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest
 
@@ -52,11 +53,8 @@ class Run(msgspec.Struct):
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The `q` quantile (0..1) by the nearest-rank method; 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    """The nearest-rank `q` quantile (0..1) of unsorted `values`; 0 for no values."""
+    return nearest_rank(sorted(values), q) if values else 0.0
 
 
 def requests_for(models: list[str]) -> MakeRequest:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,8 +17,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from multillm import contract
-from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
-from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
+from multillm.cli.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
+from multillm.cli.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
 from multillm.mock_llm import MockControl
 from multillm.producers.publishing import connect, declare_queues
@@ -31,30 +30,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class Child:
-    """A process the benchmark started; its CPU time and peak memory come from /proc."""
-
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_path: str | None = None) -> None:
-        self._log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - kept open while it runs
-        self.process = subprocess.Popen(
-            list(args), env={**os.environ, **(env or {})}, stdout=self._log, stderr=self._log
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,19 +136,15 @@ class Bench:
                 worker.stop()
 
     @contextmanager
-    def child(self, args: Sequence[str], queue: str, consumers: int = 1) -> Iterator[Child]:
+    def child(self, args: Sequence[str], queue: str, consumers: int = 1) -> Iterator[ChildProcess]:
         """A baseline process, once it consumes `queue`."""
-        process = Child(
+        process = ChildProcess(
             args,
             env={"MULTILLM_BENCH_BROKER": self.broker_url, "MULTILLM_BENCH_MOCK": self.mock_url},
             log_path=self.log_path,
         )
         try:
-            deadline = time.monotonic() + 60
-            while queue_counts(self.broker_url, queue)[1] < consumers:
-                if process.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{args} did not start consuming {queue!r}; see {self.log_path}")
-                time.sleep(0.1)
+            wait_for_consumers(self.broker_url, queue, consumers, workers=[process], timeout=60)
             yield process
         finally:
             process.stop()
@@ -190,7 +161,9 @@ def bench_environment(broker_url: str, sink_url: str | None = None) -> Iterator[
         vhost_url = stack.enter_context(scratch_vhost(broker_url, "multillm-bench"))
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="multillm-bench-")))
         port = free_port()
-        mock = Child(python_module("multillm", "mock-llm", "--port", str(port)), log_path=str(folder / "mock.log"))
+        mock = ChildProcess(
+            python_module("multillm", "mock-llm", "--port", str(port)), log_path=str(folder / "mock.log")
+        )
         stack.callback(mock.stop)
         mock_url = f"http://127.0.0.1:{port}/v1"
         MockControl(mock_url).wait_ready()

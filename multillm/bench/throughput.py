@@ -4,11 +4,12 @@ requests name more models."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 from multillm import contract
 from multillm.bench.common import ONE, THREE, Section, Sizes, models_of, ms, primary, verdict
-from multillm.bench.drive import Run, keep_in_flight, percentile, requests_for, windowed
+from multillm.bench.drive import PROMPT, Run, keep_in_flight, percentile, requests_for, windowed
 from multillm.bench.harness import Bench, cpu_seconds, python_module
 from multillm.producers import Client
 
@@ -118,7 +119,7 @@ def _celery_round(bench: Bench, models: list[str], total: int, in_flight: int) -
         "--without-mingle",
         "--without-heartbeat",
     )
-    messages = [{"role": "user", "content": "Say something short about message queues."}]
+    messages = [{"role": "user", "content": PROMPT}]
     with bench.child(worker, celery_peer.QUEUE) as process:
 
         def submit(i: int) -> Callable[[], object]:
@@ -141,9 +142,7 @@ def fanout_cost(bench: Bench, sizes: Sizes) -> Section:
                 keep_in_flight(client, requests_for(models), total=20, in_flight=10)  # warm up
                 run, cpu = _with_cpu(
                     worker.pid,
-                    lambda models=models: keep_in_flight(  # type: ignore[misc]
-                        client, requests_for(models), total=sizes.fanout_requests, in_flight=64
-                    ),
+                    partial(keep_in_flight, client, requests_for(models), total=sizes.fanout_requests, in_flight=64),
                 )
             rows.append([str(count), f"{cpu * 1000 / run.requests:.3f}", f"{run.per_second:.0f}"])
             bench.purge()

@@ -1,4 +1,5 @@
-"""Starting and stopping worker processes: for the demo, and for tests that need real processes."""
+"""Starting and stopping child processes (workers, the benchmark's baselines): for the demo, the
+benchmark, and tests that need real processes."""
 
 from __future__ import annotations
 
@@ -14,26 +15,23 @@ from pathlib import Path
 from multillm.cli.rabbitmq import queue_counts
 
 
-class WorkerProcess:
-    """One `multillm worker ...` child process."""
+class ChildProcess:
+    """A child process whose output goes to `log_path` (or nowhere), stopped with SIGTERM."""
 
     def __init__(
         self,
-        args: Sequence[str],
+        command: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
     ) -> None:
-        self.args = list(args)
+        self.command = list(command)
         self.log_path = log_path
         # Set when it was ended on purpose without a clean stop (SIGKILL, a second signal).
         self.killed = False
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - kept open while it runs
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "multillm", "--log-json", "worker", *self.args],
-            env={**os.environ, **(env or {})},
-            stdout=self._log,
-            stderr=self._log,
+            self.command, env={**os.environ, **(env or {})}, stdout=self._log, stderr=self._log
         )
 
     @property
@@ -57,7 +55,7 @@ class WorkerProcess:
         return self.process.returncode
 
     def log_text(self) -> str:
-        """What the worker has logged so far ("" without a log file)."""
+        """What the process has logged so far ("" without a log file)."""
         if not self.log_path:
             return ""
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -69,8 +67,22 @@ class WorkerProcess:
         self.process.wait()
 
 
+class WorkerProcess(ChildProcess):
+    """One `multillm worker ARGS` child process; `args` are the worker's own (`primary`, ...)."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.args = list(args)
+        super().__init__([sys.executable, "-m", "multillm", "--log-json", "worker", *args], env=env, log_path=log_path)
+
+
 def wait_for_consumers(
-    broker_url: str, queue: str, count: int, *, timeout: float = 30.0, workers: Sequence[WorkerProcess] = ()
+    broker_url: str, queue: str, count: int, *, timeout: float = 30.0, workers: Sequence[ChildProcess] = ()
 ) -> None:
     """Block until `queue` has at least `count` consumers.
 
@@ -81,7 +93,7 @@ def wait_for_consumers(
     while time.monotonic() < deadline:
         dead = [w for w in workers if not w.alive()]
         if dead:
-            raise RuntimeError(f"worker {dead[0].args} exited with {dead[0].process.returncode}")
+            raise RuntimeError(f"{' '.join(dead[0].command)} exited with {dead[0].process.returncode}")
         if queue_counts(broker_url, queue)[1] >= count:
             return
         time.sleep(0.1)

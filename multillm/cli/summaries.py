@@ -126,12 +126,15 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
     return stats
 
 
+def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
+    """The nearest-rank `q` quantile (0..1): a value that was actually observed, never an
+    interpolation. `sorted_values` must not be empty."""
+    return sorted_values[max(1, math.ceil(q * len(sorted_values))) - 1]
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """The nearest-rank percentile: a latency that was actually observed, never an interpolation."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return round(sorted_values[rank - 1], 1)
+    """`nearest_rank` to a tenth of a millisecond, for tables; None for no values."""
+    return round(nearest_rank(sorted_values, q), 1) if sorted_values else None
 
 
 def output_text(record: LLMLogRecord) -> str:

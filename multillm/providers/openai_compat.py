@@ -180,9 +180,9 @@ class OpenAICompatProvider:
                 f"{describe}: no api key: the environment variable {self._config.api_key_env} is not set"
                 " and the request has no apiKey",
             )
-        # with_options shares the connection pool; only the Authorization header differs.
         client = self._thread_client()
         if call.api_key:
+            # with_options shares the connection pool; only the Authorization header differs.
             client = client.with_options(api_key=call.api_key)
         body: dict[str, object] = {"model": call.model, "messages": [_openai_message(m) for m in call.messages]}
         if call.temperature is not None:

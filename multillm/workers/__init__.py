@@ -11,6 +11,7 @@ from multillm.providers import Providers
 from multillm.sinks import open_sink
 from multillm.sinks.group_commit import GroupCommitSink
 from multillm.workers.consumer import Consumer
+from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
@@ -43,6 +44,18 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 50)
 
 
+def _serve(settings: Settings, handler: Handler, concurrency: int, metrics: WorkerMetrics) -> int:
+    """Run `handler`'s consumer until SIGTERM, once start-up is done; returns the exit code."""
+    _tune_gc()
+    return Consumer(
+        settings.broker_url,
+        handler,
+        concurrency=concurrency,
+        grace_seconds=settings.shutdown_grace_seconds,
+        metrics=metrics,
+    ).run()
+
+
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
     """Serve `multillm.requests` until SIGTERM; returns the exit code.
 
@@ -51,15 +64,7 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     """
     metrics = _metrics("primary", metrics_port)
     providers, runner = _runner(settings, metrics)
-    _tune_gc()
-    handler = PrimaryHandler(providers, runner, settings.max_body_bytes)
-    return Consumer(
-        settings.broker_url,
-        handler,
-        concurrency=concurrency,
-        grace_seconds=settings.shutdown_grace_seconds,
-        metrics=metrics,
-    ).run()
+    return _serve(settings, PrimaryHandler(providers, runner, settings.max_body_bytes), concurrency, metrics)
 
 
 def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
@@ -76,12 +81,4 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
             f"model {model!r} must be `provider/model` with a configured provider"
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
-    handler = ModelHandler(model, runner, settings.max_body_bytes)
-    _tune_gc()
-    return Consumer(
-        settings.broker_url,
-        handler,
-        concurrency=concurrency,
-        grace_seconds=settings.shutdown_grace_seconds,
-        metrics=metrics,
-    ).run()
+    return _serve(settings, ModelHandler(model, runner, settings.max_body_bytes), concurrency, metrics)

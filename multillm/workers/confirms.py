@@ -130,10 +130,6 @@ class PipelinedConfirms:
         """Reject a delivery back to its queue (the queue's delivery limit bounds how often)."""
         self._channel.basic_nack(delivery_tag, requeue=True)
 
-    @property
-    def unconfirmed(self) -> int:
-        return len(self._unconfirmed)
-
     # --- pika's callbacks, inside its frame handling: record only ---------------
 
     def _on_return(

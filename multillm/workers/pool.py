@@ -37,18 +37,15 @@ class ThreadPool:
         """Run `task` on a pool thread; from any thread. Exceptions are the task's to handle."""
         self._tasks.put(task)
 
-    def shutdown(self) -> int:
-        """Drop the tasks not started yet and let the threads end; returns how many were dropped."""
-        dropped = 0
+    def shutdown(self) -> None:
+        """Drop the tasks not started yet (their messages are redelivered) and let the threads end."""
         while True:
             try:
-                task = self._tasks.get_nowait()
+                self._tasks.get_nowait()
             except queue.Empty:
                 break
-            dropped += task is not None
         for _ in self._threads:
             self._tasks.put(None)
-        return dropped
 
     def _run(self) -> None:
         while (task := self._tasks.get()) is not None:
