@@ -494,3 +494,21 @@ def test_malformed_urls_are_config_errors(url: str) -> None:
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_sqlite_sink_opens_while_another_process_writes_to_a_fresh_file(tmp_path: Path) -> None:
+    # `make demo` starts four workers on a new file at once: while one creates the table, another's
+    # switch to WAL got "database is locked" at once (SQLite skips its busy handler there).
+    path = tmp_path / "fresh.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE elsewhere (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO elsewhere VALUES (1)")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    sink = open_sink(f"sqlite:///{path}")
+    try:
+        assert sink.write(small_record(1))
+        assert [r.log_id for r in sink.records()] == [small_record(1).log_id]
+    finally:
+        sink.close()
+        other.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -65,11 +66,25 @@ class SqliteSink(SqlReader):
             self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
         )
         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._use_wal()
         # NORMAL is durable against process crashes in WAL mode; only an OS crash may lose the last commits.
         self._conn.execute("PRAGMA synchronous = NORMAL")
         for statement in DIALECT.create_statements():
             self._conn.execute(statement)
+
+    def _use_wal(self) -> None:
+        # Switching a new file to WAL takes an exclusive lock, and SQLite can answer "database is
+        # locked" at once, without its busy handler, while another process switches it or creates
+        # the table: seen when `make demo` starts four workers on a fresh file.
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def write(self, record: LLMLogRecord) -> bool:
         """Insert `record`; False if a record with its `log_id` is already stored."""
