@@ -2,8 +2,8 @@
 
 Every provider is an OpenAI-compatible endpoint called through the openai SDK
 (`openai_compat`), wrapped in the one retry loop (`retry`). `Providers` is the
-registry a worker holds: built from the settings, thread-safe, each provider's
-client built on first use and then shared by every thread.
+registry a worker holds: built from the settings, each provider's client built
+on first use in the worker's event loop and then shared by every call in it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ __all__ = [
 
 
 class Provider(Protocol):
-    """One way to call models; implementations are thread-safe."""
+    """One way to call models, from one event loop."""
 
-    def complete(self, call: ModelCall) -> ModelResult:
+    async def complete(self, call: ModelCall) -> ModelResult:
         """Ask for one chat completion.
 
         Raises:
@@ -42,20 +42,28 @@ class Provider(Protocol):
 
 
 class Providers:
-    """The providers named in the settings, by name; thread-safe.
+    """The providers named in the settings, by name.
+
+    `has` and `names` are safe from any thread; `complete` and `aclose` belong to one event loop.
 
     Args:
         providers: each provider's endpoint and key, by the name used in model names.
         retry: the retry policy of every call.
         metrics: where the providers count retries (none when None).
+        max_connections: connections each provider keeps open: the worker's concurrency.
     """
 
     def __init__(
-        self, providers: Mapping[str, ProviderConfig], retry: RetryConfig, metrics: WorkerMetrics | None = None
+        self,
+        providers: Mapping[str, ProviderConfig],
+        retry: RetryConfig,
+        metrics: WorkerMetrics | None = None,
+        max_connections: int = 100,
     ) -> None:
         self._configs = dict(providers)
         self._retry = retry
         self._metrics = metrics
+        self._max_connections = max_connections
         self._built: dict[str, OpenAICompatProvider] = {}
         self._lock = threading.Lock()
 
@@ -84,11 +92,13 @@ class Providers:
             # Another thread may have built it while this one waited.
             provider = self._built.get(provider_name)
             if provider is None:
-                provider = OpenAICompatProvider(provider_name, config, self._retry, self._metrics)
+                provider = OpenAICompatProvider(
+                    provider_name, config, self._retry, self._metrics, self._max_connections
+                )
                 self._built[provider_name] = provider
             return provider
 
-    def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
+    async def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
         """Call `model` (`provider/model`, with its temperature, max tokens and key) on `messages`.
 
         Raises:
@@ -101,11 +111,11 @@ class Providers:
             max_tokens=model.max_tokens,
             api_key=model.api_key,
         )
-        return self.get(model.provider).complete(call)
+        return await self.get(model.provider).complete(call)
 
-    def close(self) -> None:
-        """Close every provider's connection pool."""
+    async def aclose(self) -> None:
+        """Close every provider's connections; in the loop that used them."""
         with self._lock:
             built, self._built = list(self._built.values()), {}
         for provider in built:
-            provider.close()
+            await provider.aclose()

@@ -1,31 +1,32 @@
 """Call a model through the openai SDK against any OpenAI-compatible endpoint.
 
-One `openai.OpenAI` client per provider, built once, shared by every thread (its
-connection pool is thread-safe); the SDK's retries are off (`retry.py` is the one
-loop). The raw HTTP body is decoded with msgspec into our own Structs, skipping the
-SDK's pydantic models.
+One `openai.AsyncOpenAI` client per provider, built on first use inside the
+worker's event loop and shared by every call in it; the SDK's retries are off
+(`retry.py` is the one loop). The raw HTTP body is decoded with msgspec into our
+own Structs, skipping the SDK's pydantic models.
+
+Why asynchronous, over aiohttp: a worker keeps up to `--concurrency` calls in
+flight, and most of a call's life is waiting for the model. With a blocking call
+per thread, 512 threads spent a third of the worker's CPU handing the GIL to one
+another, and one process reached 0.80 of what 512 slow calls allow
+(docs/benchmarks.md). On one event loop there is nothing to hand over. The SDK's
+aiohttp transport (`openai.DefaultAioHttpClient`, the `aiohttp` extra) costs
+0.81 ms of CPU a call at 512 in flight, against 1.86 ms for its default httpx
+transport and 0.99 ms for a blocking call per thread (measured on this machine).
 
 The call goes through the client's public `post` (the SDK's way to reach any
 endpoint) rather than `chat.completions.create`: the typed method spends about
-270 µs of CPU a call (measured: 840 against 570 µs) walking its TypedDict
-annotations to transform parameters that msgspec has already validated. Auth,
-base URL, timeouts and the mapping of HTTP errors to `openai.APIStatusError` are
-the SDK's either way.
-
-Threads share clients in groups of `THREADS_PER_CLIENT`, not all one: the SDK's
-connection pool takes one lock for every request and scans all its connections
-under it. With 512 calls in flight on one client, the pool threads spent two
-thirds of their time queued on that lock (py-spy) and a worker reached 42% of
-the throughput its concurrency allows. A client costs about 0.8 MB (its SSL
-context), so groups rather than one client a thread.
+270 µs of CPU a call walking its TypedDict annotations to transform parameters
+that msgspec has already validated. Auth, base URL, timeouts and the mapping of
+HTTP errors to `openai.APIStatusError` are the SDK's either way.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Final
 
+import httpx2
 import msgspec
 import openai
 import structlog
@@ -42,7 +43,6 @@ log = structlog.get_logger(__name__)
 # The SDK refuses to build a client without a key; endpoints that need none get this.
 _NO_KEY: Final = "no-key"
 _CHAT_PATH: Final = "/chat/completions"
-THREADS_PER_CLIENT: Final = 16
 
 
 class ModelCall(Struct, frozen=True, kw_only=True):
@@ -127,47 +127,50 @@ def _decode(body: bytes) -> _Completion:
 
 
 class OpenAICompatProvider:
-    """A `Provider` for one OpenAI-compatible endpoint; thread-safe.
+    """A `Provider` for one OpenAI-compatible endpoint; use it from one event loop.
 
     Args:
         name: the provider's name in model names (`mock` in `mock/echo`).
         config: endpoint, key and per-try timeout.
         retry: the retry policy of every call.
         metrics: where retries are counted (none when None).
+        max_connections: connections kept open to the endpoint: the worker's concurrency.
     """
 
     def __init__(
-        self, name: str, config: ProviderConfig, retry: RetryConfig, metrics: WorkerMetrics | None = None
+        self,
+        name: str,
+        config: ProviderConfig,
+        retry: RetryConfig,
+        metrics: WorkerMetrics | None = None,
+        max_connections: int = 100,
     ) -> None:
         self.name = name
         self._metrics = metrics
         self._config = config
         self._retry = retry
         self._key = config.configured_key()
-        self._lock = threading.Lock()
-        self._clients: list[openai.OpenAI] = []
-        self._threads = 0
-        self._local = threading.local()
+        self._max_connections = max_connections
+        self._client: openai.AsyncOpenAI | None = None
 
-    def _thread_client(self) -> openai.OpenAI:
-        """This thread's client, shared with at most `THREADS_PER_CLIENT - 1` other threads."""
-        client: openai.OpenAI | None = getattr(self._local, "client", None)
-        if client is None:
-            with self._lock:
-                if self._threads % THREADS_PER_CLIENT == 0:
-                    self._clients.append(
-                        openai.OpenAI(
-                            api_key=self._key or _NO_KEY,
-                            base_url=self._config.base_url,
-                            timeout=self._config.timeout,
-                            max_retries=0,
-                        )
-                    )
-                client = self._local.client = self._clients[-1]
-                self._threads += 1
-        return client
+    def _shared_client(self) -> openai.AsyncOpenAI:
+        # Built lazily: aiohttp's session belongs to the loop it is first used in.
+        if self._client is None:
+            # Every connection kept alive: past the SDK's default of 100, each call beyond
+            # it would open (and close) a connection of its own.
+            limits = httpx2.Limits(
+                max_connections=self._max_connections, max_keepalive_connections=self._max_connections
+            )
+            self._client = openai.AsyncOpenAI(
+                api_key=self._key or _NO_KEY,
+                base_url=self._config.base_url,
+                timeout=self._config.timeout,
+                max_retries=0,
+                http_client=openai.DefaultAioHttpClient(limits=limits, timeout=self._config.timeout),
+            )
+        return self._client
 
-    def complete(self, call: ModelCall) -> ModelResult:
+    async def complete(self, call: ModelCall) -> ModelResult:
         """Ask for one chat completion, retrying brief faults.
 
         Raises:
@@ -180,7 +183,7 @@ class OpenAICompatProvider:
                 f"{describe}: no api key: the environment variable {self._config.api_key_env} is not set"
                 " and the request has no apiKey",
             )
-        client = self._thread_client()
+        client = self._shared_client()
         if call.api_key:
             # with_options shares the connection pool; only the Authorization header differs.
             client = client.with_options(api_key=call.api_key)
@@ -190,10 +193,10 @@ class OpenAICompatProvider:
         if call.max_tokens is not None:
             body["max_tokens"] = call.max_tokens
 
-        def attempt(timeout: float) -> _Completion:
-            return _decode(client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))
+        async def attempt(timeout: float) -> _Completion:
+            return _decode(await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))
 
-        completion, attempts, latency_ms = call_with_retry(
+        completion, attempts, latency_ms = await call_with_retry(
             attempt,
             self._retry,
             timeout=self._config.timeout,
@@ -225,8 +228,8 @@ class OpenAICompatProvider:
             latency_ms=latency_ms,
         )
 
-    def close(self) -> None:
-        """Close the clients' connection pools."""
-        with self._lock:
-            for client in self._clients:
-                client.close()
+    async def aclose(self) -> None:
+        """Close the client's connections; in the loop that used it."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()

@@ -1,7 +1,7 @@
 """The one retry loop around a model call, and how a call that failed for good maps to an RpcStatus code.
 
 Brief provider faults (429, 408, 409, 5xx, timeouts, connection resets) are retried
-here with tenacity; the openai SDK's own retries are off and message redelivery is
+here with tenacity's `AsyncRetrying`; the openai SDK's own retries are off and message redelivery is
 the workers' business, so there is exactly one loop per call. A provider's
 `retry-after-ms` / `Retry-After` is honoured (capped at `max_wait`); otherwise the
 wait is exponential with jitter. The loop never starts a wait that would end past
@@ -14,13 +14,13 @@ import email.utils
 import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import openai
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from multillm.config import RetryConfig
 from multillm.errors import Code, MultiLLMError
@@ -147,8 +147,8 @@ def classify(exc: Exception) -> tuple[Code, str]:
     return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
-def call_with_retry(
-    attempt: Callable[[float], T],
+async def call_with_retry(
+    attempt: Callable[[float], Awaitable[T]],
     policy: RetryConfig,
     *,
     timeout: float,
@@ -156,7 +156,9 @@ def call_with_retry(
     secrets: Sequence[str | None] = (),
     on_retry: Callable[[str], None] | None = None,
 ) -> tuple[T, int, float]:
-    """Call `attempt(timeout_of_this_try)` until it succeeds, fails for good, or the policy stops it.
+    """Await `attempt(timeout_of_this_try)` until it succeeds, fails for good, or the policy stops it.
+
+    Waits between tries are `asyncio.sleep`s: the event loop serves other calls meanwhile.
 
     Args:
         attempt: one try; raises the openai SDK's errors (or `ProviderError`) on failure.
@@ -173,7 +175,7 @@ def call_with_retry(
         ProviderError: with the code of the last failure, the number of tries and the wall time.
     """
     started = time.monotonic()
-    retrying = Retrying(
+    retrying = AsyncRetrying(
         retry=retry_if_exception(is_retryable),
         wait=_waiter(policy),
         # No retry starts unless a useful try still fits in the budget after its wait.
@@ -185,11 +187,11 @@ def call_with_retry(
     tries = 0
     failure: Exception | None = None
     try:
-        for try_ in retrying:
+        async for try_ in retrying:
             with try_:
                 tries = try_.retry_state.attempt_number
                 left = policy.budget_seconds - (time.monotonic() - started)
-                result = attempt(max(min(timeout, left), _MIN_TRY_TIMEOUT))
+                result = await attempt(max(min(timeout, left), _MIN_TRY_TIMEOUT))
                 return result, tries, (time.monotonic() - started) * 1000
     except Exception as exc:
         failure = exc

@@ -10,6 +10,7 @@ from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
 from multillm.sinks import open_sink
 from multillm.sinks.group_commit import GroupCommitSink
+from multillm.workers.call_loop import CallLoop
 from multillm.workers.consumer import Consumer
 from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
@@ -19,8 +20,13 @@ from multillm.workers.primary import PrimaryHandler
 __all__ = ["run_model_worker", "run_primary_worker"]
 
 
-def _runner(settings: Settings, metrics: WorkerMetrics) -> tuple[Providers, ModelRunner]:
-    providers = Providers(settings.providers, settings.retry, metrics)
+# Threads for the sink's blocking writes: group commit stores what they bring together
+# in one transaction, so a few carry hundreds of records a second.
+SINK_THREADS = 8
+
+
+def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
+    providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
     # Records of calls that end together are stored in one transaction (see group_commit).
     sink = GroupCommitSink(open_sink(settings.sink_url), metrics.sink_written)
     return providers, ModelRunner(providers, sink, metrics)
@@ -44,16 +50,22 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 50)
 
 
-def _serve(settings: Settings, handler: Handler, concurrency: int, metrics: WorkerMetrics) -> int:
+def _serve(settings: Settings, handler: Handler, providers: Providers, concurrency: int, metrics: WorkerMetrics) -> int:
     """Run `handler`'s consumer until SIGTERM, once start-up is done; returns the exit code."""
+    calls = CallLoop("model-calls", blocking_threads=SINK_THREADS)
     _tune_gc()
-    return Consumer(
+    code = Consumer(
         settings.broker_url,
         handler,
+        calls,
         concurrency=concurrency,
         grace_seconds=settings.shutdown_grace_seconds,
         metrics=metrics,
     ).run()
+    # Every call has ended (a worker with calls left past the grace period exits in `run`).
+    calls.run(providers.aclose(), timeout=5)
+    calls.stop()
+    return code
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
@@ -63,8 +75,9 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
         ConfigError: `metrics_port` cannot be bound.
     """
     metrics = _metrics("primary", metrics_port)
-    providers, runner = _runner(settings, metrics)
-    return _serve(settings, PrimaryHandler(providers, runner, settings.max_body_bytes), concurrency, metrics)
+    providers, runner = _runner(settings, metrics, concurrency)
+    handler = PrimaryHandler(providers, runner, settings.max_body_bytes)
+    return _serve(settings, handler, providers, concurrency, metrics)
 
 
 def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
@@ -74,11 +87,11 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
         ConfigError: the model's provider is not configured, or `metrics_port` cannot be bound.
     """
     metrics = _metrics("model", metrics_port)
-    providers, runner = _runner(settings, metrics)
+    providers, runner = _runner(settings, metrics, concurrency)
     provider = model.split("/", 1)[0]
     if "/" not in model or not providers.has(provider):
         raise ConfigError(
             f"model {model!r} must be `provider/model` with a configured provider"
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
-    return _serve(settings, ModelHandler(model, runner, settings.max_body_bytes), concurrency, metrics)
+    return _serve(settings, ModelHandler(model, runner, settings.max_body_bytes), providers, concurrency, metrics)

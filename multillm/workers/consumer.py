@@ -1,12 +1,13 @@
-"""The consumer loop shared by both workers: one pika connection, one thread, a bounded pool.
+"""The consumer loop shared by both workers: one pika connection, one thread, an event loop for the work.
 
 Threading rule (as in pika's threaded consumer example and dramatiq's RabbitMQ
 consumer): the thread that calls `Consumer.run` owns the connection and is the
 only one that touches a pika object: it receives deliveries, publishes, acks.
-Model calls and sink writes run on a fixed pool of `concurrency` threads; a pool
-thread hands its `Settlement` back through `Handback` (`add_callback_threadsafe`,
-once for all that finished meanwhile), so the connection's thread never blocks on
-a model and heartbeats keep flowing. Publishes and acks go out on the channel
+Model calls run as tasks on the worker's event loop (`CallLoop`), at most
+`concurrency` at once; sink writes go from there to a few threads. A task hands
+its `Settlement` back through `Handback` (`add_callback_threadsafe`, once for all
+that finished meanwhile), so the connection's thread never blocks on a model and
+heartbeats keep flowing. Publishes and acks go out on the channel
 without waiting (`PipelinedConfirms`); a delivery is acked once what it owes is confirmed.
 
 A delivery is settled in exactly one place, `Consumer.settle`: publish what is
@@ -20,6 +21,7 @@ broker has already put that message back for redelivery.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -27,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from types import FrameType
 
@@ -41,15 +43,15 @@ from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
 from multillm.metrics import WorkerMetrics
 from multillm.redact import redact_body
+from multillm.workers.call_loop import CallLoop
 from multillm.workers.confirms import PipelinedConfirms
 from multillm.workers.handback import Handback
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
-from multillm.workers.pool import ThreadPool
 
 log = structlog.get_logger(__name__)
 
 
-PREFETCH_PER_THREAD = 2
+PREFETCH_PER_CALL = 2
 
 
 class _ChannelGone(Exception):
@@ -73,13 +75,14 @@ class Consumer:
     """Runs one handler against one queue until SIGTERM/SIGINT; reconnects when the broker goes away.
 
     Threads: `run()`'s thread owns the pika connection (see the module docstring);
-    the pool's threads run `work` callables and touch no pika object.
+    `calls`' loop runs the `work` coroutines, which touch no pika object.
     """
 
     def __init__(
         self,
         broker_url: str,
         handler: Handler,
+        calls: CallLoop,
         *,
         concurrency: int = 4,
         grace_seconds: float = 30.0,
@@ -91,7 +94,9 @@ class Consumer:
         self._concurrency = concurrency
         self._grace = grace_seconds
         self._declare = (handler.queue, contract.dead_queue())
-        self._pool = ThreadPool(concurrency, "model-call")
+        self._calls = calls
+        # Deliveries past it (prefetch is twice the concurrency) wait here, in order.
+        self._slots = asyncio.Semaphore(concurrency)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._confirms: PipelinedConfirms | None = None
@@ -99,7 +104,7 @@ class Consumer:
         self._generation = 0
         self._cancelled = False
         self._in_flight: set[int] = set()
-        # Pool tasks still running, whatever connection they came on (read by the I/O thread).
+        # Tasks started and not finished, whatever connection they came on (read by the I/O thread).
         self._running = 0
         self._running_lock = threading.Lock()
         self._stop = threading.Event()
@@ -128,7 +133,6 @@ class Consumer:
         self._wait_for_running_calls()
         self._close()
         abandoned = self._running_calls()
-        self._pool.shutdown()
         log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
         if abandoned:
             # Calls still running past the grace period are left (their messages are redelivered).
@@ -162,9 +166,9 @@ class Consumer:
         try:
             channel = connection.channel()
             confirms = PipelinedConfirms(connection, channel, self._metrics.published)
-            # Twice the pool: a thread that finishes finds its next message here, instead of
+            # Twice the concurrency: a call slot that frees finds its next message here, instead of
             # idling through an ack and a delivery (docs/benchmarks.md: +10-15% at latency 0).
-            channel.basic_qos(prefetch_count=PREFETCH_PER_THREAD * self._concurrency)
+            channel.basic_qos(prefetch_count=PREFETCH_PER_CALL * self._concurrency)
             declare(channel, self._declare)
             channel.add_on_cancel_callback(self._on_cancelled)
         except BaseException as exc:
@@ -331,34 +335,35 @@ class Consumer:
         props = pika.BasicProperties(delivery_mode=contract.PERSISTENT, headers=headers)
         return Outgoing(contract.DEAD_EXCHANGE, "", redact_body(delivery.body), props)
 
-    def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
+    def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
         if not self._current(delivery):
             return  # the broker redelivers it: calling the model now would be paid twice
         with self._running_lock:
             self._running += 1
-        self._pool.submit(partial(self._run_work, delivery, work))
+        self._calls.start_soon(partial(self._run_work, delivery, work))
 
-    # --- pool threads -------------------------------------------------------
+    # --- the event loop -----------------------------------------------------
 
-    def _run_work(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
+    async def _run_work(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
         try:
-            if delivery.generation != self._generation:
-                # Queued behind a call while the connection was lost: the broker has
-                # already put it back, so calling the model now would be paid twice.
-                return
-            if self._stop.is_set():
-                # Prefetched, not begun, and the worker is stopping: back to the queue at once
-                # for another worker, rather than started inside the grace period.
-                self._handback.put(delivery, Settlement(requeue=True))
-                return
-            try:
-                settlement = work()
-            except Exception as exc:
-                log.exception(
-                    "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
-                )
-                settlement = self._handler.on_error(delivery, exc)
-            self._handback.put(delivery, settlement)
+            async with self._slots:
+                if delivery.generation != self._generation:
+                    # Queued behind a call while the connection was lost: the broker has
+                    # already put it back, so calling the model now would be paid twice.
+                    return
+                if self._stop.is_set():
+                    # Prefetched, not begun, and the worker is stopping: back to the queue at once
+                    # for another worker, rather than started inside the grace period.
+                    self._handback.put(delivery, Settlement(requeue=True))
+                    return
+                try:
+                    settlement = await work()
+                except Exception as exc:
+                    log.exception(
+                        "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
+                    )
+                    settlement = self._handler.on_error(delivery, exc)
+                self._handback.put(delivery, settlement)
         finally:
             with self._running_lock:
                 self._running -= 1

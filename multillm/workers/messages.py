@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,8 +71,8 @@ class Io(Protocol):
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...
 
-    def submit(self, delivery: Delivery, work: Callable[[], Settlement]) -> None:
-        """Run `work` on the pool; its Settlement comes back to this thread."""
+    def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
+        """Run `work()` on the worker's event loop; its Settlement comes back to this thread."""
         ...
 
 

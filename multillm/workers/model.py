@@ -7,6 +7,8 @@ is not paid for again.
 
 from __future__ import annotations
 
+from functools import partial
+
 import msgspec
 import structlog
 
@@ -35,7 +37,7 @@ class ModelHandler:
         if copy.model.name != self.model_name:
             bound.warning("copy.misrouted", expected=self.model_name)
         bound.debug("copy.accepted", index=copy.model_index)
-        io.submit(delivery, lambda: self._work(delivery, copy))
+        io.submit(delivery, partial(self._work, delivery, copy))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
         copy = self._decode(delivery, io)
@@ -43,9 +45,9 @@ class ModelHandler:
             return
         reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
 
-        def record_and_dead_letter() -> Settlement:
+        async def record_and_dead_letter() -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
-            run = self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
+            run = await self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
             return Settlement(
                 [self._dead_letter(delivery, reason, Code.INTERNAL), *run.unstored_record(delivery, self.queue.name)]
             )
@@ -72,7 +74,9 @@ class ModelHandler:
     def _dead_letter(self, delivery: Delivery, reason: str, code: int) -> Outgoing:
         return dead_letter(delivery, self.queue.name, reason, code)
 
-    def _work(self, delivery: Delivery, copy: FanOutCopy) -> Settlement:
+    async def _work(self, delivery: Delivery, copy: FanOutCopy) -> Settlement:
         maybe_done = copy.redelivered or delivery.redelivered
-        run = self._runner.run(copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done)
+        run = await self._runner.run(
+            copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done
+        )
         return Settlement(run.unstored_record(delivery, self.queue.name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ from multillm.workers.messages import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
 
-# A brief sink outage (a database restart) is waited out on the pool thread, keeping
-# the model's answer; a longer one sends the record to the dead letters to replay.
+# A brief sink outage (a database restart) is waited out, keeping the model's answer;
+# a longer one sends the record to the dead letters to replay.
 _SINK_RETRY_WAITS = (0.2, 1.0, 3.0)
 
 
@@ -45,7 +46,8 @@ class ModelRun:
 class ModelRunner:
     """Calls a model through the providers and records the outcome in the sink.
 
-    Runs on the worker's pool threads; providers and sinks are thread-safe.
+    Runs on the worker's event loop; the sink's blocking reads and writes go to the
+    loop's executor threads (`asyncio.to_thread`), and the sink is thread-safe.
     """
 
     def __init__(self, providers: Providers, sink: Sink, metrics: WorkerMetrics | None = None) -> None:
@@ -53,7 +55,7 @@ class ModelRunner:
         self._sink = sink
         self._metrics = metrics or WorkerMetrics()
 
-    def run(
+    async def run(
         self,
         request: V1CreateMultiLLMChatCompletionRequest,
         request_id: str,
@@ -68,7 +70,7 @@ class ModelRunner:
         sink is the answer: the model is not paid for twice, and the reply agrees with
         the record.
         """
-        if maybe_done and (existing := self._existing(request_id, model_index)) is not None:
+        if maybe_done and (existing := await asyncio.to_thread(self._existing, request_id, model_index)) is not None:
             log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
             return ModelRun(existing, outcome_of(existing), stored=True)
         created_at = utc_now()
@@ -78,18 +80,18 @@ class ModelRunner:
             outcome = ProviderError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before the model was called")
         else:
             self._metrics.call_started(model.name)
-            # Bound for the call so that the providers' lines (retries) name the request too; not
-            # `bound_contextvars`, whose generator costs twice as much on this hot path.
+            # Bound for the call so that the providers' lines (retries) name the request too; each
+            # task has its own context. Not `bound_contextvars`: its generator costs twice as much.
             log_id = log_id_for(request_id, model_index)
             tokens = bind_contextvars(request_id=request_id, log_id=log_id, model=model.name)
             try:
-                outcome = self._providers.complete(model, request.messages)
+                outcome = await self._providers.complete(model, request.messages)
             except ProviderError as exc:
                 outcome = exc
             finally:
                 reset_contextvars(**tokens)
                 self._metrics.call_ended(model.name)
-        return self._record(request, request_id, model_index, outcome, created_at)
+        return await self._record(request, request_id, model_index, outcome, created_at)
 
     def _existing(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         try:
@@ -104,7 +106,7 @@ class ModelRunner:
             return None
         return next((r for r in records if r.model_index == model_index), None)
 
-    def record_failure(
+    async def record_failure(
         self,
         request: V1CreateMultiLLMChatCompletionRequest,
         request_id: str,
@@ -112,9 +114,9 @@ class ModelRunner:
         error: ProviderError,
     ) -> ModelRun:
         """Record a model that was never called (e.g. no worker queue took its copy)."""
-        return self._record(request, request_id, model_index, error, utc_now())
+        return await self._record(request, request_id, model_index, error, utc_now())
 
-    def _record(
+    async def _record(
         self,
         request: V1CreateMultiLLMChatCompletionRequest,
         request_id: str,
@@ -127,13 +129,14 @@ class ModelRunner:
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
         for wait in (*_SINK_RETRY_WAITS, None):
             try:
-                written = self._sink.write(record)
+                written = await asyncio.to_thread(self._sink.write, record)
                 break
             except Exception as exc:
                 bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}", retry_in=wait)
                 if wait is None:
                     return ModelRun(record, outcome, stored=False)
-                time.sleep(wait)
+                # On the loop, not on a thread: the executor's few threads keep writing others' records.
+                await asyncio.sleep(wait)
         # A record written ok is the normal case, one a message: debug, to keep it off a busy worker's output.
         emit = bound.info if not written else bound.debug if record.status == "ok" else bound.warning
         emit(

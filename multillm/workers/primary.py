@@ -2,12 +2,14 @@
 
 On the connection's thread: decode and validate the request, then publish the
 fan-out copies (confirmed) *before* the primary model is called, so the other
-models run at the same time as the primary. On a pool thread: call the primary
-model, write its record, build the reply. Back on the connection's thread, the
+models run at the same time as the primary. On the worker's event loop: call the
+primary model, write its record, build the reply. Back on the connection's thread, the
 consumer publishes the reply (confirmed) and only then acks the request.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import msgspec
 import pika
@@ -78,7 +80,7 @@ class PrimaryHandler:
             bound.debug("request.accepted", models=request.model_names(), unrouted=unrouted)
             if unrouted:
                 bound.warning("request.unrouted", models=[request.models[i].name for i in unrouted])
-            io.submit(delivery, lambda: self._answer(delivery, request, request_id, unrouted, deadline))
+            io.submit(delivery, partial(self._answer, delivery, request, request_id, unrouted, deadline))
 
         io.publish_all(copies, call_primary)
 
@@ -91,9 +93,9 @@ class PrimaryHandler:
             io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
             return
 
-        def record_and_refuse() -> Settlement:
+        async def record_and_refuse() -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
-            run = self._runner.record_failure(request, request_id, request.display_model, error)
+            run = await self._runner.record_failure(request, request_id, request.display_model, error)
             refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, log_id=run.record.log_id)
             refusal.publishes += run.unstored_record(delivery, self.queue.name)
             return refusal
@@ -138,9 +140,9 @@ class PrimaryHandler:
                 )
         return request
 
-    # --- on a pool thread -------------------------------------------------
+    # --- on the event loop ------------------------------------------------
 
-    def _answer(
+    async def _answer(
         self,
         delivery: Delivery,
         request: V1CreateMultiLLMChatCompletionRequest,
@@ -155,10 +157,11 @@ class PrimaryHandler:
                 Code.UNAVAILABLE,
                 f"no queue took the fan-out copy for model {name!r}: start `multillm worker model --model {name}`",
             )
-            unstored += self._runner.record_failure(request, request_id, index, error).unstored_record(
-                delivery, self.queue.name
-            )
-        run = self._runner.run(request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered)
+            failed = await self._runner.record_failure(request, request_id, index, error)
+            unstored += failed.unstored_record(delivery, self.queue.name)
+        run = await self._runner.run(
+            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
+        )
         reply = self._reply(delivery, request_id, _reply_body(request, run))
         return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
 
