@@ -18,9 +18,10 @@ import pytest
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code
 from multillm.mock_llm import MockControl, MockLLM
-from multillm.providers import ModelCall, OpenAICompatProvider, ProviderError, Providers
+from multillm.providers import ModelCall, ModelResult, OpenAICompatProvider, Provider, ProviderError, Providers
 from multillm.providers.retry import retry_after
 from multillm.schemas import ChatMessage, ToolCall, ToolCallFunction, V1Model
+from multillm.workers.call_loop import CallLoop
 
 CONFIGURED_KEY = "sk-configured-0123456789abcdef"
 REQUEST_KEY = "sk-request-fedcba9876543210"
@@ -32,25 +33,49 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-MakeProviders = Callable[..., Providers]
+class BlockingProviders:
+    """`Providers` on a worker's event loop, called from the test's threads as a worker's tasks would be."""
+
+    def __init__(self, providers: Providers, calls: CallLoop) -> None:
+        self.providers = providers
+        self._calls = calls
+
+    def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
+        return self._calls.run(self.providers.complete(model, messages), timeout=30)
+
+    def has(self, name: str) -> bool:
+        return self.providers.has(name)
+
+    def get(self, name: str) -> Provider:
+        return self.providers.get(name)
+
+
+MakeProviders = Callable[..., BlockingProviders]
 
 
 @pytest.fixture
-def make_providers(mock_llm: MockLLM, mock_control: MockControl) -> Iterator[MakeProviders]:
+def calls() -> Iterator[CallLoop]:
+    loop = CallLoop("test-calls", blocking_threads=2)
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture
+def make_providers(mock_llm: MockLLM, mock_control: MockControl, calls: CallLoop) -> Iterator[MakeProviders]:
     built: list[Providers] = []
 
-    def make(retry: RetryConfig = FAST, timeout: float = 5.0, **config: str) -> Providers:
+    def make(retry: RetryConfig = FAST, timeout: float = 5.0, **config: str) -> BlockingProviders:
         settings = config or {"api_key": CONFIGURED_KEY}
         providers = Providers({"mock": ProviderConfig(base_url=mock_llm.url, timeout=timeout, **settings)}, retry)
         built.append(providers)
-        return providers
+        return BlockingProviders(providers, calls)
 
     yield make
     for providers in built:
-        providers.close()
+        calls.run(providers.aclose(), timeout=5)
 
 
-def fail(providers: Providers, model: V1Model, messages: list[ChatMessage] = HELLO) -> ProviderError:
+def fail(providers: BlockingProviders, model: V1Model, messages: list[ChatMessage] = HELLO) -> ProviderError:
     with pytest.raises(ProviderError) as info:
         providers.complete(model, messages)
     return info.value
@@ -303,17 +328,17 @@ class _Garbage(BaseHTTPRequestHandler):
         pass
 
 
-def test_undecodable_200_is_internal_and_not_retried() -> None:
+def test_undecodable_200_is_internal_and_not_retried(calls: CallLoop) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="k")
         provider = OpenAICompatProvider("odd", config, FAST)
         with pytest.raises(ProviderError) as info:
-            provider.complete(ModelCall(model="x", messages=HELLO))
+            calls.run(provider.complete(ModelCall(model="x", messages=HELLO)), timeout=30)
         assert info.value.code == Code.INTERNAL
         assert info.value.attempts == 1
-        provider.close()
+        calls.run(provider.aclose(), timeout=5)
     finally:
         server.shutdown()
         server.server_close()
