@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
 
 import httpx2
 import openai
@@ -21,22 +23,39 @@ from multillm.mock_llm import MockControl, MockLLM
 from multillm.providers import ModelCall, ModelResult, OpenAICompatProvider, Provider, ProviderError, Providers
 from multillm.providers.retry import retry_after
 from multillm.schemas import ChatMessage, ToolCall, ToolCallFunction, V1Model
-from multillm.workers.call_loop import CallLoop
 
 CONFIGURED_KEY = "sk-configured-0123456789abcdef"
 REQUEST_KEY = "sk-request-fedcba9876543210"
 FAST = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=0.05, budget_seconds=10)
 HELLO = [ChatMessage(role="user", content="hello big world")]
+T = TypeVar("T")
 
 
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class LoopThread:
+    """An event loop on a thread of its own: the tests call into it from theirs, as a worker's tasks would run."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
 class BlockingProviders:
     """`Providers` on a worker's event loop, called from the test's threads as a worker's tasks would be."""
 
-    def __init__(self, providers: Providers, calls: CallLoop) -> None:
+    def __init__(self, providers: Providers, calls: LoopThread) -> None:
         self.providers = providers
         self._calls = calls
 
@@ -54,14 +73,14 @@ MakeProviders = Callable[..., BlockingProviders]
 
 
 @pytest.fixture
-def calls() -> Iterator[CallLoop]:
-    loop = CallLoop("test-calls", blocking_threads=2)
+def calls() -> Iterator[LoopThread]:
+    loop = LoopThread()
     yield loop
     loop.stop()
 
 
 @pytest.fixture
-def make_providers(mock_llm: MockLLM, mock_control: MockControl, calls: CallLoop) -> Iterator[MakeProviders]:
+def make_providers(mock_llm: MockLLM, mock_control: MockControl, calls: LoopThread) -> Iterator[MakeProviders]:
     built: list[Providers] = []
 
     def make(retry: RetryConfig = FAST, timeout: float = 5.0, **config: str) -> BlockingProviders:
@@ -328,7 +347,7 @@ class _Garbage(BaseHTTPRequestHandler):
         pass
 
 
-def test_undecodable_200_is_internal_and_not_retried(calls: CallLoop) -> None:
+def test_undecodable_200_is_internal_and_not_retried(calls: LoopThread) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

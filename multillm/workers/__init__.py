@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from concurrent.futures import ThreadPoolExecutor
 
 from multillm.config import Settings
 from multillm.errors import ConfigError
@@ -10,7 +12,6 @@ from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
 from multillm.sinks import open_sink
 from multillm.sinks.group_commit import GroupCommitSink
-from multillm.workers.call_loop import CallLoop
 from multillm.workers.consumer import Consumer
 from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
@@ -51,21 +52,25 @@ def _tune_gc() -> None:
 
 
 def _serve(settings: Settings, handler: Handler, providers: Providers, concurrency: int, metrics: WorkerMetrics) -> int:
-    """Run `handler`'s consumer until SIGTERM, once start-up is done; returns the exit code."""
-    calls = CallLoop("model-calls", blocking_threads=SINK_THREADS)
+    """Run `handler`'s consumer on an event loop until SIGTERM, once start-up is done; returns the exit code."""
+
+    async def serve() -> int:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink"))
+        consumer = Consumer(
+            settings.broker_url,
+            handler,
+            concurrency=concurrency,
+            grace_seconds=settings.shutdown_grace_seconds,
+            metrics=metrics,
+        )
+        try:
+            return await consumer.serve()
+        finally:
+            # Every call has ended (a worker with calls left past the grace period exits in `serve`).
+            await providers.aclose()
+
     _tune_gc()
-    code = Consumer(
-        settings.broker_url,
-        handler,
-        calls,
-        concurrency=concurrency,
-        grace_seconds=settings.shutdown_grace_seconds,
-        metrics=metrics,
-    ).run()
-    # Every call has ended (a worker with calls left past the grace period exits in `run`).
-    calls.run(providers.aclose(), timeout=5)
-    calls.stop()
-    return code
+    return asyncio.run(serve())
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:

@@ -1,12 +1,11 @@
 """Publisher confirms without waiting: many publishes in flight share the broker's round trips.
 
-pika's `BlockingChannel` in confirm mode waits for each publish's confirm before
-returning; on a quorum queue that wait is a replicated, fsynced write, and the
-worker's connection thread did nothing else meanwhile (profiled: two thirds of
-its time at 300 requests/s). The asynchronous `pika.channel.Channel` that every
-`BlockingChannel` wraps reports confirms by callback instead (pika's
-asynchronous publisher example does the same). We publish on it, count
-delivery tags, and run each publish's callback once its confirm arrives.
+Waiting for each publish's confirm before the next would cost a round trip each;
+on a quorum queue that wait is a replicated, fsynced write (profiled with pika's
+`BlockingChannel`: two thirds of a worker's time at 300 requests/s). pika's
+asynchronous channel reports confirms by callback instead (pika's asynchronous
+publisher example does the same). We publish, count delivery tags, and run each
+publish's callback once its confirm arrives.
 
 A mandatory message that no queue takes comes back as `Basic.Return` before its
 `Basic.Ack`; the return is matched to the publish by exchange, routing key and
@@ -15,11 +14,12 @@ messages but for rare duplicates (a request delivered twice at once); when a
 return matches several, all of them count as not taken: a reply dead-lettered
 twice is better than one lost.
 
-Threads: only the connection's thread touches this, as every pika object.
+Threads: only the event loop's thread touches this, as every pika object.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +28,8 @@ import pika
 import pika.channel
 import pika.spec
 import structlog
-from pika.adapters.blocking_connection import BlockingChannel
 
+from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.messages import Outgoing
 
 log = structlog.get_logger(__name__)
@@ -70,36 +70,44 @@ class _Unconfirmed:
 
 
 class PipelinedConfirms:
-    """Confirmed publishing on one channel, without waiting in `publish_all`.
+    """Confirmed publishing on one channel, without waiting in `publish_all`; build it with `start`.
 
     Args:
-        connection: the channel's connection (for scheduling callbacks outside pika's frame handling).
         channel: a channel not yet in confirm mode.
+        on_failure: told when a `then` callback failed (its delivery would stay unacked: reconnect).
         observe: told each publish's outcome: `ok`, `unroutable` or `refused` (for the metrics).
     """
 
     def __init__(
         self,
-        connection: pika.BlockingConnection,
-        channel: BlockingChannel,
+        channel: pika.channel.Channel,
+        on_failure: Callable[[Exception], None],
         observe: Callable[[Outgoing, str], None] = lambda message, outcome: None,
     ) -> None:
-        self._connection = connection
+        self._channel = channel
+        self._on_failure = on_failure
         self._observe = observe
-        # The one use of pika's private attribute: the asynchronous channel under the blocking one.
-        self._channel: pika.channel.Channel = channel._impl
         self._unconfirmed: dict[int, _Unconfirmed] = {}
         self._next_tag = 1
         self._done: list[_Batch] = []
         self._scheduled = False
-        selected: list[bool] = []
-        self._channel.add_on_return_callback(self._on_return)
-        self._channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: selected.append(True))
-        while not selected:
-            connection.process_data_events(time_limit=1)
+
+    @classmethod
+    async def start(
+        cls,
+        session: AmqpSession,
+        on_failure: Callable[[Exception], None],
+        observe: Callable[[Outgoing, str], None] = lambda message, outcome: None,
+    ) -> PipelinedConfirms:
+        """Put the session's channel in confirm mode and publish on it from now on."""
+        assert session.channel is not None
+        confirms = cls(session.channel, on_failure, observe)
+        session.channel.add_on_return_callback(confirms._on_return)
+        await session.call(session.channel.confirm_delivery, confirms._on_confirm)
+        return confirms
 
     def publish_all(self, messages: Sequence[Outgoing], then: Then) -> None:
-        """Publish `messages` (mandatory, confirmed); `then(taken)` runs on this thread when all are confirmed.
+        """Publish `messages` (mandatory, confirmed); `then(taken)` runs on the loop when all are confirmed.
 
         Raises:
             Exception: a message's properties cannot be encoded (nothing of it was sent).
@@ -123,7 +131,7 @@ class PipelinedConfirms:
             self._next_tag += 1
 
     def ack(self, delivery_tag: int) -> None:
-        """Ack a delivery; the frame leaves with the connection's next write, not a flush of its own."""
+        """Ack a delivery."""
         self._channel.basic_ack(delivery_tag)
 
     def nack(self, delivery_tag: int) -> None:
@@ -164,7 +172,7 @@ class PipelinedConfirms:
         if self._done and not self._scheduled:
             # What the callbacks do (publish, ack) must not run inside pika's frame handling.
             self._scheduled = True
-            self._connection.call_later(0, self._run_done)
+            asyncio.get_running_loop().call_soon(self._run_done)
 
     def _run_done(self) -> None:
         self._scheduled = False
@@ -179,7 +187,7 @@ class PipelinedConfirms:
         if failed is not None:
             # Its delivery would stay unacked for ever: reconnect, so that the broker redelivers
             # it (the queue's delivery limit bounds how often).
-            raise failed
+            self._on_failure(failed)
 
     @staticmethod
     def _finish(batch: _Batch) -> None:

@@ -1,18 +1,17 @@
-"""The consumer loop shared by both workers: one pika connection, one thread, an event loop for the work.
+"""The consumer loop shared by both workers: one thread, one asyncio event loop, one pika connection.
 
-Threading rule (as in pika's threaded consumer example and dramatiq's RabbitMQ
-consumer): the thread that calls `Consumer.run` owns the connection and is the
-only one that touches a pika object: it receives deliveries, publishes, acks.
-Model calls run as tasks on the worker's event loop (`CallLoop`), at most
-`concurrency` at once; sink writes go from there to a few threads. A task hands
-its `Settlement` back through `Handback` (`add_callback_threadsafe`, once for all
-that finished meanwhile), so the connection's thread never blocks on a model and
-heartbeats keep flowing. Publishes and acks go out on the channel
-without waiting (`PipelinedConfirms`); a delivery is acked once what it owes is confirmed.
+Everything a worker does with the broker and the models runs on one event loop:
+pika's `AsyncioConnection` receives deliveries, publishes and acks, and each
+delivery's work (the model call) runs as a task, at most `concurrency` at once.
+With one thread there is no hand-over between a connection thread and call
+threads: with a thread per call, 512 calls in flight spent a third of the
+worker's CPU passing the GIL around (docs/benchmarks.md). What blocks, the sink's
+writes, goes to the loop's default executor (a few threads) via `asyncio.to_thread`.
 
 A delivery is settled in exactly one place, `Consumer.settle`: publish what is
-owed (confirmed), then ack; or, when the broker would not take what is owed,
-reject with requeue, which the queue's delivery limit bounds.
+owed (confirmed, without waiting: `PipelinedConfirms`), then ack; or, when the
+broker would not take what is owed, reject with requeue, which the queue's
+delivery limit bounds.
 
 Each connection has a generation number. A delivery remembers the generation it
 came on; work or a settlement for an older generation is dropped, because the
@@ -31,31 +30,32 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from types import FrameType
+from typing import Any
 
 import pika
+import pika.channel
 import pika.exceptions
 import structlog
-from pika.adapters.blocking_connection import BlockingChannel
 
 from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
 from multillm.metrics import WorkerMetrics
 from multillm.redact import redact_body
-from multillm.workers.call_loop import CallLoop
+from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.confirms import PipelinedConfirms
-from multillm.workers.handback import Handback
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
 
 log = structlog.get_logger(__name__)
 
 
+# Twice the concurrency: a call slot that frees finds its next message here, instead of
+# idling through an ack and a delivery (docs/benchmarks.md: +10-15% at latency 0).
 PREFETCH_PER_CALL = 2
 
 
 class _ChannelGone(Exception):
-    """The broker closed our channel or cancelled our consumer while the connection stayed up."""
+    """The broker cancelled our consumer, or a settlement could not go out: start over on a new connection."""
 
 
 # Errors after which the connection (or channel) is gone and must be rebuilt.
@@ -74,15 +74,14 @@ _CONNECTION_ERRORS = (
 class Consumer:
     """Runs one handler against one queue until SIGTERM/SIGINT; reconnects when the broker goes away.
 
-    Threads: `run()`'s thread owns the pika connection (see the module docstring);
-    `calls`' loop runs the `work` coroutines, which touch no pika object.
+    `serve()` runs on the event loop, where every method of this class runs (see the
+    module docstring); only `stop` may be called from another thread.
     """
 
     def __init__(
         self,
         broker_url: str,
         handler: Handler,
-        calls: CallLoop,
         *,
         concurrency: int = 4,
         grace_seconds: float = 30.0,
@@ -94,49 +93,52 @@ class Consumer:
         self._concurrency = concurrency
         self._grace = grace_seconds
         self._declare = (handler.queue, contract.dead_queue())
-        self._calls = calls
         # Deliveries past it (prefetch is twice the concurrency) wait here, in order.
         self._slots = asyncio.Semaphore(concurrency)
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._session: AmqpSession | None = None
         self._confirms: PipelinedConfirms | None = None
-        self._handback = Handback(self.settle)
+        self._consumer_tag = ""
         self._generation = 0
-        self._cancelled = False
         self._in_flight: set[int] = set()
-        # Tasks started and not finished, whatever connection they came on (read by the I/O thread).
-        self._running = 0
-        self._running_lock = threading.Lock()
+        # Tasks started and not finished, whatever connection they came on; the loop keeps
+        # only weak references to tasks, so these keep them alive too.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
+        self._stopping = asyncio.Event()
         self._signals = 0
 
     # --- life cycle ---------------------------------------------------------
 
-    def run(self) -> int:
+    async def serve(self) -> int:
         """Consume until asked to stop; returns the process exit code. Never exits for a lost broker."""
+        self._loop = asyncio.get_running_loop()
+        if self._stop.is_set():
+            self._stopping.set()
         self._install_signal_handlers()
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                self._connect()
+                await self._connect()
                 backoff = 0.5
-                self._consume_until_stopped()
+                await self._consume_until_stopped()
             except ConfigError:
                 raise
             except Exception as exc:  # the broker went away, or a bug: reconnect either way
                 event = "broker.connection_lost" if isinstance(exc, _CONNECTION_ERRORS) else "worker.loop_failed"
                 log.warning(event, error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
                 # Close what is left of it: a half-dead connection would keep its deliveries unacked.
-                self._close()
-                self._stop.wait(backoff * random.uniform(0.5, 1.5))
+                await self._close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 15.0)
-        self._wait_for_running_calls()
-        self._close()
-        abandoned = self._running_calls()
+        await self._wait_for_running_calls()
+        await self._close()
+        abandoned = len(self._tasks)
         log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
         if abandoned:
             # Calls still running past the grace period are left (their messages are redelivered).
-            # Exit without the interpreter's finalization, which a thread inside a call could trip.
+            # Exit without the interpreter's finalization, which a call still running could trip.
             sys.stderr.flush()
             os._exit(0)
         return 0
@@ -144,14 +146,17 @@ class Consumer:
     def stop(self) -> None:
         """Ask the loop to stop taking messages and finish those in flight. Safe from any thread."""
         self._stop.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        assert self._loop is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals > 1:
             # A second signal means now: what was not acked is redelivered by the broker.
@@ -159,21 +164,19 @@ class Consumer:
             sys.stderr.flush()
             os._exit(1)
         log.info("worker.stopping", signal=signal.Signals(signum).name, in_flight=len(self._in_flight))
-        self._stop.set()
+        self.stop()
 
-    def _connect(self) -> None:
-        connection = pika.BlockingConnection(self._params)
+    async def _connect(self) -> None:
+        session = await AmqpSession.open(self._params)
         try:
-            channel = connection.channel()
-            confirms = PipelinedConfirms(connection, channel, self._metrics.published)
-            # Twice the concurrency: a call slot that frees finds its next message here, instead of
-            # idling through an ack and a delivery (docs/benchmarks.md: +10-15% at latency 0).
-            channel.basic_qos(prefetch_count=PREFETCH_PER_CALL * self._concurrency)
-            declare(channel, self._declare)
+            confirms = await PipelinedConfirms.start(session, self._lose, self._metrics.published)
+            channel = session.channel
+            assert channel is not None
+            await session.call(channel.basic_qos, prefetch_count=PREFETCH_PER_CALL * self._concurrency)
+            await declare(session, self._declare)
             channel.add_on_cancel_callback(self._on_cancelled)
         except BaseException as exc:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                connection.close()
+            await session.aclose()
             if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:
                 # Retrying cannot help: a queue exists with other arguments than ours.
                 raise ConfigError(
@@ -182,58 +185,58 @@ class Consumer:
                 ) from None
             raise
         self._generation += 1
-        self._connection, self._channel, self._in_flight, self._cancelled = connection, channel, set(), False
-        self._confirms = confirms
-        self._handback.attach(connection)
+        self._session, self._confirms, self._in_flight = session, confirms, set()
         self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
 
     def _on_cancelled(self, frame: object) -> None:
         # The broker cancelled the consumer (queue deleted, consumer timeout): reconnect.
-        self._cancelled = True
+        self._lose(_ChannelGone("the broker cancelled the consumer"))
 
-    def _consume_until_stopped(self) -> None:
-        assert self._connection is not None and self._channel is not None
-        channel = self._channel
-        while not self._stop.is_set():
-            self._connection.process_data_events(time_limit=0.2)
-            if self._cancelled or not channel.is_open:
-                # pika raises nothing when only the channel closes: without this the
-                # worker would stay connected, consuming nothing.
-                raise _ChannelGone("the broker closed the channel or cancelled the consumer")
-        # Stop taking messages; pika nacks (requeues) those received but not yet dispatched.
-        channel.basic_cancel(self._consumer_tag)
+    def _lose(self, reason: BaseException) -> None:
+        """Give up the current connection (the main coroutine reconnects)."""
+        if self._session is not None:
+            self._session.lose(reason)
+
+    async def _consume_until_stopped(self) -> None:
+        session = self._session
+        assert session is not None and session.channel is not None
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        either: set[asyncio.Future[Any]] = {session.gone, stopping}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if session.gone.done():
+            raise session.gone.result()
+        # Stop taking messages; those prefetched and not begun are requeued by `_run_work`.
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            await asyncio.wait_for(session.call(session.channel.basic_cancel, self._consumer_tag), 5)
         deadline = time.monotonic() + self._grace
-        while self._in_flight and time.monotonic() < deadline:
-            self._connection.process_data_events(time_limit=0.1)
+        while self._in_flight and time.monotonic() < deadline and not session.gone.done():
+            await asyncio.sleep(0.05)
         if self._in_flight:
             log.warning("worker.grace_expired", unacked=len(self._in_flight))
 
-    def _wait_for_running_calls(self) -> None:
+    async def _wait_for_running_calls(self) -> None:
         """After a stop while disconnected: give calls still running the rest of the grace period."""
         deadline = time.monotonic() + self._grace
-        while self._connection is None and self._running_calls() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while self._session is None and self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
-    def _running_calls(self) -> int:
-        with self._running_lock:
-            return self._running
-
-    def _close(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                self._connection.close()
-        self._handback.attach(None)
-        # Tasks still queued for the closed connection are skipped, even while reconnecting.
+    async def _close(self) -> None:
+        session, self._session, self._confirms = self._session, None, None
+        # Tasks still waiting for the closed connection are skipped, even while reconnecting.
         self._generation += 1
-        self._connection = self._channel = self._confirms = None
         self._in_flight = set()
+        if session is not None:
+            await session.aclose()
 
-    # --- the connection's thread ------------------------------------------
+    # --- pika's callbacks ---------------------------------------------------
 
     def _on_message(
         self,
-        channel: BlockingChannel,
+        channel: pika.channel.Channel,
         method: pika.spec.Basic.Deliver,
         props: pika.BasicProperties,
         body: bytes,
@@ -253,11 +256,17 @@ class Consumer:
                 self._handler.on_give_up(delivery, self)
             else:
                 self._handler.on_delivery(delivery, self)
-        except _CONNECTION_ERRORS:
-            raise
+        except _CONNECTION_ERRORS as exc:
+            self._lose(exc)
         except Exception as exc:
             log.exception("worker.handler_failed", queue=self._handler.queue.name, message_id=props.message_id)
-            self.settle(delivery, self._handler.on_error(delivery, exc))
+            self._settle_or_lose(delivery, self._handler.on_error(delivery, exc))
+
+    def _settle_or_lose(self, delivery: Delivery, settlement: Settlement) -> None:
+        try:
+            self.settle(delivery, settlement)
+        except _CONNECTION_ERRORS as exc:
+            self._lose(exc)
 
     def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
         assert self._confirms is not None
@@ -279,8 +288,8 @@ class Consumer:
             self.publish_all([self._last_resort(delivery)], partial(self._finish, delivery))
 
     def _current(self, delivery: Delivery) -> bool:
-        channel = self._channel
-        if channel is None or delivery.generation != self._generation or not channel.is_open:
+        session = self._session
+        if session is None or delivery.generation != self._generation or not session.is_open:
             # The connection it came on is gone: the broker redelivers it, and the
             # sink's idempotent write keeps the record single.
             log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
@@ -338,42 +347,39 @@ class Consumer:
     def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
         if not self._current(delivery):
             return  # the broker redelivers it: calling the model now would be paid twice
-        with self._running_lock:
-            self._running += 1
-        self._calls.start_soon(partial(self._run_work, delivery, work))
-
-    # --- the event loop -----------------------------------------------------
+        assert self._loop is not None
+        task = self._loop.create_task(self._run_work(delivery, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_work(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
-        try:
-            async with self._slots:
-                if delivery.generation != self._generation:
-                    # Queued behind a call while the connection was lost: the broker has
-                    # already put it back, so calling the model now would be paid twice.
-                    return
-                if self._stop.is_set():
-                    # Prefetched, not begun, and the worker is stopping: back to the queue at once
-                    # for another worker, rather than started inside the grace period.
-                    self._handback.put(delivery, Settlement(requeue=True))
-                    return
-                try:
-                    settlement = await work()
-                except Exception as exc:
-                    log.exception(
-                        "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
-                    )
-                    settlement = self._handler.on_error(delivery, exc)
-                self._handback.put(delivery, settlement)
-        finally:
-            with self._running_lock:
-                self._running -= 1
+        async with self._slots:
+            if delivery.generation != self._generation:
+                # Queued behind a call while the connection was lost: the broker has
+                # already put it back, so calling the model now would be paid twice.
+                return
+            if self._stop.is_set():
+                # Prefetched, not begun, and the worker is stopping: back to the queue at once
+                # for another worker, rather than started inside the grace period.
+                self._settle_or_lose(delivery, Settlement(requeue=True))
+                return
+            try:
+                settlement = await work()
+            except Exception as exc:
+                log.exception(
+                    "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
+                )
+                settlement = self._handler.on_error(delivery, exc)
+            self._settle_or_lose(delivery, settlement)
 
 
-def declare(channel: BlockingChannel, queues: tuple[QueueSpec, ...]) -> None:
+async def declare(session: AmqpSession, queues: tuple[QueueSpec, ...]) -> None:
     """Declare every exchange, then these queues and their bindings; idempotent, so every start may."""
+    channel = session.channel
+    assert channel is not None
     for exchange, kind in contract.EXCHANGES.items():
-        channel.exchange_declare(exchange, exchange_type=kind, durable=True)
+        await session.call(channel.exchange_declare, exchange, exchange_type=kind, durable=True)
     for spec in queues:
-        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        await session.call(channel.queue_declare, spec.name, durable=True, arguments=spec.arguments)
         if spec.exchange:
-            channel.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
+            await session.call(channel.queue_bind, spec.name, spec.exchange, routing_key=spec.routing_key)

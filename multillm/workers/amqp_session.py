@@ -1,0 +1,114 @@
+"""One pika connection and channel on the running asyncio loop, with awaitable RPCs.
+
+pika's `AsyncioConnection` answers every method by callback. `AmqpSession` turns
+those callbacks into awaitables, and fails every await still pending the moment
+the connection or the channel closes, with the reason pika gives: no coroutine
+waits for an answer that will never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.channel
+import pika.connection
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+
+class AmqpSession:
+    """A connection and its one channel; build it with `await AmqpSession.open(parameters)`."""
+
+    def __init__(self, connection: AsyncioConnection) -> None:
+        self.connection = connection
+        self.channel: pika.channel.Channel | None = None
+        loop = asyncio.get_running_loop()
+        # Why the session ended (the first reason wins); done once the connection or channel is gone.
+        self.gone: asyncio.Future[BaseException] = loop.create_future()
+        # Done once the connection is closed for good (after a `close`, or when the broker went away).
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    @classmethod
+    async def open(cls, parameters: pika.connection.Parameters) -> AmqpSession:
+        """Connect and open a channel.
+
+        Raises:
+            pika.exceptions.AMQPError: the broker refused or could not be reached.
+        """
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        holder: list[AmqpSession] = []
+
+        def on_open(connection: pika.connection.Connection) -> None:
+            if not opened.done():
+                opened.set_result(None)
+
+        def on_open_error(connection: pika.connection.Connection, error: BaseException | str) -> None:
+            if not opened.done():
+                failure = error if isinstance(error, BaseException) else pika.exceptions.AMQPConnectionError(error)
+                opened.set_exception(failure)
+            holder[0].lose(pika.exceptions.AMQPConnectionError(str(error)), closed=True)
+
+        def on_close(connection: pika.connection.Connection, reason: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(reason)
+            holder[0].lose(reason, closed=True)
+
+        connection = AsyncioConnection(parameters, on_open, on_open_error, on_close, custom_ioloop=loop)
+        session = cls(connection)
+        holder.append(session)
+        await opened
+        channel: pika.channel.Channel = await session.call(connection.channel, callback_name="on_open_callback")
+        channel.add_on_close_callback(lambda _channel, reason: session.lose(reason))
+        session.channel = channel
+        return session
+
+    async def call(self, method: Callable[..., Any], *args: Any, callback_name: str = "callback", **kwargs: Any) -> Any:
+        """`method(*args, callback=..., **kwargs)`, awaited until pika calls back; returns what it passes.
+
+        Raises:
+            the reason the session ended, when it ends first.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def answered(result: Any) -> None:
+            if not future.done():
+                future.set_result(result)
+
+        if self.gone.done():
+            raise self.gone.result()
+        self._pending.add(future)
+        try:
+            method(*args, **{callback_name: answered}, **kwargs)
+            return await future
+        finally:
+            self._pending.discard(future)
+
+    def lose(self, reason: BaseException, *, closed: bool = False) -> None:
+        """The session is over, for `reason`: fail what waits on it. `closed`: the connection is closed too."""
+        if not self.gone.done():
+            self.gone.set_result(reason)
+        if closed and not self.closed.done():
+            self.closed.set_result(None)
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(reason)
+
+    @property
+    def is_open(self) -> bool:
+        """Both the connection and the channel are open, and nothing has ended the session."""
+        channel = self.channel
+        return not self.gone.done() and channel is not None and channel.is_open
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close the connection (the broker requeues what was not acked) and wait for it, up to `timeout`."""
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if not (self.connection.is_closed or self.connection.is_closing):
+                self.connection.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
