@@ -1,6 +1,6 @@
-"""Group commit: the records that pool threads write at the same time go to the sink as one batch.
+"""Group commit: the records that threads write at the same time go to the sink as one batch.
 
-A worker's pool threads each write one record per message and must know it is
+A worker's sink threads (`asyncio.to_thread` from its calls) each write one record per message and must know it is
 stored before the message is acked. One transaction per record made them queue
 on the sink's lock (profiled: 8 threads spent most of their sink time waiting
 for it). Here the first thread to arrive while nobody writes becomes the writer:

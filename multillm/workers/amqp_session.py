@@ -63,7 +63,11 @@ class AmqpSession:
         session = cls(connection)
         holder.append(session)
         await opened
-        channel: pika.channel.Channel = await session.call(connection.channel, callback_name="on_open_callback")
+        try:
+            channel: pika.channel.Channel = await session.call(connection.channel, callback_name="on_open_callback")
+        except BaseException:
+            await session.aclose()
+            raise
         channel.add_on_close_callback(lambda _channel, reason: session.lose(reason))
         session.channel = channel
         return session

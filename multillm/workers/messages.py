@@ -53,7 +53,7 @@ class Settlement:
     """What a delivery owes before it is acked: the messages to publish (confirmed) first.
 
     `requeue`: nothing was done; put the message back for any worker (one that was
-    waiting for a thread when its worker began to stop).
+    waiting for a call slot when its worker began to stop).
     """
 
     publishes: list[Outgoing] = field(default_factory=list)
@@ -61,18 +61,18 @@ class Settlement:
 
 
 class Io(Protocol):
-    """What a handler may ask of the connection's thread, from the connection's thread."""
+    """What a handler may ask of the consumer, on the worker's event loop."""
 
     def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
         """Publish with confirms, without waiting; `then` gets, per message, whether a queue took it
-        (False: unroutable, or refused by the broker). It runs on this thread, and never if the
+        (False: unroutable, or refused by the broker). It runs on the loop, and never if the
         connection is lost first (the message is redelivered then)."""
         ...
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...
 
     def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
-        """Run `work()` on the worker's event loop; its Settlement comes back to this thread."""
+        """Run `work()` as a task, at most `concurrency` at once; the consumer settles what it returns."""
         ...
 
 
@@ -82,7 +82,7 @@ class Handler(Protocol):
     queue: QueueSpec
 
     def on_delivery(self, delivery: Delivery, io: Io) -> None:
-        """Called on the connection's thread; must not block on anything but the broker."""
+        """Called in pika's delivery callback on the event loop; must not block (start work with `io.submit`)."""
         ...
 
     def on_error(self, delivery: Delivery, error: Exception) -> Settlement:

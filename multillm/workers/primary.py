@@ -1,10 +1,10 @@
 """The primary worker's part of a request's life: validate, fan out, call, record, reply.
 
-On the connection's thread: decode and validate the request, then publish the
+In pika's delivery callback: decode and validate the request, then publish the
 fan-out copies (confirmed) *before* the primary model is called, so the other
-models run at the same time as the primary. On the worker's event loop: call the
-primary model, write its record, build the reply. Back on the connection's thread, the
-consumer publishes the reply (confirmed) and only then acks the request.
+models run at the same time as the primary. In a task: call the primary model,
+write its record, build the reply. The consumer then publishes the reply
+(confirmed) and only then acks the request. All of it runs on the worker's event loop.
 """
 
 from __future__ import annotations
