@@ -1,136 +1,116 @@
-"""Group commit: the records that threads write at the same time go to the sink as one batch.
+"""Group commit for a worker's event loop: records that arrive while a batch is stored go together in the next.
 
-A worker's sink threads (`asyncio.to_thread` from its calls) each write one record per message and must know it is
-stored before the message is acked. One transaction per record made them queue
-on the sink's lock (profiled: 8 threads spent most of their sink time waiting
-for it). Here the first thread to arrive while nobody writes becomes the writer:
-it stores everything waiting with one `write_many`, its own record included,
-while later arrivals wait for it (or for the next writer among them). Each
-caller still returns only once its own record's batch is stored, with its own
-result. A batch that fails is written again record by record, so that a record
-the database refuses fails its own caller only. A lone record is written at once by its own
-thread: no hand-off to another thread, and nothing waits for a timer.
+Each of a worker's calls writes one record and must know it is stored before its
+message is acked. One transaction per record would queue them all on the sink
+(profiled with a thread per call: 8 threads spent most of their sink time waiting
+for its lock). Here the loop gathers them: a record that arrives while nothing is
+being written starts a batch at once (nothing waits for a timer); records that
+arrive meanwhile wait, and go together in the next batch. The blocking
+`write_many` runs on the loop's executor, one batch at a time, so that the sink's
+threads do not take turns at the GIL with the loop. Each caller gets its own
+record's answer. A batch that fails is written again record by record, so that a
+record the database refuses fails its own caller only.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from functools import partial
 from typing import Final
 
 import structlog
 
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import RecordFilter, Sink
+from multillm.sinks import Sink
 
 log = structlog.get_logger(__name__)
 
 MAX_BATCH: Final = 500
 
+_Waiting = tuple[LLMLogRecord, "asyncio.Future[bool]"]
 
-class GroupCommitSink:
-    """A `Sink` that batches concurrent writes to `inner`. Thread-safe.
+
+class GroupCommit:
+    """Batches the writes of one event loop's tasks to `sink`; use it from that loop only.
 
     Args:
-        inner: the sink that stores the batches.
+        sink: the sink that stores the batches (thread-safe; its writes run on the loop's executor).
         observe: told, for every record, how long its batch's write took and whether it raised.
     """
 
-    def __init__(self, inner: Sink, observe: Callable[[float, bool], None] = lambda seconds, failed: None) -> None:
-        self._inner = inner
+    def __init__(self, sink: Sink, observe: Callable[[float, bool], None] = lambda seconds, failed: None) -> None:
+        self._sink = sink
         self._observe = observe
-        self._changed = threading.Condition()
-        self._waiting: list[tuple[LLMLogRecord, Future[bool]]] = []
+        self._waiting: list[_Waiting] = []
         self._writing = False
-        self._closed = False
 
     @property
     def queued(self) -> int:
-        """Records waiting for a writer (not counting the batch being written)."""
-        with self._changed:
-            return len(self._waiting)
+        """Records waiting for the batch being written to finish."""
+        return len(self._waiting)
 
-    def write(self, record: LLMLogRecord) -> bool:
+    async def write(self, record: LLMLogRecord) -> bool:
         """Store `record` with whatever else is waiting; False if its `log_id` was already stored.
 
         Raises:
-            Exception: what the inner sink raised for the batch.
+            Exception: what the sink raised for this record.
         """
-        return self.write_many([record])[0]
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, future))
+        if not self._writing:
+            self._start_batch()
+        return await future
 
-    def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
-        futures: list[Future[bool]] = [Future() for _ in records]
-        with self._changed:
-            if self._closed:
-                raise RuntimeError("the sink is closed")
-            self._waiting.extend(zip(records, futures, strict=True))
-        while not all(f.done() for f in futures):
-            with self._changed:
-                while self._writing and not all(f.done() for f in futures):
-                    self._changed.wait()
-                if all(f.done() for f in futures):
-                    break
-                self._writing = True
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            try:
-                self._write(batch)
-            finally:
-                with self._changed:
-                    self._writing = False
-                    self._changed.notify_all()
-        return [f.result() for f in futures]
+    def _start_batch(self) -> None:
+        batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        self._writing = True
+        stored = asyncio.get_running_loop().run_in_executor(None, self._store, [record for record, _ in batch])
+        stored.add_done_callback(partial(self._stored, batch))
 
-    def records(
-        self, request_id: str | None = None, limit: int | None = None, *, where: RecordFilter | None = None
-    ) -> list[LLMLogRecord]:
-        return self._inner.records(request_id, limit, where=where)
-
-    def close(self) -> None:
-        """Wait for the batch being written, then close the inner sink."""
-        with self._changed:
-            self._closed = True
-            while self._writing:
-                self._changed.wait()
-        self._inner.close()
-
-    def _write(self, batch: list[tuple[LLMLogRecord, Future[bool]]]) -> None:
-        """Store a batch; if it fails as a whole, each record alone, so that one bad record
-        (one the database refuses) fails only its own caller. Every future is settled."""
+    def _stored(self, batch: list[_Waiting], stored: asyncio.Future[list[bool | Exception]]) -> None:
+        self._writing = False
         try:
-            try:
-                self._settle(batch, self._timed(batch))
-            except Exception as exc:
-                if len(batch) == 1:
-                    batch[0][1].set_exception(exc)
-                    return
-                for one in batch:
-                    if one[1].done():
-                        continue
-                    try:
-                        self._settle([one], self._timed([one]))
-                    except Exception as single:
-                        one[1].set_exception(single)
-        finally:
-            for _, future in batch:
-                if not future.done():  # only a bug gets here; never leave a caller waiting
-                    future.set_exception(RuntimeError("the record was not stored"))
+            outcomes = stored.result()
+        except Exception as exc:  # only a bug gets here; never leave a caller waiting
+            outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its caller was cancelled (the worker is stopping)
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._waiting:
+            self._start_batch()
 
-    def _timed(self, batch: list[tuple[LLMLogRecord, Future[bool]]]) -> list[bool]:
+    # --- on an executor thread ---------------------------------------------------
+
+    def _store(self, records: list[LLMLogRecord]) -> list[bool | Exception]:
+        """Each record's outcome: stored (True), already there (False), or what the sink raised for it."""
+        try:
+            return list(self._timed(records))
+        except Exception as exc:
+            if len(records) == 1:
+                return [exc]
+        outcomes: list[bool | Exception] = []
+        for record in records:
+            try:
+                outcomes += self._timed([record])
+            except Exception as single:
+                outcomes.append(single)
+        return outcomes
+
+    def _timed(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         started = time.perf_counter()
         try:
-            results = self._inner.write_many([record for record, _ in batch])
+            results = self._sink.write_many(records)
         except Exception:
-            self._observed(started, len(batch), failed=True)
+            self._observed(started, len(records), failed=True)
             raise
-        self._observed(started, len(batch), failed=False)
+        self._observed(started, len(records), failed=False)
         return results
-
-    @staticmethod
-    def _settle(batch: list[tuple[LLMLogRecord, Future[bool]]], results: list[bool]) -> None:
-        for (_, future), written in zip(batch, results, strict=True):
-            future.set_result(written)
 
     def _observed(self, started: float, count: int, *, failed: bool) -> None:
         seconds = time.perf_counter() - started

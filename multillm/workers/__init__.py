@@ -11,7 +11,6 @@ from multillm.errors import ConfigError
 from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
 from multillm.sinks import open_sink
-from multillm.sinks.group_commit import GroupCommitSink
 from multillm.workers.consumer import Consumer
 from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
@@ -21,16 +20,14 @@ from multillm.workers.primary import PrimaryHandler
 __all__ = ["run_model_worker", "run_primary_worker"]
 
 
-# Threads for the sink's blocking writes: group commit stores what they bring together
-# in one transaction, so a few carry hundreds of records a second.
-SINK_THREADS = 8
+# Threads for the sink's blocking calls: one writes a batch at a time (sinks/group_commit.py),
+# the others look up the records of redelivered messages.
+SINK_THREADS = 4
 
 
 def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
     providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
-    # Records of calls that end together are stored in one transaction (see group_commit).
-    sink = GroupCommitSink(open_sink(settings.sink_url), metrics.sink_written)
-    return providers, ModelRunner(providers, sink, metrics)
+    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics)
 
 
 def _metrics(kind: str, port: int | None) -> WorkerMetrics:

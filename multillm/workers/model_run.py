@@ -15,6 +15,7 @@ from multillm.providers import ModelResult, ProviderError, Providers
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.sinks import Sink
+from multillm.sinks.group_commit import GroupCommit
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
@@ -47,13 +48,14 @@ class ModelRunner:
     """Calls a model through the providers and records the outcome in the sink.
 
     Runs on the worker's event loop; the sink's blocking reads and writes go to the
-    loop's executor threads (`asyncio.to_thread`), and the sink is thread-safe.
+    loop's executor threads, writes batched by `GroupCommit`.
     """
 
     def __init__(self, providers: Providers, sink: Sink, metrics: WorkerMetrics | None = None) -> None:
         self._providers = providers
         self._sink = sink
         self._metrics = metrics or WorkerMetrics()
+        self._writer = GroupCommit(sink, self._metrics.sink_written)
 
     async def run(
         self,
@@ -129,13 +131,12 @@ class ModelRunner:
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
         for wait in (*_SINK_RETRY_WAITS, None):
             try:
-                written = await asyncio.to_thread(self._sink.write, record)
+                written = await self._writer.write(record)
                 break
             except Exception as exc:
                 bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}", retry_in=wait)
                 if wait is None:
                     return ModelRun(record, outcome, stored=False)
-                # On the loop, not on a thread: the executor's few threads keep writing others' records.
                 await asyncio.sleep(wait)
         # A record written ok is the normal case, one a message: debug, to keep it off a busy worker's output.
         emit = bound.info if not written else bound.debug if record.status == "ok" else bound.warning
