@@ -242,6 +242,8 @@ class Consumer:
         body: bytes,
     ) -> None:
         delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self._generation)
+        if not self._current(delivery):
+            return  # it arrived as the session ended: the broker redelivers it
         self._in_flight.add(delivery.tag)
         give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
         self._metrics.consumed(self._handler.queue.name, delivery.redelivered, give_up)
