@@ -3,7 +3,7 @@
 A worker builds one `WorkerMetrics` (its own `CollectorRegistry`, not the global
 one, so that tests and several workers in one process never collide) and passes
 it to the parts that count: the consumer loop, the model runner, the providers
-and the sink (through `GroupCommitSink`'s observer). `serve` exposes it over HTTP only when
+and the sink (through `GroupCommit`'s observer). `serve` exposes it over HTTP only when
 `--metrics-port` is given. All metrics carry `kind` (`primary` or `model`).
 
 | metric | type | labels (besides kind) | counts or measures |

@@ -6,8 +6,10 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import Sink
+from multillm.sinks import Sink, group_commit
 from multillm.sinks.group_commit import GroupCommit
 from tests.test_logs_sinks import every_sink, record
 
@@ -80,7 +82,7 @@ def test_writes_that_overlap_are_stored_in_fewer_transactions_with_each_callers_
 def test_a_failed_batch_raises_in_every_caller_of_that_batch(make_sink: object) -> None:
     counting = _CountingSink(make_sink())  # type: ignore[operator]
     observed: list[bool] = []
-    grouped = GroupCommit(counting, lambda seconds, failed: observed.append(failed))
+    grouped = GroupCommit(counting, observe=lambda seconds, failed: observed.append(failed))
 
     async def scenario() -> tuple[dict[str, bool | BaseException], bool]:
         counting.fail_with = OSError("disk full")
@@ -125,3 +127,15 @@ def test_a_cancelled_caller_does_not_stop_the_others(make_sink: object) -> None:
         return await stays
 
     assert asyncio.run(scenario()) == {"stays": True}
+
+
+def test_more_than_a_batch_waiting_goes_in_batches_until_none_is_left(
+    make_sink: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "MAX_BATCH", 3)
+    counting = _CountingSink(make_sink())  # type: ignore[operator]
+    grouped = GroupCommit(counting)
+    later = [record(f"log-{i}", index=i + 1) for i in range(7)]
+    results = asyncio.run(_behind_a_held_batch(grouped, counting, record("first", index=0), later))
+    assert results == {f"log-{i}": True for i in range(7)}
+    assert counting.batches == [1, 3, 3, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -383,3 +384,33 @@ def test_concurrent_calls(make_providers: MakeProviders, mock_control: MockContr
     for c in ok:
         i = int((c.prompt or "").split()[1])
         assert c.auth_sha256 == sha(f"sk-thread-{i}")
+
+
+def test_a_malformed_http_answer_is_retried_then_unavailable(calls: LoopThread) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = 0
+
+    def serve() -> None:
+        nonlocal answered
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+                answered += 1
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        config = ProviderConfig(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", api_key=CONFIGURED_KEY)
+        provider = OpenAICompatProvider("odd", config, FAST)
+        with pytest.raises(ProviderError) as info:
+            calls.run(provider.complete(ModelCall(model="x", messages=HELLO)), timeout=30)
+        assert info.value.code == Code.UNAVAILABLE
+        assert info.value.attempts == FAST.max_attempts == answered
+        assert CONFIGURED_KEY not in str(info.value)
+        calls.run(provider.aclose(), timeout=5)
+    finally:
+        listener.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 from multillm import contract
 from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, vhost_of
@@ -55,3 +56,31 @@ def test_sigterm_finishes_the_call_in_flight_then_exits_zero(
     assert [r.status for r in wait_for_records(sink, future.request_id, 1)] == ["ok"]
     assert queue_counts(broker_url, contract.REQUEST_QUEUE)[0] == 0  # acked, not put back for a second call
     assert len(mock_control.calls()) == 1
+
+
+def test_sigterm_puts_prefetched_requests_back_at_once(
+    start_worker: StartWorker, client: Client, mock_control: MockControl, broker_url: str
+) -> None:
+    # One call slot, prefetch two: the second request waits in the worker, not in the queue.
+    worker = start_worker("primary", concurrency=1, env={"MULTILLM_LOG_LEVEL": "debug"})
+    mock_control.set_fault("slow", latency_ms=4000)
+    first = client.submit(make_request(["mock/slow"], "in flight"))
+    wait_for_log(worker, "request.accepted")
+    second = client.submit(make_request(["mock/slow"], "waiting"))
+    deadline = time.monotonic() + 10
+    while queue_counts(broker_url, contract.REQUEST_QUEUE)[0] and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the worker has prefetched it
+
+    worker.process.send_signal(signal.SIGTERM)
+    # Back in the queue while the first call still runs, not after it (4 s).
+    back = time.monotonic() + 2.5
+    while queue_counts(broker_url, contract.REQUEST_QUEUE)[0] == 0 and time.monotonic() < back:
+        time.sleep(0.05)
+    assert queue_counts(broker_url, contract.REQUEST_QUEUE)[0] == 1
+    assert not first.done()
+
+    assert first.result(timeout=30).text == "slow says: in flight"
+    assert worker.process.wait(timeout=30) == 0
+    start_worker("primary")
+    assert second.result(timeout=30).text == "slow says: waiting"
+    assert [c.prompt for c in mock_control.calls()] == ["in flight", "waiting"]  # each called once

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import aiohttp
 import openai
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
@@ -68,7 +69,8 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether another try may help: rate limits, timeouts, resets and server errors."""
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in _RETRYABLE_STATUSES or exc.status_code >= 500
-    return isinstance(exc, openai.APIConnectionError)  # includes APITimeoutError
+    # aiohttp errors the SDK's aiohttp transport does not map (a malformed response) arrive raw.
+    return isinstance(exc, openai.APIConnectionError | aiohttp.ClientError)  # includes APITimeoutError
 
 
 def retry_after(exc: BaseException | None) -> float | None:
@@ -144,6 +146,9 @@ def classify(exc: Exception) -> tuple[Code, str]:
         if isinstance(cause, OSError) and cause.strerror:
             detail = f" ({type(cause).__name__}: {cause.strerror})"
         return Code.UNAVAILABLE, exc.message + detail
+    if isinstance(exc, aiohttp.ClientError):
+        # Only the kind: an aiohttp message may quote the URL (which may hold a key in a query).
+        return Code.UNAVAILABLE, f"the provider's connection failed ({type(exc).__name__})"
     return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 

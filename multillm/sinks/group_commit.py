@@ -6,7 +6,7 @@ message is acked. One transaction per record would queue them all on the sink
 for its lock). Here the loop gathers them: a record that arrives while nothing is
 being written starts a batch at once (nothing waits for a timer); records that
 arrive meanwhile wait, and go together in the next batch. The blocking
-`write_many` runs on the loop's executor, one batch at a time, so that the sink's
+`write_many` runs on the sink's own threads, one batch at a time, so that the sink's
 threads do not take turns at the GIL with the loop. Each caller gets its own
 record's answer. A batch that fails is written again record by record, so that a
 record the database refuses fails its own caller only.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from functools import partial
 from typing import Final
 
@@ -36,12 +37,20 @@ class GroupCommit:
     """Batches the writes of one event loop's tasks to `sink`; use it from that loop only.
 
     Args:
-        sink: the sink that stores the batches (thread-safe; its writes run on the loop's executor).
+        sink: the sink that stores the batches (thread-safe).
+        threads: where the sink's blocking writes run (not the loop's default executor, which
+            pika and aiohttp need for name lookups; None: that one, for tests).
         observe: told, for every record, how long its batch's write took and whether it raised.
     """
 
-    def __init__(self, sink: Sink, observe: Callable[[float, bool], None] = lambda seconds, failed: None) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        threads: Executor | None = None,
+        observe: Callable[[float, bool], None] = lambda seconds, failed: None,
+    ) -> None:
         self._sink = sink
+        self._threads = threads
         self._observe = observe
         self._waiting: list[_Waiting] = []
         self._writing = False
@@ -65,16 +74,29 @@ class GroupCommit:
 
     def _start_batch(self) -> None:
         batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        loop = asyncio.get_running_loop()
+        try:
+            stored = loop.run_in_executor(self._threads, self._store, [record for record, _ in batch])
+        except Exception as exc:  # the executor is shut down: the worker is ending
+            self._answer(batch, [exc] * len(batch))
+            return
         self._writing = True
-        stored = asyncio.get_running_loop().run_in_executor(None, self._store, [record for record, _ in batch])
         stored.add_done_callback(partial(self._stored, batch))
 
     def _stored(self, batch: list[_Waiting], stored: asyncio.Future[list[bool | Exception]]) -> None:
         self._writing = False
         try:
             outcomes = stored.result()
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the sink answered {len(outcomes)} results for {len(batch)} records")
         except Exception as exc:  # only a bug gets here; never leave a caller waiting
             outcomes = [exc] * len(batch)
+        self._answer(batch, outcomes)
+        if self._waiting:
+            self._start_batch()
+
+    @staticmethod
+    def _answer(batch: list[_Waiting], outcomes: list[bool | Exception]) -> None:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its caller was cancelled (the worker is stopping)
                 continue
@@ -82,10 +104,8 @@ class GroupCommit:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        if self._waiting:
-            self._start_batch()
 
-    # --- on an executor thread ---------------------------------------------------
+    # --- on a sink thread ---------------------------------------------------
 
     def _store(self, records: list[LLMLogRecord]) -> list[bool | Exception]:
         """Each record's outcome: stored (True), already there (False), or what the sink raised for it."""

@@ -21,13 +21,15 @@ __all__ = ["run_model_worker", "run_primary_worker"]
 
 
 # Threads for the sink's blocking calls: one writes a batch at a time (sinks/group_commit.py),
-# the others look up the records of redelivered messages.
-SINK_THREADS = 4
+# another may look up the records of a redelivered message. Not the loop's default executor:
+# pika and aiohttp resolve names there, and a hung database must not stop a reconnect.
+SINK_THREADS = 2
 
 
 def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
     providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
-    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics)
+    sink_threads = ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink")
+    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics, sink_threads)
 
 
 def _metrics(kind: str, port: int | None) -> WorkerMetrics:
@@ -52,7 +54,6 @@ def _serve(settings: Settings, handler: Handler, providers: Providers, concurren
     """Run `handler`'s consumer on an event loop until SIGTERM, once start-up is done; returns the exit code."""
 
     async def serve() -> int:
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink"))
         consumer = Consumer(
             settings.broker_url,
             handler,

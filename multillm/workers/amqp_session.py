@@ -64,31 +64,44 @@ class AmqpSession:
         holder.append(session)
         await opened
         try:
-            channel: pika.channel.Channel = await session.call(connection.channel, callback_name="on_open_callback")
+            channel_open, answered = session._answer()
+            channel = connection.channel(on_open_callback=answered)
+            # Before the channel is open: a broker that closes it while opening must fail the wait too.
+            channel.add_on_close_callback(lambda _channel, reason: session.lose(reason))
+            await session._wait(channel_open)
         except BaseException:
             await session.aclose()
             raise
-        channel.add_on_close_callback(lambda _channel, reason: session.lose(reason))
         session.channel = channel
         return session
 
-    async def call(self, method: Callable[..., Any], *args: Any, callback_name: str = "callback", **kwargs: Any) -> Any:
+    async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`method(*args, callback=..., **kwargs)`, awaited until pika calls back; returns what it passes.
 
         Raises:
             the reason the session ended, when it ends first.
         """
+        future, answered = self._answer()
+        if self.gone.done():
+            raise self.gone.result()
+        method(*args, callback=answered, **kwargs)
+        return await self._wait(future)
+
+    def _answer(self) -> tuple[asyncio.Future[Any], Callable[[Any], None]]:
+        """A future, and the pika callback that resolves it with what pika passes."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def answered(result: Any) -> None:
             if not future.done():
                 future.set_result(result)
 
+        return future, answered
+
+    async def _wait(self, future: asyncio.Future[Any]) -> Any:
         if self.gone.done():
             raise self.gone.result()
         self._pending.add(future)
         try:
-            method(*args, **{callback_name: answered}, **kwargs)
             return await future
         finally:
             self._pending.discard(future)

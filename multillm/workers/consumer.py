@@ -6,7 +6,8 @@ delivery's work (the model call) runs as a task, at most `concurrency` at once.
 With one thread there is no hand-over between a connection thread and call
 threads: with a thread per call, 512 calls in flight spent a third of the
 worker's CPU passing the GIL around (docs/benchmarks.md). What blocks, the sink's
-writes, goes to the loop's default executor (a few threads) via `asyncio.to_thread`.
+writes, goes to a few sink threads (`sinks/group_commit.py`), not to the loop's default
+executor, which pika and aiohttp need for name lookups.
 
 A delivery is settled in exactly one place, `Consumer.settle`: publish what is
 owed (confirmed, without waiting: `PipelinedConfirms`), then ack; or, when the
@@ -55,7 +56,7 @@ PREFETCH_PER_CALL = 2
 
 
 class _ChannelGone(Exception):
-    """The broker cancelled our consumer, or a settlement could not go out: start over on a new connection."""
+    """The broker cancelled our consumer, or settling failed unexpectedly: start over on a new connection."""
 
 
 # Errors after which the connection (or channel) is gone and must be rebuilt.
@@ -100,6 +101,9 @@ class Consumer:
         self._consumer_tag = ""
         self._generation = 0
         self._in_flight: set[int] = set()
+        # Deliveries of this connection whose work waits for a call slot, by tag: on a stop
+        # they go back to the queue at once, for another worker.
+        self._not_begun: dict[int, Delivery] = {}
         # Tasks started and not finished, whatever connection they came on; the loop keeps
         # only weak references to tasks, so these keep them alive too.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,7 +123,8 @@ class Consumer:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                await self._connect()
+                if not await self._connect_unless_stopped():
+                    break
                 backoff = 0.5
                 await self._consume_until_stopped()
             except ConfigError:
@@ -166,15 +171,33 @@ class Consumer:
         log.info("worker.stopping", signal=signal.Signals(signum).name, in_flight=len(self._in_flight))
         self.stop()
 
+    async def _connect_unless_stopped(self) -> bool:
+        """Connect; False if a stop came first (a broker that does not answer must not hold up a SIGTERM)."""
+        connecting = asyncio.ensure_future(self._connect())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        either: set[asyncio.Future[Any]] = {connecting, stopping}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if connecting.done():
+            connecting.result()  # raises what connecting raised
+            return True
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        return False
+
     async def _connect(self) -> None:
         session = await AmqpSession.open(self._params)
         try:
-            confirms = await PipelinedConfirms.start(session, self._lose, self._metrics.published)
+            confirms = await PipelinedConfirms.start(session, session.lose, self._metrics.published)
             channel = session.channel
             assert channel is not None
             await session.call(channel.basic_qos, prefetch_count=PREFETCH_PER_CALL * self._concurrency)
             await declare(session, self._declare)
-            channel.add_on_cancel_callback(self._on_cancelled)
+            # Bound to this session: a late callback of an old connection must not end a new one.
+            channel.add_on_cancel_callback(
+                lambda frame: session.lose(_ChannelGone("the broker cancelled the consumer"))
+            )
         except BaseException as exc:
             await session.aclose()
             if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 406:
@@ -185,13 +208,11 @@ class Consumer:
                 ) from None
             raise
         self._generation += 1
-        self._session, self._confirms, self._in_flight = session, confirms, set()
-        self._consumer_tag = channel.basic_consume(self._handler.queue.name, self._on_message)
+        self._session, self._confirms, self._in_flight, self._not_begun = session, confirms, set(), {}
+        self._consumer_tag = channel.basic_consume(
+            self._handler.queue.name, partial(self._on_message, self._generation)
+        )
         log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
-
-    def _on_cancelled(self, frame: object) -> None:
-        # The broker cancelled the consumer (queue deleted, consumer timeout): reconnect.
-        self._lose(_ChannelGone("the broker cancelled the consumer"))
 
     def _lose(self, reason: BaseException) -> None:
         """Give up the current connection (the main coroutine reconnects)."""
@@ -209,9 +230,12 @@ class Consumer:
             stopping.cancel()
         if session.gone.done():
             raise session.gone.result()
-        # Stop taking messages; those prefetched and not begun are requeued by `_run_work`.
+        # Stop taking messages, and put back at once those prefetched and not begun.
         with contextlib.suppress(*_CONNECTION_ERRORS):
             await asyncio.wait_for(session.call(session.channel.basic_cancel, self._consumer_tag), 5)
+        not_begun, self._not_begun = list(self._not_begun.values()), {}
+        for delivery in not_begun:
+            self._settle_or_lose(delivery, Settlement(requeue=True))
         deadline = time.monotonic() + self._grace
         while self._in_flight and time.monotonic() < deadline and not session.gone.done():
             await asyncio.sleep(0.05)
@@ -228,7 +252,7 @@ class Consumer:
         session, self._session, self._confirms = self._session, None, None
         # Tasks still waiting for the closed connection are skipped, even while reconnecting.
         self._generation += 1
-        self._in_flight = set()
+        self._in_flight, self._not_begun = set(), {}
         if session is not None:
             await session.aclose()
 
@@ -236,12 +260,13 @@ class Consumer:
 
     def _on_message(
         self,
+        generation: int,
         channel: pika.channel.Channel,
         method: pika.spec.Basic.Deliver,
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self._generation)
+        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, generation)
         if not self._current(delivery):
             return  # it arrived as the session ended: the broker redelivers it
         self._in_flight.add(delivery.tag)
@@ -269,6 +294,9 @@ class Consumer:
             self.settle(delivery, settlement)
         except _CONNECTION_ERRORS as exc:
             self._lose(exc)
+        except Exception as exc:  # a bug: its delivery would stay unacked; the broker redelivers it
+            log.exception("settle.failed", queue=self._handler.queue.name)
+            self._lose(_ChannelGone(f"settling failed: {type(exc).__name__}"))
 
     def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
         assert self._confirms is not None
@@ -350,19 +378,20 @@ class Consumer:
         if not self._current(delivery):
             return  # the broker redelivers it: calling the model now would be paid twice
         assert self._loop is not None
+        self._not_begun[delivery.tag] = delivery
         task = self._loop.create_task(self._run_work(delivery, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_work(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
         async with self._slots:
-            if delivery.generation != self._generation:
-                # Queued behind a call while the connection was lost: the broker has
-                # already put it back, so calling the model now would be paid twice.
+            if delivery.generation != self._generation or self._not_begun.pop(delivery.tag, None) is None:
+                # Queued behind a call while the connection was lost (the broker has already put
+                # it back), or put back when the worker began to stop: calling the model now
+                # would be paid twice.
                 return
             if self._stop.is_set():
-                # Prefetched, not begun, and the worker is stopping: back to the queue at once
-                # for another worker, rather than started inside the grace period.
+                # Came in while the consumer was being cancelled: back to the queue, not begun.
                 self._settle_or_lose(delivery, Settlement(requeue=True))
                 return
             try:
@@ -371,7 +400,11 @@ class Consumer:
                 log.exception(
                     "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
                 )
-                settlement = self._handler.on_error(delivery, exc)
+                try:
+                    settlement = self._handler.on_error(delivery, exc)
+                except Exception as error:
+                    settlement = Settlement([self._last_resort(delivery)])
+                    log.exception("worker.on_error_failed", error=type(error).__name__)
             self._settle_or_lose(delivery, settlement)
 
 

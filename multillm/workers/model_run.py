@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import structlog
@@ -47,15 +48,22 @@ class ModelRun:
 class ModelRunner:
     """Calls a model through the providers and records the outcome in the sink.
 
-    Runs on the worker's event loop; the sink's blocking reads and writes go to the
-    loop's executor threads, writes batched by `GroupCommit`.
+    Runs on the worker's event loop; the sink's blocking reads and writes go to
+    `sink_threads`, writes batched by `GroupCommit`.
     """
 
-    def __init__(self, providers: Providers, sink: Sink, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        providers: Providers,
+        sink: Sink,
+        metrics: WorkerMetrics | None = None,
+        sink_threads: Executor | None = None,
+    ) -> None:
         self._providers = providers
         self._sink = sink
         self._metrics = metrics or WorkerMetrics()
-        self._writer = GroupCommit(sink, self._metrics.sink_written)
+        self._sink_threads = sink_threads
+        self._writer = GroupCommit(sink, sink_threads, self._metrics.sink_written)
 
     async def run(
         self,
@@ -72,7 +80,7 @@ class ModelRunner:
         sink is the answer: the model is not paid for twice, and the reply agrees with
         the record.
         """
-        if maybe_done and (existing := await asyncio.to_thread(self._existing, request_id, model_index)) is not None:
+        if maybe_done and (existing := await self._lookup(request_id, model_index)) is not None:
             log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
             return ModelRun(existing, outcome_of(existing), stored=True)
         created_at = utc_now()
@@ -94,6 +102,10 @@ class ModelRunner:
                 reset_contextvars(**tokens)
                 self._metrics.call_ended(model.name)
         return await self._record(request, request_id, model_index, outcome, created_at)
+
+    async def _lookup(self, request_id: str, model_index: int) -> LLMLogRecord | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._sink_threads, self._existing, request_id, model_index)
 
     def _existing(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         try:
