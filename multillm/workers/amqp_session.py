@@ -42,26 +42,25 @@ class AmqpSession:
         """
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
-        holder: list[AmqpSession] = []
+        # The callbacks below run only once the loop turns, by when `session` is bound.
 
         def on_open(connection: pika.connection.Connection) -> None:
             if not opened.done():
                 opened.set_result(None)
 
         def on_open_error(connection: pika.connection.Connection, error: BaseException | str) -> None:
+            failure = error if isinstance(error, BaseException) else pika.exceptions.AMQPConnectionError(error)
             if not opened.done():
-                failure = error if isinstance(error, BaseException) else pika.exceptions.AMQPConnectionError(error)
                 opened.set_exception(failure)
-            holder[0].lose(pika.exceptions.AMQPConnectionError(str(error)), closed=True)
+            session.lose(failure, closed=True)
 
         def on_close(connection: pika.connection.Connection, reason: BaseException) -> None:
             if not opened.done():
                 opened.set_exception(reason)
-            holder[0].lose(reason, closed=True)
+            session.lose(reason, closed=True)
 
         connection = AsyncioConnection(parameters, on_open, on_open_error, on_close, custom_ioloop=loop)
         session = cls(connection)
-        holder.append(session)
         await opened
         try:
             channel_open, answered = session._answer()

@@ -171,14 +171,20 @@ class Consumer:
         log.info("worker.stopping", signal=signal.Signals(signum).name, in_flight=len(self._in_flight))
         self.stop()
 
+    async def _unless_stopped(self, future: asyncio.Future[Any]) -> bool:
+        """Wait for `future` or a stop, whichever comes first; True if `future` is done."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        either: set[asyncio.Future[Any]] = {future, stopping}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return future.done()
+
     async def _connect_unless_stopped(self) -> bool:
         """Connect; False if a stop came first (a broker that does not answer must not hold up a SIGTERM)."""
         connecting = asyncio.ensure_future(self._connect())
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        either: set[asyncio.Future[Any]] = {connecting, stopping}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if connecting.done():
+        if await self._unless_stopped(connecting):
             connecting.result()  # raises what connecting raised
             return True
         connecting.cancel()
@@ -222,13 +228,7 @@ class Consumer:
     async def _consume_until_stopped(self) -> None:
         session = self._session
         assert session is not None and session.channel is not None
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        either: set[asyncio.Future[Any]] = {session.gone, stopping}
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if session.gone.done():
+        if await self._unless_stopped(session.gone):
             raise session.gone.result()
         # Stop taking messages, and put back at once those prefetched and not begun.
         with contextlib.suppress(*_CONNECTION_ERRORS):
