@@ -262,8 +262,24 @@ def encode(message: Struct) -> bytes:
 
 
 def decode_request(body: bytes) -> V1CreateMultiLLMChatCompletionRequest:
-    """Decode and validate a request; `msgspec.ValidationError`/`DecodeError` name the problem."""
-    return _request_decoder.decode(body)
+    """Decode and validate a request.
+
+    Raises:
+        msgspec.ValidationError: a field is missing or wrong; the message names it.
+        msgspec.DecodeError: the body is not JSON, or not UTF-8; the message says where.
+    """
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec reports bad UTF-8 inside a string without saying where, as a DecodeError
+        # from 0.23 on and a UnicodeDecodeError before: find the byte, the same on every version.
+        try:
+            body.decode()
+        except UnicodeDecodeError as bad:
+            raise msgspec.DecodeError(f"JSON is malformed: not UTF-8 at byte {bad.start}") from None
+        raise
 
 
 def decode_fanout(body: bytes) -> FanOutCopy:

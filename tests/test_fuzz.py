@@ -76,7 +76,7 @@ def _expected_valid(body: bytes, content_type: str, encoding: str) -> bool:
         return False
     try:
         decode_request(body)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+    except msgspec.DecodeError:
         return False
     return True
 

@@ -122,6 +122,7 @@ def test_fanout_copy_and_record_round_trip() -> None:
         (b"[1, 2]", "Expected `object`, got `array`"),
         (b'{"models": [{"name": "a/b"}], "messages": [', "truncated"),
         (b"\xff\xfe", "malformed"),
+        (b'{"models": [{"name": "a/\xff"}], "messages": []}', "JSON is malformed: not UTF-8 at byte 24"),
     ],
 )
 def test_invalid_requests_raise_errors_naming_the_problem(body: bytes, expected: str) -> None:

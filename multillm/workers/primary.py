@@ -127,11 +127,8 @@ class PrimaryHandler:
             raise InvalidRequest(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
         try:
             request = decode_request(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except msgspec.DecodeError as exc:  # a ValidationError is one too
             raise InvalidRequest(f"invalid request: {exc}") from None
-        except UnicodeDecodeError as exc:
-            # msgspec reports bad UTF-8 inside a string this way, not as a DecodeError.
-            raise InvalidRequest(f"invalid request: JSON is malformed: not UTF-8 at byte {exc.start}") from None
         for model in request.models:
             if not self._providers.has(model.provider):
                 raise InvalidRequest(
