@@ -56,3 +56,25 @@ def test_an_unreachable_broker_fails_open() -> None:
             await asyncio.wait_for(AmqpSession.open(params), 20)
 
     asyncio.run(scenario())
+
+
+def test_a_watched_future_fails_when_the_session_ends_and_at_once_after(broker_url: str) -> None:
+    async def scenario() -> None:
+        session = await AmqpSession.open(pika.URLParameters(broker_url))
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[int] = loop.create_future()
+        session.watch(answered)
+        answered.set_result(7)  # done before the session ends: left as it is
+        waiting: asyncio.Future[int] = loop.create_future()
+        session.watch(waiting)
+        session.lose(ConnectionResetError("cut"))
+        with pytest.raises(ConnectionResetError, match="cut"):
+            await asyncio.wait_for(waiting, 5)
+        assert answered.result() == 7
+        late: asyncio.Future[int] = loop.create_future()
+        session.watch(late)
+        with pytest.raises(ConnectionResetError, match="cut"):
+            await asyncio.wait_for(late, 5)
+        await session.aclose()
+
+    asyncio.run(scenario())

@@ -13,6 +13,7 @@ from multillm import contract
 from multillm.errors import Code, InvalidArgument, Unavailable
 from multillm.mock_llm import MockControl
 from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
+from multillm.producers.publishing import connect, declare_queues
 from multillm.records import log_id_for
 from multillm.schemas import V1Model, V1Tracing, encode
 from multillm.sinks import Sink
@@ -218,6 +219,22 @@ def test_copy_for_a_model_without_a_queue_becomes_an_error_record(
     assert [r.status for r in records] == ["ok", "error"]
     assert records[1].error_code == Code.UNAVAILABLE
     assert "multillm worker model --model mock/nobody-serves-me" in (records[1].error_message or "")
+
+
+def test_a_reply_comes_only_once_every_copy_is_in_its_queue(
+    start_worker: StartWorker, client: Client, broker_url: str
+) -> None:
+    # The copies are confirmed while the primary model answers; the reply still waits for them.
+    others = ["mock/beta", "mock/gamma"]
+    with connect(broker_url) as connection:
+        declare_queues(connection, *(contract.model_queue_spec(m) for m in others))
+    start_worker("primary")
+    future = client.submit(make_request(["mock/alpha", *others], "hi"))
+    assert future.result(timeout=30).text
+    with connect(broker_url) as connection:
+        channel = connection.default_channel
+        depths = [channel.queue_declare(contract.model_queue(m), passive=True).message_count for m in others]
+    assert depths == [1, 1]
 
 
 def test_request_api_key_is_used_and_never_stored_or_logged(

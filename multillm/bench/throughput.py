@@ -154,5 +154,7 @@ def fanout_cost(bench: Bench, sizes: Sizes) -> Section:
         title="4. Fan-out cost: the primary worker's CPU per request (mock latency 0)",
         headers=["models", "CPU ms/request", "requests/s", "vs 1 model"],
         rows=rows,
-        notes=["Each extra model costs one fan-out copy: encoded, published and confirmed before the primary call."],
+        notes=[
+            "Each extra model costs one fan-out copy: encoded, published, its confirm awaited after the primary call."
+        ],
     )

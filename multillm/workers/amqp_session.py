@@ -96,14 +96,18 @@ class AmqpSession:
 
         return future, answered
 
-    async def _wait(self, future: asyncio.Future[Any]) -> Any:
+    def watch(self, future: asyncio.Future[Any]) -> None:
+        """Fail `future` with the reason the session ended, should it end before `future` is done."""
         if self.gone.done():
-            raise self.gone.result()
+            if not future.done():
+                future.set_exception(self.gone.result())
+            return
         self._pending.add(future)
-        try:
-            return await future
-        finally:
-            self._pending.discard(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def _wait(self, future: asyncio.Future[Any]) -> Any:
+        self.watch(future)
+        return await future
 
     def lose(self, reason: BaseException, *, closed: bool = False) -> None:
         """The session is over, for `reason`: fail what waits on it. `closed`: the connection is closed too."""

@@ -298,6 +298,19 @@ class Consumer:
             log.exception("settle.failed", queue=self._handler.queue.name)
             self._lose(_ChannelGone(f"settling failed: {type(exc).__name__}"))
 
+    def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
+        assert self._session is not None and self._loop is not None
+        taken: asyncio.Future[list[bool]] = self._loop.create_future()
+        # Retrieved here as well: work that never began (requeued on a stop) leaves nobody to await it.
+        taken.add_done_callback(_retrieve)
+        self._session.watch(taken)
+        try:
+            self.publish_all(messages, partial(_resolve, taken))
+        except BaseException:
+            taken.cancel()
+            raise
+        return taken
+
     def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
         assert self._confirms is not None
         self._confirms.publish_all(messages, then)
@@ -397,6 +410,8 @@ class Consumer:
             try:
                 settlement = await work()
             except Exception as exc:
+                if not self._current(delivery):
+                    return  # e.g. a publish it awaited failed with the connection: the broker redelivers it
                 log.exception(
                     "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
                 )
@@ -406,6 +421,16 @@ class Consumer:
                     settlement = Settlement([self._last_resort(delivery)])
                     log.exception("worker.on_error_failed", error=type(error).__name__)
             self._settle_or_lose(delivery, settlement)
+
+
+def _resolve(future: asyncio.Future[list[bool]], taken: list[bool]) -> None:
+    if not future.done():  # the session may have failed it first
+        future.set_result(taken)
+
+
+def _retrieve(future: asyncio.Future[list[bool]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def declare(session: AmqpSession, queues: tuple[QueueSpec, ...]) -> None:

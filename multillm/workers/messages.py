@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,10 +64,10 @@ class Settlement:
 class Io(Protocol):
     """What a handler may ask of the consumer, on the worker's event loop."""
 
-    def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
-        """Publish with confirms, without waiting; `then` gets, per message, whether a queue took it
-        (False: unroutable, or refused by the broker). It runs on the loop, and never if the
-        connection is lost first (the message is redelivered then)."""
+    def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
+        """Publish with confirms, now, without waiting. The future gets, per message, whether a queue
+        took it (False: unroutable, or refused by the broker); it fails with the reason if the
+        connection is lost first (the delivery is redelivered then)."""
         ...
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...

@@ -1,14 +1,16 @@
 """The primary worker's part of a request's life: validate, fan out, call, record, reply.
 
 In pika's delivery callback: decode and validate the request, then publish the
-fan-out copies (confirmed) *before* the primary model is called, so the other
-models run at the same time as the primary. In a task: call the primary model,
-write its record, build the reply. The consumer then publishes the reply
-(confirmed) and only then acks the request. All of it runs on the worker's event loop.
+fan-out copies, so the other models run at the same time as the primary. In a
+task: call the primary model while the copies' confirms come in, write its
+record, then wait for those confirms (a copy no queue took becomes an error
+record) and build the reply. The consumer then publishes the reply (confirmed)
+and only then acks the request. All of it runs on the worker's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 import msgspec
@@ -70,19 +72,10 @@ class PrimaryHandler:
             io.settle(delivery, Settlement(self._reply(delivery, request_id, status)))
             return
         others = [index for index in range(len(request.models)) if index != request.display_model]
-        copies = [_fanout(request, request_id, index, deadline, delivery.redelivered) for index in others]
-
-        def call_primary(taken: list[bool]) -> None:
-            # After the copies are confirmed, so that an ack never loses one, and a copy that
-            # no queue took becomes an error record.
-            unrouted = [index for index, ok in zip(others, taken, strict=True) if not ok]
-            # One line a request on the hot path: debug; unrouted copies stay warnings.
-            bound.debug("request.accepted", models=request.model_names(), unrouted=unrouted)
-            if unrouted:
-                bound.warning("request.unrouted", models=[request.models[i].name for i in unrouted])
-            io.submit(delivery, partial(self._answer, delivery, request, request_id, unrouted, deadline))
-
-        io.publish_all(copies, call_primary)
+        copies = io.publish([_fanout(request, request_id, index, deadline, delivery.redelivered) for index in others])
+        # One line a request on the hot path: debug.
+        bound.debug("request.accepted", models=request.model_names())
+        io.submit(delivery, partial(self._answer, delivery, request, request_id, others, copies, deadline))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
         request_id = _request_id(delivery)
@@ -144,9 +137,19 @@ class PrimaryHandler:
         delivery: Delivery,
         request: V1CreateMultiLLMChatCompletionRequest,
         request_id: str,
-        unrouted: list[int],
+        others: list[int],
+        copies: asyncio.Future[list[bool]],
         deadline: int | None,
     ) -> Settlement:
+        run = await self._runner.run(
+            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
+        )
+        # The copies' confirms came in while the primary model answered. Awaited before the
+        # settlement all the same: an ack never loses a copy, and a copy that no queue took
+        # becomes an error record. A lost connection fails this wait (the request is redelivered).
+        unrouted = [index for index, taken in zip(others, await copies, strict=True) if not taken]
+        if unrouted:
+            log.warning("request.unrouted", request_id=request_id, models=[request.models[i].name for i in unrouted])
         unstored: list[Outgoing] = []
         for index in unrouted:
             name = request.models[index].name
@@ -156,9 +159,6 @@ class PrimaryHandler:
             )
             failed = await self._runner.record_failure(request, request_id, index, error)
             unstored += failed.unstored_record(delivery, self.queue.name)
-        run = await self._runner.run(
-            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
-        )
         reply = self._reply(delivery, request_id, _reply_body(request, run))
         return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
 
