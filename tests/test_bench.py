@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from multillm.bench import SCENARIOS
 from multillm.cli.rabbitmq import rabbitmqctl
 from tests.conftest import ADMIN_URL
@@ -20,7 +22,11 @@ HAND_WRITTEN = (
 )
 
 
+# About 70 s on an idle machine, and a loaded one (or a fresh clone compiling its imports) has
+# taken over the suite's 180 s default: its own limit, under the subprocess's.
+@pytest.mark.timeout(600)
 def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path) -> None:
+    before = _bench_vhosts()
     page = tmp_path / "benchmarks.md"
     page.write_text(HAND_WRITTEN)
     env = {**os.environ, "MULTILLM_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/%2F"}
@@ -41,7 +47,7 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=540,
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,5 +68,9 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
-    # The scratch vhost and database are gone.
-    assert "multillm-bench-" not in rabbitmqctl("list_vhosts")
+    # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
+    assert _bench_vhosts() <= before
+
+
+def _bench_vhosts() -> set[str]:
+    return {line for line in rabbitmqctl("list_vhosts").split() if line.startswith("multillm-bench-")}

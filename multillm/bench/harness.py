@@ -114,10 +114,18 @@ class Bench:
 
     def purge(self) -> None:
         """Empty every queue of the vhost between scenarios (copies nobody consumes pile up)."""
-        vhost = vhost_of(self.broker_url)
-        for line in rabbitmqctl("list_queues", "-p", vhost, "name", "--no-table-headers").splitlines():
-            if line.strip():
-                rabbitmqctl("purge_queue", "-p", vhost, line.strip())
+        # One rabbitmqctl to list them (each costs half a second of CPU), the purges over AMQP.
+        # Exclusive queues are live callers' reply queues: another connection's, and empty between scenarios.
+        listing = rabbitmqctl("list_queues", "-p", vhost_of(self.broker_url), "name", "exclusive", "--no-table-headers")
+        names = [
+            name
+            for name, _, exclusive in (line.rpartition("\t") for line in listing.splitlines())
+            if exclusive == "false"
+        ]
+        with connect(self.broker_url) as connection:
+            channel = connection.default_channel
+            for name in names:
+                channel.queue_purge(name)
 
     @contextmanager
     def workers(self, args: Sequence[str], count: int = 1) -> Iterator[list[WorkerProcess]]:

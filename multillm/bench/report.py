@@ -111,7 +111,9 @@ def chart(sections: Sequence[Section], path: Path) -> bool:
         ax.set_xticks([i + width for i in range(len(names))], names, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("latency, ms")
         ax.set_title(section.title.split(":")[0], fontsize=10)
-        ax.legend(fontsize=8)
+        # Headroom above the tallest bar, so that the legend's row never hides one.
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
+        ax.legend(fontsize=8, loc="upper left", ncol=len(_PERCENTILES))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
