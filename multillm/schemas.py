@@ -272,13 +272,15 @@ def decode_request(body: bytes) -> V1CreateMultiLLMChatCompletionRequest:
         return _request_decoder.decode(body)
     except msgspec.ValidationError:
         raise
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec reports bad UTF-8 inside a string without saying where, as a DecodeError
         # from 0.23 on and a UnicodeDecodeError before: find the byte, the same on every version.
         try:
             body.decode()
         except UnicodeDecodeError as bad:
             raise msgspec.DecodeError(f"JSON is malformed: not UTF-8 at byte {bad.start}") from None
+        if isinstance(exc, UnicodeDecodeError):
+            raise msgspec.DecodeError(f"JSON is malformed: {exc}") from None
         raise
 
 

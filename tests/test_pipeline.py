@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from amqp.exceptions import MessageNacked
 
 from multillm import contract
+from multillm.cli.rabbitmq import rabbitmqctl, vhost_of
 from multillm.errors import Code, InvalidArgument, Unavailable
 from multillm.mock_llm import MockControl
 from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
@@ -17,7 +21,7 @@ from multillm.producers.publishing import connect, declare_queues
 from multillm.records import log_id_for
 from multillm.schemas import V1Model, V1Tracing, encode
 from multillm.sinks import Sink
-from tests.broker_tools import publish_raw, read_dead_letters
+from tests.broker_tools import publish_copy, publish_raw, read_dead_letters
 from tests.conftest import StartWorker, wait_for_records
 
 
@@ -221,20 +225,41 @@ def test_copy_for_a_model_without_a_queue_becomes_an_error_record(
     assert "multillm worker model --model mock/nobody-serves-me" in (records[1].error_message or "")
 
 
-def test_a_reply_comes_only_once_every_copy_is_in_its_queue(
-    start_worker: StartWorker, client: Client, broker_url: str
+def test_a_copy_the_broker_refuses_is_recorded_before_the_reply(
+    start_worker: StartWorker, client: Client, sink: Sink, broker_url: str
 ) -> None:
-    # The copies are confirmed while the primary model answers; the reply still waits for them.
-    others = ["mock/beta", "mock/gamma"]
+    # A full queue (max-length 0 by policy; the queues overflow with reject-publish) nacks the copy.
+    # Its confirm comes in while the primary answers, and the reply waits for it: by the time the
+    # caller has the reply, the refused model's error record is in the sink.
+    full, served = "mock/beta", "mock/gamma"
     with connect(broker_url) as connection:
-        declare_queues(connection, *(contract.model_queue_spec(m) for m in others))
+        declare_queues(connection, contract.model_queue_spec(full), contract.model_queue_spec(served))
+    pattern = f"^{re.escape(contract.model_queue(full))}$"
+    rabbitmqctl("set_policy", "-p", vhost_of(broker_url), "--apply-to", "queues", "full", pattern, '{"max-length": 0}')
+    _fill_until_refused(broker_url, full)
     start_worker("primary")
-    future = client.submit(make_request(["mock/alpha", *others], "hi"))
+    future = client.submit(make_request(["mock/alpha", full, served], "hi"))
     assert future.result(timeout=30).text
+    records = {r.model_name: r for r in sink.records(future.request_id)}
+    assert records["mock/alpha"].status == "ok"
+    assert records[full].status == "error" and records[full].error_code == Code.UNAVAILABLE
+    assert f"multillm worker model --model {full}" in (records[full].error_message or "")
+    assert served not in records  # its copy waits in its queue for a worker
     with connect(broker_url) as connection:
         channel = connection.default_channel
-        depths = [channel.queue_declare(contract.model_queue(m), passive=True).message_count for m in others]
-    assert depths == [1, 1]
+        assert channel.queue_declare(contract.model_queue(served), passive=True).message_count == 1
+
+
+def _fill_until_refused(broker_url: str, model: str) -> None:
+    """Publish fillers to `model`'s queue until the broker refuses one (its policy is in force:
+    a quorum queue takes messages until it is over its length, and applies a policy a moment later)."""
+    for _ in range(50):
+        try:
+            publish_copy(broker_url, b"filler", model)
+        except MessageNacked:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the queue of {model} kept taking messages")
 
 
 def test_request_api_key_is_used_and_never_stored_or_logged(

@@ -299,6 +299,7 @@ class Consumer:
             self._lose(_ChannelGone(f"settling failed: {type(exc).__name__}"))
 
     def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
+        """See `Io.publish`."""
         assert self._session is not None and self._loop is not None
         taken: asyncio.Future[list[bool]] = self._loop.create_future()
         # Retrieved here as well: work that never began (requeued on a stop) leaves nobody to await it.
@@ -410,8 +411,8 @@ class Consumer:
             try:
                 settlement = await work()
             except Exception as exc:
-                if not self._current(delivery):
-                    return  # e.g. a publish it awaited failed with the connection: the broker redelivers it
+                if isinstance(exc, _CONNECTION_ERRORS) and not self._current(delivery):
+                    return  # a publish it awaited failed with its connection: the broker redelivers it
                 log.exception(
                     "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
                 )

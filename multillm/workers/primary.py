@@ -141,21 +141,32 @@ class PrimaryHandler:
         copies: asyncio.Future[list[bool]],
         deadline: int | None,
     ) -> Settlement:
-        run = await self._runner.run(
-            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
-        )
+        try:
+            run = await self._runner.run(
+                request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
+            )
+        except Exception:
+            await asyncio.wait([copies])  # a bug's settlement (on_error) acks too: not before the copies
+            raise
         # The copies' confirms came in while the primary model answered. Awaited before the
         # settlement all the same: an ack never loses a copy, and a copy that no queue took
         # becomes an error record. A lost connection fails this wait (the request is redelivered).
         unrouted = [index for index, taken in zip(others, await copies, strict=True) if not taken]
         if unrouted:
-            log.warning("request.unrouted", request_id=request_id, models=[request.models[i].name for i in unrouted])
+            log.warning(
+                "request.unrouted",
+                request_id=request_id,
+                log_id=run.record.log_id,
+                model=request.primary.name,
+                models=[request.models[i].name for i in unrouted],
+            )
         unstored: list[Outgoing] = []
         for index in unrouted:
             name = request.models[index].name
             error = ProviderError(
                 Code.UNAVAILABLE,
-                f"no queue took the fan-out copy for model {name!r}: start `multillm worker model --model {name}`",
+                f"no queue took the fan-out copy for model {name!r} (none is bound, or it is full):"
+                f" start `multillm worker model --model {name}`",
             )
             failed = await self._runner.record_failure(request, request_id, index, error)
             unstored += failed.unstored_record(delivery, self.queue.name)
