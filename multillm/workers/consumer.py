@@ -306,13 +306,13 @@ class Consumer:
         taken.add_done_callback(_retrieve)
         self._session.watch(taken)
         try:
-            self.publish_all(messages, partial(_resolve, taken))
+            self._publish_all(messages, partial(_resolve, taken))
         except BaseException:
             taken.cancel()
             raise
         return taken
 
-    def publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
+    def _publish_all(self, messages: Sequence[Outgoing], then: Callable[[list[bool]], None]) -> None:
         assert self._confirms is not None
         self._confirms.publish_all(messages, then)
 
@@ -323,13 +323,13 @@ class Consumer:
             self._finish(delivery, [False])
             return
         try:
-            self.publish_all(settlement.publishes, partial(self._after_publish, delivery, settlement.publishes))
+            self._publish_all(settlement.publishes, partial(self._after_publish, delivery, settlement.publishes))
         except _CONNECTION_ERRORS:
             raise
         except Exception:
             # Something it owes cannot even be encoded: a retry would fail the same way.
             log.exception("settle.failed", queue=self._handler.queue.name)
-            self.publish_all([self._last_resort(delivery)], partial(self._finish, delivery))
+            self._publish_all([self._last_resort(delivery)], partial(self._finish, delivery))
 
     def _current(self, delivery: Delivery) -> bool:
         session = self._session
@@ -363,7 +363,7 @@ class Consumer:
             for m in refused
         ]
         if dead and self._current(delivery):
-            self.publish_all(dead, partial(self._finish, delivery))
+            self._publish_all(dead, partial(self._finish, delivery))
         else:
             self._finish(delivery, [True])
 
