@@ -13,7 +13,7 @@ import pytest
 from amqp.exceptions import MessageNacked
 
 from multillm import contract
-from multillm.cli.rabbitmq import rabbitmqctl, vhost_of
+from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, vhost_of
 from multillm.errors import Code, InvalidArgument, Unavailable
 from multillm.mock_llm import MockControl
 from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
@@ -245,9 +245,7 @@ def test_a_copy_the_broker_refuses_is_recorded_before_the_reply(
     assert records[full].status == "error" and records[full].error_code == Code.UNAVAILABLE
     assert f"multillm worker model --model {full}" in (records[full].error_message or "")
     assert served not in records  # its copy waits in its queue for a worker
-    with connect(broker_url) as connection:
-        channel = connection.default_channel
-        assert channel.queue_declare(contract.model_queue(served), passive=True).message_count == 1
+    assert queue_counts(broker_url, contract.model_queue(served))[0] == 1
 
 
 def _fill_until_refused(broker_url: str, model: str) -> None:
