@@ -21,6 +21,7 @@ and the sink (through `GroupCommit`'s observer). `serve` exposes it over HTTP on
 | `multillm_dead_letters_total` | counter | queue, code | messages put into `multillm.dead` |
 | `multillm_sink_write_seconds` | histogram | | one try of writing a record (the time of the batch it went in) |
 | `multillm_sink_write_failures_total` | counter | | tries that raised |
+| `multillm_event_loop_lag_seconds` | histogram | | how late the event loop ran a timer (workers/loop_lag.py) |
 
 docs/metrics.md says more about each, with PromQL.
 
@@ -55,6 +56,8 @@ MAX_SERIES: Final = 1000
 MODEL_CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 # A local SQLite insert (~1 ms) to a database that stalls (10 s).
 SINK_WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# An idle loop (under 1 ms) to one stalled for seconds.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -147,6 +150,9 @@ class WorkerMetrics:
             "sink_write_seconds", "Time of one write of a record to the sink", SINK_WRITE_BUCKETS
         )
         self._sink_failures = self._counter("sink_write_failures", "Sink writes that raised")
+        self._loop_lag = self._histogram(
+            "event_loop_lag_seconds", "How late the event loop ran a timer", LOOP_LAG_BUCKETS
+        )
 
     def _counter(self, name: str, documentation: str, *labels: str) -> _Children[Counter]:
         metric = Counter(f"multillm_{name}", documentation, ["kind", *labels], registry=self.registry)
@@ -213,6 +219,11 @@ class WorkerMetrics:
         self._sink_latency().observe(seconds)
         if failed:
             self._sink_failures().inc()
+
+    # --- the event loop -----------------------------------------------------------
+
+    def loop_lag(self, seconds: float) -> None:
+        self._loop_lag().observe(seconds)
 
 
 def serve(metrics: WorkerMetrics, port: int, host: str = "0.0.0.0") -> int:

@@ -7,6 +7,7 @@ each scenario measured something, against its baseline, and wrote it down.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from multillm.bench import SCENARIOS
+from multillm.bench.harness import histogram_quantile
 from multillm.cli.rabbitmq import rabbitmqctl
+from multillm.metrics import WorkerMetrics, serve
 from tests.conftest import ADMIN_URL
 
 HAND_WRITTEN = (
@@ -65,11 +68,30 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     # Each system of the throughput scenario was measured, and each sink.
     for name in ("multillm", "bare pika loop", "celery", "jsonl", "sqlite", "postgresql"):
         assert f"| {name} |" in text, name
+    # The slow-models rows say how late the worker's loop ran, read from its metrics.
+    [slow] = [block for title, block in tables.items() if title.startswith("3. Slow models")]
+    header, _, *rows = [line.strip("|").split(" | ") for line in slow.splitlines() if line.startswith("| ")]
+    lag = header.index("loop lag p50 / p99 ms")
+    assert rows and all(re.fullmatch(r"\d+\.\d / \d+", row[lag].strip()) for row in rows), slow
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
     assert _bench_vhosts() <= before
+
+
+def test_histogram_quantile_reads_a_worker_s_histogram_as_promql_does() -> None:
+    metrics = WorkerMetrics("primary")
+    port = serve(metrics, 0, host="127.0.0.1")
+    for _ in range(50):
+        metrics.loop_lag(0.003)  # in the bucket (2.5 ms, 5 ms]
+        metrics.loop_lag(0.2)  # in (100 ms, 250 ms]
+    name = "multillm_event_loop_lag_seconds"
+    # Linear within the bucket the rank falls in: rank 50 of 100 ends the first bucket used.
+    assert histogram_quantile(port, name, 0.5) == pytest.approx(0.005)
+    assert histogram_quantile(port, name, 0.99) == pytest.approx(0.1 + 0.15 * 49 / 50)
+    with pytest.raises(RuntimeError, match="observed no multillm_model_call_seconds"):
+        histogram_quantile(port, "multillm_model_call_seconds", 0.5)
 
 
 def _bench_vhosts() -> set[str]:

@@ -110,6 +110,10 @@ def test_workers_count_what_they_did(
     # alpha twice, flaky, broken, and the error record of mock/nowhere.
     assert value(samples, "multillm_sink_write_seconds_count", **kind) == 5
     assert value(samples, "multillm_sink_write_failures_total", **kind) == 0
+    # The loop's timer ticks every quarter second from the start.
+    samples = eventually(primary_port, lambda s: value(s, "multillm_event_loop_lag_seconds_count", **kind) >= 2)
+    assert value(samples, "multillm_event_loop_lag_seconds_count", **kind) >= 2
+    assert value(samples, "multillm_event_loop_lag_seconds_bucket", **kind, le="+Inf") >= 2
 
     kind = {"kind": "model"}
     samples = eventually(beta_port, lambda s: value(s, "multillm_sink_write_seconds_count", **kind) >= 1)

@@ -71,8 +71,8 @@ def verdict(what: str, value: float, limit: float, *, at_most: bool) -> str:
 
 
 @contextlib.contextmanager
-def primary(bench: Bench, concurrency: int, count: int = 1) -> Iterator[list[WorkerProcess]]:
-    with bench.workers(["primary", "--concurrency", str(concurrency)], count) as workers:
+def primary(bench: Bench, concurrency: int, count: int = 1, extra: Sequence[str] = ()) -> Iterator[list[WorkerProcess]]:
+    with bench.workers(["primary", "--concurrency", str(concurrency), *extra], count) as workers:
         yield workers
 
 

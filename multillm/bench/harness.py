@@ -12,9 +12,12 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from multillm import contract
 from multillm.cli.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
@@ -44,6 +47,30 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def histogram_quantile(port: int, name: str, q: float) -> float:
+    """The `q` quantile of histogram `name` on the worker serving metrics at `port`, as PromQL's
+    `histogram_quantile` reckons it: linear within the bucket it falls in."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    buckets = sorted(
+        (float(sample.labels["le"]), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == f"{name}_bucket"
+    )
+    if not buckets or buckets[-1][1] == 0:
+        raise RuntimeError(f"the worker at port {port} has observed no {name}")
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound  # past the last finite bucket, as PromQL answers
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound
 
 
 def broker_pid() -> int | None:

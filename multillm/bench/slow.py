@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from multillm.bench.common import ONE, Section, Sizes, ms, primary, verdict
 from multillm.bench.drive import keep_in_flight, percentile, requests_for
-from multillm.bench.harness import Bench, peak_rss_mb
+from multillm.bench.harness import Bench, free_port, histogram_quantile, peak_rss_mb
 from multillm.producers import Client
+
+LOOP_LAG = "multillm_event_loop_lag_seconds"
 
 
 def slow_models(bench: Bench, sizes: Sizes) -> Section:
@@ -18,7 +20,8 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
     samples: dict[str, list[float]] = {}
     with Client(bench.broker_url, pool_size=4) as client:
         for concurrency in sizes.slow_concurrency:
-            with primary(bench, concurrency) as (worker,):
+            port = free_port()
+            with primary(bench, concurrency, extra=["--metrics-port", str(port)]) as (worker,):
                 run = keep_in_flight(
                     client,
                     requests_for(ONE),
@@ -27,6 +30,7 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
                     ramp_seconds=latency_s,
                 )
                 rss = peak_rss_mb(worker.pid)
+                lag = [histogram_quantile(port, LOOP_LAG, q) * 1000 for q in (0.5, 0.99)]
             bound = concurrency / latency_s
             rate = run.steady_per_second
             p99 = percentile(run.latencies_ms, 0.99)
@@ -39,6 +43,7 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
                     ms(percentile(run.latencies_ms, 0.5)),
                     ms(p99),
                     f"{rss:.0f}",
+                    f"{lag[0]:.1f} / {lag[1]:.0f}",
                     str(run.errors),
                 ]
             )
@@ -54,7 +59,17 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
     return Section(
         name="slow",
         title=f"3. Slow models: mock latency {latency_s:g} s, one primary worker process",
-        headers=["concurrency", "requests/s", "bound", "ratio", "p50 ms", "p99 ms", "peak RSS MB", "errors"],
+        headers=[
+            "concurrency",
+            "requests/s",
+            "bound",
+            "ratio",
+            "p50 ms",
+            "p99 ms",
+            "peak RSS MB",
+            "loop lag p50 / p99 ms",
+            "errors",
+        ],
         rows=rows,
         verdicts=verdicts,
         notes=[
@@ -63,6 +78,9 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
             "The first `concurrency` requests are spread over one latency (all at once, they would finish and "
             "restart together, in waves), and requests/s counts the steady middle of the run: the replies "
             "between the 20th and 80th percentile of reply times.",
+            "loop lag = how late the worker's event loop ran its quarter-second timer "
+            "(`multillm_event_loop_lag_seconds`, quantiles as PromQL's `histogram_quantile` gives them): "
+            "past a few ms, the process is short of CPU and every request waits for its turn on the loop.",
         ],
         samples=samples,
     )

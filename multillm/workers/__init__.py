@@ -12,6 +12,7 @@ from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
 from multillm.sinks import open_sink
 from multillm.workers.consumer import Consumer
+from multillm.workers.loop_lag import LoopLag
 from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
@@ -61,9 +62,12 @@ def _serve(settings: Settings, handler: Handler, providers: Providers, concurren
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
         )
+        lag = LoopLag(metrics.loop_lag, concurrency)
+        lag.start()
         try:
             return await consumer.serve()
         finally:
+            lag.stop()
             # Every call has ended (a worker with calls left past the grace period exits in `serve`).
             await providers.aclose()
 
