@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import socket
 import threading
@@ -188,6 +189,25 @@ def test_provider_is_built_once(make_providers: MakeProviders) -> None:
     with ThreadPoolExecutor(8) as pool:
         built = list(pool.map(lambda _: providers.get("mock"), range(32)))
     assert all(p is built[0] for p in built)
+
+
+def test_a_call_leaves_no_reference_cycles(make_providers: MakeProviders) -> None:
+    # Garbage in cycles waits for the cyclic GC, whose older generations then stop the worker's
+    # loop for a second at a time; a call must free everything it made on return.
+    providers = make_providers()
+    providers.complete(V1Model(name="mock/echo"), HELLO)  # the client, its pool, the first connection
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            providers.complete(V1Model(name="mock/echo"), HELLO)
+        gc.collect()
+        garbage = [f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not [name for name in garbage if name.startswith(("tenacity", "openai", "multillm", "aiohttp"))], garbage
+    assert len(garbage) < 20, garbage  # less than one object a call, from anything
 
 
 def test_429_twice_then_ok(make_providers: MakeProviders, mock_control: MockControl) -> None:
