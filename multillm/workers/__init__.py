@@ -44,9 +44,10 @@ def _metrics(kind: str, port: int | None) -> WorkerMetrics:
 
 def _tune_gc() -> None:
     # A worker allocates many short-lived objects per message, freed by reference counting;
-    # a model call makes no cycles (test_providers checks). Freezing what start-up built (modules, the SDK, pika) keeps the
-    # collector from re-scanning it, and fewer gen-0 collections cut its share of the CPU
-    # (bench, slow models at 512: about 7% more requests per second).
+    # a model call makes no cycles (test_providers checks). Freezing what start-up built
+    # (modules, the SDK, pika) keeps the collector from re-scanning it, and fewer gen-0
+    # collections cut its share of the CPU (bench, slow models at 512: about 7% more
+    # requests per second).
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
 
