@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
 from multillm.bench import SCENARIOS
 from multillm.bench.harness import histogram_quantile
@@ -92,6 +93,25 @@ def test_histogram_quantile_reads_a_worker_s_histogram_as_promql_does() -> None:
     assert histogram_quantile(port, name, 0.99) == pytest.approx(0.1 + 0.15 * 49 / 50)
     with pytest.raises(RuntimeError, match="observed no multillm_model_call_seconds"):
         histogram_quantile(port, "multillm_model_call_seconds", 0.5)
+    with pytest.raises(ValueError, match=r"quantile 1\.5 is not between 0 and 1"):
+        histogram_quantile(port, name, 1.5)
+
+
+def test_histogram_quantile_sums_the_series_of_a_labelled_histogram() -> None:
+    registry = CollectorRegistry()
+    latency = Histogram("calls_seconds", "", ["model"], buckets=(1.0, 2.0, 4.0), registry=registry)
+    for _ in range(10):
+        latency.labels("a").observe(0.5)  # (0, 1]
+        latency.labels("b").observe(3.0)  # (2, 4]
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        port = server.server_port
+        # As sum by (le): rank 5 of 20 is halfway through (0, 1]; rank 15 halfway through (2, 4].
+        assert histogram_quantile(port, "calls_seconds", 0.25) == pytest.approx(0.5)
+        assert histogram_quantile(port, "calls_seconds", 0.75) == pytest.approx(3.0)
+    finally:
+        server.shutdown()
+        thread.join(5)
 
 
 def _bench_vhosts() -> set[str]:

@@ -191,16 +191,24 @@ def test_provider_is_built_once(make_providers: MakeProviders) -> None:
     assert all(p is built[0] for p in built)
 
 
-def test_a_call_leaves_no_reference_cycles(make_providers: MakeProviders) -> None:
+@pytest.mark.parametrize("status", [200, 400, 503])
+def test_a_call_leaves_no_reference_cycles(
+    make_providers: MakeProviders, mock_control: MockControl, status: int
+) -> None:
     # Garbage in cycles waits for the cyclic GC, whose older generations then stop the worker's
-    # loop for a second at a time; a call must free everything it made on return.
+    # loop for a second at a time; a call must free everything it made on return, failed or not.
     providers = make_providers()
     providers.complete(V1Model(name="mock/echo"), HELLO)  # the client, its pool, the first connection
+    if status != 200:
+        mock_control.set_fault("echo", always=status)
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         for _ in range(20):
-            providers.complete(V1Model(name="mock/echo"), HELLO)
+            try:
+                providers.complete(V1Model(name="mock/echo"), HELLO)
+            except ProviderError as exc:
+                assert status != 200, exc
         gc.collect()
         garbage = [f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage]
     finally:

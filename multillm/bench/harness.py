@@ -50,16 +50,20 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def histogram_quantile(port: int, name: str, q: float) -> float:
-    """The `q` quantile of histogram `name` on the worker serving metrics at `port`, as PromQL's
-    `histogram_quantile` reckons it: linear within the bucket it falls in."""
+    """The `q` quantile of histogram `name` on the worker serving metrics at `port`, all its series
+    summed, as PromQL's `histogram_quantile(q, sum by (le) (...))` reckons it: linear within the
+    bucket it falls in."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"quantile {q} is not between 0 and 1")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    buckets = sorted(
-        (float(sample.labels["le"]), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == f"{name}_bucket"
-    )
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    buckets = sorted(counts.items())
     if not buckets or buckets[-1][1] == 0:
         raise RuntimeError(f"the worker at port {port} has observed no {name}")
     rank = q * buckets[-1][1]

@@ -79,7 +79,8 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
             "restart together, in waves), and requests/s counts the steady middle of the run: the replies "
             "between the 20th and 80th percentile of reply times.",
             "loop lag = how late the worker's event loop ran its quarter-second timer "
-            "(`multillm_event_loop_lag_seconds`, quantiles as PromQL's `histogram_quantile` gives them): "
+            "(`multillm_event_loop_lag_seconds` over the worker's life at that concurrency, ramp included; "
+            "quantiles as PromQL's `histogram_quantile` gives them): "
             "past a few ms, the process is short of CPU and every request waits for its turn on the loop.",
         ],
         samples=samples,

@@ -25,6 +25,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 INTERVAL: Final = 0.25
+# 10 s on a loop with time to spare; longer on one that lags.
 WINDOW_TICKS: Final = 40
 # Half the ticks later than this: the loop seldom gets round to new work at once, and each of
 # a request's turns on it (delivery, the call's send and its answer, the record, the reply's
@@ -67,9 +68,12 @@ class LoopLag:
         self._quiet_until = float("-inf")
         self._lags: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._observe_failed = False
 
     def start(self) -> None:
-        self._schedule(asyncio.get_running_loop())
+        """Start ticking; a second call does nothing (one chain of timers, which `stop` ends)."""
+        if self._timer is None:
+            self._schedule(asyncio.get_running_loop())
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -83,15 +87,18 @@ class LoopLag:
         self._timer = loop.call_at(due, self._tick, loop, due)
 
     def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        # The next tick first: nothing below may end the chain of timers.
+        self._schedule(loop)
         lag = max(0.0, loop.time() - due)
         try:
             self._observe(lag)
-        except Exception:  # measuring must never take the loop's timer down with it
-            log.exception("loop_lag.observe_failed")
+        except Exception:
+            if not self._observe_failed:  # once: four tracebacks a second would drown the log
+                self._observe_failed = True
+                log.exception("loop_lag.observe_failed")
         self._lags.append(lag)
         if len(self._lags) >= self._window:
             self._judge(loop.time())
-        self._schedule(loop)
 
     def _judge(self, now: float) -> None:
         lags, self._lags = sorted(self._lags), []
