@@ -197,7 +197,6 @@ async def call_with_retry(
         left = policy.budget_seconds - (time.monotonic() - started)
         return await attempt(max(min(timeout, left), _MIN_TRY_TIMEOUT))
 
-    failure: Exception | None = None
     try:
         result: T = await retrying(one_try)
         return result, tries, (time.monotonic() - started) * 1000
@@ -213,7 +212,8 @@ async def call_with_retry(
     # Raised outside the `except` so that no chained exception (whose text may hold
     # an api key) travels with it into tracebacks and logs.
     latency_ms = (time.monotonic() - started) * 1000
-    code, detail = classify(failure) if failure is not None else (Code.INTERNAL, "no attempt was made")
+    # Here only from the `except`: the `try` returns otherwise, and tenacity always makes a first try.
+    code, detail = classify(failure)
     suffix = f" (after {tries} attempts)" if tries > 1 else ""
     message = scrub(f"{describe}: {detail}{suffix}", secrets)
     raise ProviderError(code, message, attempts=tries, latency_ms=latency_ms)
