@@ -81,6 +81,14 @@ def test_unknown_model_provider_for_a_model_worker_is_a_config_error(config_path
     assert done.returncode == 2 and "configured: mock" in done.stderr
 
 
+def test_a_client_that_cannot_be_built_stops_the_worker_at_start(config_path: Path, broker_url: str) -> None:
+    # Clients are built before the first message, so a bad CA setting is a start-up error, not failed calls.
+    env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, "SSL_CERT_FILE": "/nonexistent/ca.pem"}
+    done = multillm("worker", "primary", env=env, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "provider 'mock': cannot build its client" in done.stderr and "SSL_CERT_FILE" in done.stderr
+
+
 def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Path) -> None:
     sink = tmp_path / "demo.jsonl"
     done = multillm(

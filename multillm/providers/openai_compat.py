@@ -153,8 +153,12 @@ class OpenAICompatProvider:
         self._max_connections = max_connections
         self._client: openai.AsyncOpenAI | None = None
 
+    def open(self) -> None:
+        """Build the client now (see `Providers.open`); in the event loop that will use it."""
+        self._shared_client()
+
     def _shared_client(self) -> openai.AsyncOpenAI:
-        # Built lazily: aiohttp's session belongs to the loop it is first used in.
+        # Built in the loop, not in __init__: aiohttp's session belongs to the loop it is first used in.
         if self._client is None:
             # Every connection kept alive: past the SDK's default of 100, each call beyond
             # it would open (and close) a connection of its own.

@@ -65,6 +65,7 @@ def _serve(settings: Settings, handler: Handler, providers: Providers, concurren
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
         )
+        providers.open()
         lag = LoopLag(metrics.loop_lag, concurrency)
         lag.start()
         try:
