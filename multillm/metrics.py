@@ -58,6 +58,8 @@ MODEL_CALL_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 SINK_WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # An idle loop (under 1 ms) to one stalled for seconds.
 LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The name the benchmark reads back from a worker's /metrics.
+LOOP_LAG: Final = "multillm_event_loop_lag_seconds"
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -151,7 +153,7 @@ class WorkerMetrics:
         )
         self._sink_failures = self._counter("sink_write_failures", "Sink writes that raised")
         self._loop_lag = self._histogram(
-            "event_loop_lag_seconds", "How late the event loop ran a timer", LOOP_LAG_BUCKETS
+            LOOP_LAG.removeprefix("multillm_"), "How late the event loop ran a timer", LOOP_LAG_BUCKETS
         )
 
     def _counter(self, name: str, documentation: str, *labels: str) -> _Children[Counter]:

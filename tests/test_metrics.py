@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from multillm.bench.harness import scrape as scrape_metrics
 from multillm.cli.processes import WorkerProcess
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import InvalidArgument, Unavailable
@@ -38,13 +38,8 @@ def metrics_port(worker: WorkerProcess) -> int:
 
 
 def scrape(port: int) -> tuple[str, Samples]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name, frozenset(sample.labels.items())] = sample.value
-    return text, samples
+    text, samples = scrape_metrics(port)
+    return text, {(sample.name, frozenset(sample.labels.items())): sample.value for sample in samples}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -18,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from multillm import contract
 from multillm.cli.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
@@ -49,20 +50,24 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
+def scrape(port: int) -> tuple[str, list[Sample]]:
+    """The exposition text served at `port`'s `/metrics`, and every sample in it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return text, [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
 def histogram_quantile(port: int, name: str, q: float) -> float:
     """The `q` quantile of histogram `name` on the worker serving metrics at `port`, all its series
     summed, as PromQL's `histogram_quantile(q, sum by (le) (...))` reckons it: linear within the
     bucket it falls in."""
     if not 0 <= q <= 1:
         raise ValueError(f"quantile {q} is not between 0 and 1")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     counts: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == f"{name}_bucket":
-                bound = float(sample.labels["le"])
-                counts[bound] = counts.get(bound, 0.0) + sample.value
+    for sample in scrape(port)[1]:
+        if sample.name == f"{name}_bucket":
+            bound = float(sample.labels["le"])
+            counts[bound] = counts.get(bound, 0.0) + sample.value
     buckets = sorted(counts.items())
     if not buckets or buckets[-1][1] == 0:
         raise RuntimeError(f"the worker at port {port} has observed no {name}")

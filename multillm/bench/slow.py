@@ -5,9 +5,8 @@ from __future__ import annotations
 from multillm.bench.common import ONE, Section, Sizes, ms, primary, verdict
 from multillm.bench.drive import keep_in_flight, percentile, requests_for
 from multillm.bench.harness import Bench, free_port, histogram_quantile, peak_rss_mb
+from multillm.metrics import LOOP_LAG
 from multillm.producers import Client
-
-LOOP_LAG = "multillm_event_loop_lag_seconds"
 
 
 def slow_models(bench: Bench, sizes: Sizes) -> Section:
@@ -79,7 +78,7 @@ def slow_models(bench: Bench, sizes: Sizes) -> Section:
             "restart together, in waves), and requests/s counts the steady middle of the run: the replies "
             "between the 20th and 80th percentile of reply times.",
             "loop lag = how late the worker's event loop ran its quarter-second timer "
-            "(`multillm_event_loop_lag_seconds` over the worker's life at that concurrency, ramp included; "
+            f"(`{LOOP_LAG}` over the worker's life at that concurrency, ramp included; "
             "quantiles as PromQL's `histogram_quantile` gives them): "
             "past a few ms, the process is short of CPU and every request waits for its turn on the loop.",
         ],
