@@ -81,12 +81,25 @@ def test_unknown_model_provider_for_a_model_worker_is_a_config_error(config_path
     assert done.returncode == 2 and "configured: mock" in done.stderr
 
 
-def test_a_client_that_cannot_be_built_stops_the_worker_at_start(config_path: Path, broker_url: str) -> None:
-    # Clients are built before the first message, so a bad CA setting is a start-up error, not failed calls.
-    env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, "SSL_CERT_FILE": "/nonexistent/ca.pem"}
-    done = multillm("worker", "primary", env=env, timeout=60)
+def test_a_client_that_cannot_be_built_stops_the_worker_at_start(tmp_path: Path) -> None:
+    # Clients are built before the broker is contacted: a bad CA setting is a start-up error, not failed calls.
+    (tmp_path / "multillm.toml").write_text('[providers.mock]\nbase_url = "https://127.0.0.1:1/v1"\n')
+    env = {ENV_BROKER_URL: "amqp://guest:guest@127.0.0.1:1/", "SSL_CERT_FILE": "/nonexistent/ca.pem"}
+    done = multillm("worker", "primary", env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "provider 'mock': cannot build its client" in done.stderr and "SSL_CERT_FILE" in done.stderr
+    assert "provider 'mock': cannot build its client" in done.stderr
+    assert "SSL_CERT_FILE is '/nonexistent/ca.pem'" in done.stderr
+
+
+def test_a_model_worker_builds_only_its_own_provider(
+    start_worker: StartWorker, config_path: Path, broker_url: str
+) -> None:
+    config_path.write_text(config_path.read_text() + '[providers.broken]\nbase_url = "http://h:abc/v1"\n')
+    start_worker("model", model="mock/echo")  # consuming: `broken` is none of its business
+    # The primary may call any provider, so it builds them all and refuses to start.
+    done = multillm("worker", "primary", env={ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "provider 'broken': cannot build its client: InvalidURL: Invalid port: 'abc'" in done.stderr
 
 
 def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Path) -> None:

@@ -2,21 +2,26 @@
 
 Every provider is an OpenAI-compatible endpoint called through the openai SDK
 (`openai_compat`), wrapped in the one retry loop (`retry`). `Providers` is the
-registry a worker holds: built from the settings, each provider's client built
-in the worker's event loop (`open`, at start) and then shared by every call in it.
+registry a worker holds: built from the settings, the clients of the providers
+it serves built when it starts (`open`), then shared by every call of its event loop.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
+
+import httpx2
+import openai
 
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code, ConfigError
 from multillm.metrics import WorkerMetrics
 from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
 from multillm.providers.retry import ProviderError
+from multillm.redact import scrub
 from multillm.schemas import ChatMessage, V1Model
 
 __all__ = [
@@ -44,7 +49,7 @@ class Provider(Protocol):
 class Providers:
     """The providers named in the settings, by name.
 
-    `has` and `names` are safe from any thread; `complete` and `aclose` belong to one event loop.
+    `has` and `names` are safe from any thread; `open`, `complete` and `aclose` belong to one event loop.
 
     Args:
         providers: each provider's endpoint and key, by the name used in model names.
@@ -76,7 +81,7 @@ class Providers:
         return sorted(self._configs)
 
     def get(self, provider_name: str) -> Provider:
-        """The provider called `provider_name`, built on first use.
+        """The provider called `provider_name` (built on first use; its client by `open`, or at its first call).
 
         Raises:
             ProviderError: INVALID_ARGUMENT, the provider is not configured.
@@ -101,22 +106,23 @@ class Providers:
                 self._built[provider_name] = provider
             return provider
 
-    def open(self) -> None:
-        """Build every configured provider's client now, in the worker's event loop, before it takes messages.
+    def open(self, names: Iterable[str] | None = None) -> None:
+        """Build the clients of providers `names` (all configured: None) now, before the worker takes messages.
 
         Building one loads the CA bundle and the HTTP stack (20-60 ms here); left to the first
         call, it would stop the loop while the messages prefetched at start wait.
 
         Raises:
-            ConfigError: a client cannot be built (e.g. `SSL_CERT_FILE` names no file).
+            ConfigError: a client cannot be built (an unusable base URL, `SSL_CERT_FILE` naming no file).
         """
-        for name in self._configs:
+        for name in self._configs if names is None else names:
+            provider = self._built_provider(name)
             try:
-                self._built_provider(name).open()
-            except Exception as exc:
-                # ssl's own message names no file.
-                hint = " (check SSL_CERT_FILE and SSL_CERT_DIR)" if isinstance(exc, OSError) else ""
-                problem = f"{type(exc).__name__}: {exc}{hint}"
+                provider.open()
+            except (OSError, ValueError, httpx2.InvalidURL, openai.OpenAIError) as exc:
+                problem = scrub(f"{type(exc).__name__}: {exc}", [self._configs[name].configured_key()])
+                if isinstance(exc, OSError) and (cert_file := os.environ.get("SSL_CERT_FILE")):
+                    problem += f" (SSL_CERT_FILE is {cert_file!r})"  # ssl's own message names no file
                 raise ConfigError(f"provider {name!r}: cannot build its client: {problem}") from None
 
     async def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:

@@ -1,7 +1,7 @@
 """Call a model through the openai SDK against any OpenAI-compatible endpoint.
 
-One `openai.AsyncOpenAI` client per provider, built on first use inside the
-worker's event loop and shared by every call in it; the SDK's retries are off
+One `openai.AsyncOpenAI` client per provider, built when the worker starts
+(`open`) and shared by every call of its event loop; the SDK's retries are off
 (`retry.py` is the one loop). The raw HTTP body is decoded with msgspec into our
 own Structs, skipping the SDK's pydantic models.
 
@@ -154,11 +154,16 @@ class OpenAICompatProvider:
         self._client: openai.AsyncOpenAI | None = None
 
     def open(self) -> None:
-        """Build the client now (see `Providers.open`); in the event loop that will use it."""
+        """Build the client now rather than at the first call (see `Providers.open`).
+
+        Raises:
+            Exception: what the SDK raised (an unusable base URL, a CA file that cannot be read).
+        """
         self._shared_client()
 
     def _shared_client(self) -> openai.AsyncOpenAI:
-        # Built in the loop, not in __init__: aiohttp's session belongs to the loop it is first used in.
+        # Not in __init__: a worker builds only the clients it serves, and `Providers.has`
+        # must not load a CA bundle. aiohttp's session itself comes with the first call, in its loop.
         if self._client is None:
             # Every connection kept alive: past the SDK's default of 100, each call beyond
             # it would open (and close) a connection of its own.

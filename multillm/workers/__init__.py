@@ -54,8 +54,18 @@ def _tune_gc() -> None:
     gc.set_threshold(100_000, 50, 50)
 
 
-def _serve(settings: Settings, handler: Handler, providers: Providers, concurrency: int, metrics: WorkerMetrics) -> int:
-    """Run `handler`'s consumer on an event loop until SIGTERM, once start-up is done; returns the exit code."""
+def _serve(
+    settings: Settings,
+    handler: Handler,
+    providers: Providers,
+    concurrency: int,
+    metrics: WorkerMetrics,
+    serves: list[str] | None = None,
+) -> int:
+    """Run `handler`'s consumer on an event loop until SIGTERM, once start-up is done; returns the exit code.
+
+    `serves`: the providers whose clients to build before consuming (all configured: None).
+    """
 
     async def serve() -> int:
         consumer = Consumer(
@@ -65,10 +75,10 @@ def _serve(settings: Settings, handler: Handler, providers: Providers, concurren
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
         )
-        providers.open()
         lag = LoopLag(metrics.loop_lag, concurrency)
-        lag.start()
         try:
+            providers.open(serves)
+            lag.start()
             return await consumer.serve()
         finally:
             lag.stop()
@@ -83,7 +93,7 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     """Serve `multillm.requests` until SIGTERM; returns the exit code.
 
     Raises:
-        ConfigError: `metrics_port` cannot be bound.
+        ConfigError: `metrics_port` cannot be bound, or a provider's client cannot be built.
     """
     metrics = _metrics("primary", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
@@ -95,7 +105,8 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
     """Serve `multillm.model.<model>` until SIGTERM; returns the exit code.
 
     Raises:
-        ConfigError: the model's provider is not configured, or `metrics_port` cannot be bound.
+        ConfigError: the model's provider is not configured or its client cannot be built,
+            or `metrics_port` cannot be bound.
     """
     metrics = _metrics("model", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
@@ -105,4 +116,5 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
             f"model {model!r} must be `provider/model` with a configured provider"
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
-    return _serve(settings, ModelHandler(model, runner, settings.max_body_bytes), providers, concurrency, metrics)
+    handler = ModelHandler(model, runner, settings.max_body_bytes)
+    return _serve(settings, handler, providers, concurrency, metrics, serves=[provider])
