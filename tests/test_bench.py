@@ -10,13 +10,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
 from multillm.bench import SCENARIOS
-from multillm.bench.harness import histogram_quantile
+from multillm.bench.harness import CpuShares, histogram_quantile
 from multillm.cli.rabbitmq import rabbitmqctl
 from multillm.metrics import WorkerMetrics, serve
 from tests.conftest import ADMIN_URL
@@ -74,11 +75,26 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     header, _, *rows = [line.strip("|").split(" | ") for line in slow.splitlines() if line.startswith("| ")]
     lag = header.index("loop lag p50 / p99 ms")
     assert rows and all(re.fullmatch(r"\d+\.\d / \d+", row[lag].strip()) for row in rows), slow
+    # ... and what the worker and the host's other tenants took of the CPU meanwhile.
+    for column in ("worker CPU %", "stolen %"):
+        assert all(re.fullmatch(r"\d+", row[header.index(column)].strip()) for row in rows), slow
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
     assert _bench_vhosts() <= before
+
+
+def test_cpu_shares_count_this_process_within_the_machine() -> None:
+    shares = CpuShares({"me": [os.getpid()]})
+    spin_until = time.process_time() + 0.3
+    while time.process_time() < spin_until:
+        pass
+    cpu = shares.stop()
+    # A process spinning on its own is ~100% of a core; the machine ran at least that much.
+    assert cpu["me"] >= 20, cpu  # even with the other core busy and the host stealing
+    assert cpu["machine"] >= cpu["me"] - 10, cpu  # /proc's clock ticks are 10 ms each
+    assert cpu["stolen"] >= 0, cpu
 
 
 def test_histogram_quantile_reads_a_worker_s_histogram_as_promql_does() -> None:

@@ -94,19 +94,27 @@ def broker_pid() -> int | None:
     return None
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds spent on anything but idling, all cores, since boot."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / _CLOCK_TICKS
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds since boot, all cores: what this machine ran, and what its host stole.
+
+    Stolen time (`steal` in /proc/stat) is time this virtual machine had a thread ready to
+    run while the hypervisor ran another tenant instead: the one cause of a slow run that
+    no process here can show.
+    """
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq) / _CLOCK_TICKS, steal / _CLOCK_TICKS
 
 
 class CpuShares:
-    """Who used the CPU during a run: each named process, and the whole machine, in % of one core."""
+    """Who used the CPU during a run, in % of one core: each named process, the whole machine
+    (`machine`), and the host's other tenants (`stolen`, see `machine_seconds`)."""
 
     def __init__(self, pids: dict[str, list[int]]) -> None:
         self._pids = pids
         self._start = time.monotonic()
-        self._machine = machine_busy_seconds()
+        self._machine = machine_seconds()
         self._before = {name: self._seconds(ids) for name, ids in pids.items()}
 
     @staticmethod
@@ -116,7 +124,9 @@ class CpuShares:
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._start
         shares = {name: (self._seconds(ids) - self._before[name]) / wall * 100 for name, ids in self._pids.items()}
-        shares["machine"] = (machine_busy_seconds() - self._machine) / wall * 100
+        busy, stolen = machine_seconds()
+        shares["machine"] = (busy - self._machine[0]) / wall * 100
+        shares["stolen"] = (stolen - self._machine[1]) / wall * 100
         return shares
 
 

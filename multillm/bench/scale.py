@@ -49,7 +49,7 @@ def horizontal(bench: Bench, sizes: Sizes) -> Section:
                         bound,
                         f"{rate / base:.2f}",
                         ms(percentile(run.latencies_ms, 0.99)),
-                        *(f"{cpu[k]:.0f}" for k in ("workers", "broker", "mock", "driver", "machine")),
+                        *(f"{cpu[k]:.0f}" for k in ("workers", "broker", "mock", "driver", "machine", "stolen")),
                     ]
                 )
                 bench.purge()
@@ -69,10 +69,12 @@ def horizontal(bench: Bench, sizes: Sizes) -> Section:
             "mock",
             "driver",
             f"machine (of {100 * (os.cpu_count() or 1)})",
+            "stolen",
         ],
         rows=rows,
         notes=[
             "CPU % is of one core, over the run: the workers together, the RabbitMQ VM, the mock LLM, the "
-            "benchmark's own client, and the whole machine. requests/s is the steady middle of the run."
+            "benchmark's own client, the whole machine, and what the host stole from it (its steal time: "
+            "this virtual machine ready to run, another tenant running). requests/s is the steady middle of the run."
         ],
     )
