@@ -100,6 +100,34 @@ def test_fifty_threads_each_get_their_own_reply(start_worker: StartWorker, clien
     assert len(set(answers)) == 50
 
 
+def test_replies_past_the_prefetch_are_all_delivered_and_all_acked(
+    start_worker: StartWorker, client: Client, broker_url: str
+) -> None:
+    # The listener acks its replies in batches: many more than the broker lets it hold
+    # unacked (64) must still all arrive, and none stay unacked once they stop coming.
+    start_worker("primary", concurrency=16)
+    futures = [client.submit(make_request(["mock/echo"], f"batch {i}"), timeout=60) for i in range(300)]
+    answers = [future.result(timeout=60).text for future in futures]
+    assert all(f"batch {i}" in answer for i, answer in enumerate(answers)), answers[:3]
+
+    def unacked() -> list[str]:
+        listing = rabbitmqctl(
+            "list_queues",
+            "-p",
+            vhost_of(broker_url),
+            "name",
+            "messages",
+            "messages_unacknowledged",
+            "--no-table-headers",
+        )
+        return [line for line in listing.splitlines() if line.startswith(client.reply_queue)]
+
+    deadline = time.monotonic() + 10
+    while (rows := unacked()) != [f"{client.reply_queue}\t0\t0"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rows == [f"{client.reply_queue}\t0\t0"]
+
+
 def test_fifty_asyncio_calls_each_get_their_own_reply(start_worker: StartWorker, broker_url: str) -> None:
     start_worker("primary", concurrency=8)
 

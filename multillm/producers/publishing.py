@@ -41,11 +41,18 @@ def connect(broker_url: str) -> kombu.Connection:
     return kombu.Connection(broker_url, transport_options={"confirm_publish": True}, heartbeat=30)
 
 
-def drain(connection: kombu.Connection, *, stop: Callable[[], bool], idle_timeout: float | None = None) -> None:
+def drain(
+    connection: kombu.Connection,
+    *,
+    stop: Callable[[], bool],
+    idle_timeout: float | None = None,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
     """Dispatch messages on `connection` until `stop()`, or `idle_timeout` seconds without one.
 
-    kombu sends heartbeats only when asked to: without `heartbeat_check` the broker
-    drops a connection that waited quietly for two heartbeat intervals.
+    `on_idle` runs after each tick that brought no message. kombu sends heartbeats
+    only when asked to: without `heartbeat_check` the broker drops a connection that
+    waited quietly for two heartbeat intervals.
     """
     last = time.monotonic()
     while not stop():
@@ -54,6 +61,8 @@ def drain(connection: kombu.Connection, *, stop: Callable[[], bool], idle_timeou
             connection.drain_events(timeout=_TICK_SECONDS)
             last = time.monotonic()
         except TimeoutError:
+            if on_idle is not None:
+                on_idle()
             if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
                 return
         connection.heartbeat_check()
