@@ -26,7 +26,7 @@ class Sizes(msgspec.Struct, frozen=True):
     throughput_requests: int = 3000
     throughput_in_flight: int = 200
     # Throughput rounds per system, best kept: on a shared host one system's round can fall in
-    # a bad minute (seven runs on 2026-12-03: multillm 366-515, Celery 247-348 requests/s).
+    # a bad minute (eight runs on 2026-12-03: multillm 366-515, Celery 247-348 requests/s).
     rounds: int = 3
     slow_seconds: int = 8
     slow_concurrency: tuple[int, ...] = (32, 128, 512)

@@ -63,6 +63,10 @@ def overhead(bench: Bench, sizes: Sizes) -> Section:
         notes=[
             "floor = a bare pika RPC round trip through the same broker (quorum queue, persistent, confirms) "
             "plus a bare openai SDK call to the same mock; the two are sampled alternately, one by one.",
+            "The targets judge the one-model row, whose floor is the same job. With three models the floor "
+            "stays one call, while the two model workers call their models and write their records on the "
+            "same two cores at the same moment as the primary's call: the row shows what that sharing costs "
+            "the caller here (elsewhere, those workers run on machines of their own).",
         ],
         samples=samples,
     )
