@@ -8,8 +8,8 @@ from multillm.bench.harness import Bench, CpuShares, free_port, histogram_quanti
 from multillm.metrics import LOOP_LAG
 from multillm.producers import Client
 
-# Steal time (% of one core) past which a row gets a note: runs at 512 with 1-5% stolen
-# gave 0.82-0.92 of the bound against 0.90-0.97 with none (docs/benchmarks.md).
+# Steal time (% of one core) past which a row gets a note: on the EPYC, runs at 512 with 1-5%
+# stolen gave 0.82-0.92 of the bound against 0.87-0.97 with none (docs/benchmarks.md).
 _STOLEN_NOTED = 3.0
 
 
