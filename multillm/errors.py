@@ -20,6 +20,13 @@ class Code(IntEnum):
     UNAUTHENTICATED = 16
 
 
+def code_name(code: object) -> str:
+    """`UNAVAILABLE` for 14; the value itself, as text, for anything that is not a `Code`."""
+    if isinstance(code, int) and code in Code._value2member_map_:
+        return Code(code).name
+    return str(code)
+
+
 class MultiLLMError(Exception):
     """Base of every error this package raises on purpose."""
 
@@ -43,7 +50,7 @@ class RpcError(MultiLLMError):
     message: str
 
     def __init__(self, code: int, message: str, details: list[dict[str, object]] | None = None) -> None:
-        super().__init__(f"[{_code_name(code)}] {message}")
+        super().__init__(f"[{code_name(code)}] {message}")
         self.code = code
         self.message = message
         self.details = details or []
@@ -58,36 +65,44 @@ class RpcError(MultiLLMError):
 
 
 class InvalidArgument(RpcError):
-    pass
+    """3: the request is invalid (bad JSON, an unknown provider, too large)."""
 
 
 class DeadlineExceeded(RpcError):
-    pass
+    """4: the model did not answer before the request's deadline."""
+
+
+class NotFound(RpcError):
+    """5: the provider does not know the model."""
+
+
+class PermissionDenied(RpcError):
+    """7: the provider refused access with the key it was given."""
 
 
 class ResourceExhausted(RpcError):
-    pass
+    """8: the provider is rate limiting, even after retries."""
 
 
 class Internal(RpcError):
-    pass
+    """13: a fault in the pipeline itself (an undecodable reply, a bug)."""
 
 
 class Unavailable(RpcError):
-    pass
+    """14: the provider is down, or no worker serves the requests."""
+
+
+class Unauthenticated(RpcError):
+    """16: the provider refused the key (a missing or wrong api key)."""
 
 
 _BY_CODE: dict[int, type[RpcError]] = {
     Code.INVALID_ARGUMENT: InvalidArgument,
     Code.DEADLINE_EXCEEDED: DeadlineExceeded,
+    Code.NOT_FOUND: NotFound,
+    Code.PERMISSION_DENIED: PermissionDenied,
     Code.RESOURCE_EXHAUSTED: ResourceExhausted,
     Code.INTERNAL: Internal,
     Code.UNAVAILABLE: Unavailable,
+    Code.UNAUTHENTICATED: Unauthenticated,
 }
-
-
-def _code_name(code: int) -> str:
-    try:
-        return Code(code).name
-    except ValueError:
-        return str(code)

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.metrics import MetricWrapperBase
 
 from multillm import contract
-from multillm.errors import Code, ConfigError
+from multillm.errors import ConfigError, code_name
 from multillm.schemas import LLMLogRecord
 
 if TYPE_CHECKING:
@@ -69,13 +69,6 @@ class _StatusCode(msgspec.Struct):
 
 
 _status_decoder: Final = msgspec.json.Decoder(_StatusCode)
-
-
-def code_name(code: object) -> str:
-    """`UNAVAILABLE` for 14; the number itself for a code we do not name."""
-    if isinstance(code, int) and code in Code._value2member_map_:
-        return Code(code).name
-    return str(code)
 
 
 def _reply_code(body: bytes) -> str:
