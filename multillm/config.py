@@ -28,6 +28,11 @@ ENV_CONFIG: Final = "MULTILLM_CONFIG"
 PositiveFloat = Annotated[float, Meta(gt=0)]
 
 
+def default_broker_url() -> str:
+    """`$MULTILLM_BROKER_URL` if set, else `DEFAULT_BROKER_URL`: where a client given no URL connects."""
+    return os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+
+
 class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """One OpenAI-compatible endpoint. The key is inline or read from `api_key_env`."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-from multillm.config import DEFAULT_BROKER_URL
 from multillm.errors import RequestTimeout
 from multillm.producers.client import DEFAULT_TIMEOUT, Client
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
@@ -22,12 +21,13 @@ class AsyncClient:
 
     def __init__(
         self,
-        broker_url: str = DEFAULT_BROKER_URL,
+        broker_url: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         pool_size: int = 8,
         connect_timeout: float = 10.0,
     ) -> None:
+        """Connect as `Client(broker_url, ...)` does; None: `$MULTILLM_BROKER_URL`, else the local broker."""
         self._client = Client(broker_url, timeout=timeout, pool_size=pool_size, connect_timeout=connect_timeout)
 
     async def create(

@@ -25,7 +25,7 @@ import kombu
 import structlog
 
 from multillm import contract
-from multillm.config import DEFAULT_BROKER_URL
+from multillm.config import default_broker_url
 from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout
 from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
@@ -56,7 +56,7 @@ class Client:
 
     def __init__(
         self,
-        broker_url: str = DEFAULT_BROKER_URL,
+        broker_url: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         pool_size: int = 8,
@@ -64,10 +64,18 @@ class Client:
     ) -> None:
         """Connect, declare the client's reply queue and the request queue.
 
+        Args:
+            broker_url: the broker's AMQP URL; None: `$MULTILLM_BROKER_URL`, else
+                `amqp://guest:guest@localhost:5672/%2F` (as the `multillm` command).
+            timeout: seconds `create` waits for a reply unless told otherwise.
+            pool_size: connections kept for publishing from concurrent threads.
+            connect_timeout: seconds to wait for the broker when starting.
+
         Raises:
             BrokerUnavailable: no broker answered within `connect_timeout` seconds. Once
                 connected, the client reconnects on its own for as long as it lives.
         """
+        broker_url = default_broker_url() if broker_url is None else broker_url
         self.timeout = timeout
         self._pending: dict[str, PendingReply] = {}
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ import msgspec
 import structlog
 
 from multillm import contract
+from multillm.config import default_broker_url
 from multillm.errors import Code, RpcError
 from multillm.producers.publishing import connect, declare_queues, drain, kombu_queue
 from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
@@ -51,7 +52,17 @@ class ReplyQueue:
     acked only after the handler returns, so a handler that raises loses nothing.
     """
 
-    def __init__(self, broker_url: str, name: str) -> None:
+    def __init__(self, broker_url: str | None = None, name: str | None = None) -> None:
+        """Args:
+            broker_url: the broker's AMQP URL; None: `$MULTILLM_BROKER_URL`, else the local broker.
+            name: the queue's name (`ReplyQueue(name="my-service.replies")` for the default broker).
+
+        Raises:
+            ValueError: no name was given.
+        """
+        if not name:
+            raise ValueError("a ReplyQueue needs the name of its queue")
+        broker_url = default_broker_url() if broker_url is None else broker_url
         self.name = name
         self._spec = contract.named_reply_queue(name)
         self._broker_url = broker_url
