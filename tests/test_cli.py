@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,27 @@ def test_request_prints_the_reply_and_logs_show_every_model(
 
     stats = json.loads(multillm("logs", "stats", "--json", env=env).stdout)
     assert {s["model_name"]: s["records"] for s in stats} == {"mock/echo": 1, "mock/upper": 1}
+
+
+def test_request_prints_the_request_id_that_logs_show_takes(
+    start_worker: StartWorker, config_path: Path, broker_url: str
+) -> None:
+    start_worker("primary")
+    env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
+
+    done = multillm("request", "--model", "mock/echo", "good morning", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "echo says: good morning\n"  # the answer alone: the ids go to stderr
+    found = re.search(r"^request id (\S+)  \(multillm logs show \1\)$", done.stderr, re.MULTILINE)
+    assert found, done.stderr
+    [listed] = json.loads(multillm("logs", "list", "--json", env=env).stdout)
+    assert found[1] == listed["request_id"]
+    assert "(primary log id " in done.stderr  # the reply's id is a record's, and says so
+    shown = multillm("logs", "show", found[1], env=env)
+    assert shown.returncode == 0 and "echo says: good morning" in shown.stdout
+
+    failed = multillm("request", "--model", "nosuch/model", "hi", env=env)
+    assert failed.returncode == 1 and re.search(r"^request id \S+", failed.stderr, re.MULTILINE)
 
 
 def test_request_with_an_unknown_provider_says_so(start_worker: StartWorker, config_path: Path) -> None:

@@ -12,7 +12,7 @@ from multillm import contract
 from multillm.cli.rabbitmq import queue_counts
 from multillm.config import Settings, load_settings
 from multillm.errors import MultiLLMError, RpcError
-from multillm.producers import Client, make_request
+from multillm.producers import Client, PendingReply, make_request
 from multillm.schemas import ChatMessage, encode
 
 
@@ -68,6 +68,7 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
         request = make_request(args.model, messages, display_model=args.display_model)
     except (ValueError, msgspec.ValidationError) as exc:
         raise CommandError(f"invalid request: {exc}") from None
+    pending: PendingReply | None = None
     try:
         with connect_client(settings) as client:
             if not queue_counts(settings.broker_url, contract.REQUEST_QUEUE)[1]:
@@ -76,9 +77,11 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
                     f" waiting up to {args.timeout:g}s",
                     file=sys.stderr,
                 )
-            reply = client.create(request, timeout=args.timeout)
+            pending = client.submit(request, timeout=args.timeout)
+            reply = client.wait(pending, timeout=args.timeout)
     except RpcError as exc:
         print(encode(exc.to_status()).decode() if args.json else f"error: {exc}")
+        _print_request_id(pending)
         return 1
     except MultiLLMError as exc:
         raise CommandError(str(exc)) from None
@@ -87,10 +90,17 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(reply.text)
         print(
-            f"\n(id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})",
+            f"\n(primary log id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})",
             file=sys.stderr,
         )
+    _print_request_id(pending)
     return 0
+
+
+def _print_request_id(pending: PendingReply | None) -> None:
+    """On stderr, so that stdout stays the answer (or its JSON) alone."""
+    if pending is not None:
+        print(f"request id {pending.request_id}  (multillm logs show {pending.request_id})", file=sys.stderr)
 
 
 def connect_client(settings: Settings) -> Client:

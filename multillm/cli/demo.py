@@ -83,7 +83,7 @@ def _send(client: Client, settings: Settings, count: int) -> None:
             reply = future.result(timeout=60)
             print(f"reply to request {future.request_id} in {time.monotonic() - started:.2f}s")
             print(f"  primary {request.primary.name}: {reply.text}")
-            print(f"  id {reply.id}   external id {reply.primary_external_id}")
+            print(f"  primary log id {reply.id}   external id {reply.primary_external_id}")
             print(side_by_side(_all_records(sink, future.request_id, len(request.models))))
             print()
     finally:

@@ -100,7 +100,19 @@ class Client:
             RequestTimeout: no reply within `timeout` seconds (default: the client's).
         """
         timeout = self.timeout if timeout is None else timeout
-        future = self.submit(request, timeout=timeout)
+        return self.wait(self.submit(request, timeout=timeout), timeout=timeout)
+
+    def wait(self, future: PendingReply, *, timeout: float | None = None) -> V1MultiLLMChatCompletion:
+        """Wait for the reply to a `submit`ted request, then forget it: `create` in two steps.
+
+        Between the steps the caller holds `future.request_id`, the request's AMQP `message_id`,
+        which is the `request_id` of its log records (`multillm logs show REQUEST_ID`).
+
+        Raises:
+            RpcError: (a subclass per code) the pipeline answered with an RpcStatus.
+            RequestTimeout: no reply within `timeout` seconds (default: the client's).
+        """
+        timeout = self.timeout if timeout is None else timeout
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
