@@ -20,6 +20,9 @@ DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_SINK_URL: Final = "sqlite:///multillm-logs.db"
 DEFAULT_CONFIG_FILE: Final = "multillm.toml"
 DEFAULT_MOCK_PORT: Final = 8089
+# The mock's latency in `multillm mock-llm` and the demo: about a small model's, so that
+# replies and the per-model records arriving later look as they will in production.
+DEFAULT_MOCK_LATENCY_MS: Final = 150.0
 
 ENV_BROKER_URL: Final = "MULTILLM_BROKER_URL"
 ENV_SINK_URL: Final = "MULTILLM_SINK_URL"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -10,7 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+import pytest
+
+from multillm.cli import ENV_LOG_LEVEL, _parser, main
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from multillm.mock_llm import Fault
 from tests.conftest import StartWorker
 
 
@@ -156,3 +162,70 @@ def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert table["SIGTERMed workers that did not exit 0"] == table["workers that died on their own"] == "0"
     assert int(table["records found"]) == 3 * int(table["requests sent (confirmed)"])
     assert table["worker restarts (SIGKILL + SIGTERM)"] != "0 (0 + 0)"
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser: (), ("worker",), ("worker", "primary"), ..."""
+    found = [path]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _subcommands(sub, (*path, name))
+    return found
+
+
+def _help(capsys: pytest.CaptureFixture[str], *path: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*path, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+BROKER_ONLY = {ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL}
+SINK_ONLY = {ENV_SINK_URL, ENV_CONFIG, ENV_LOG_LEVEL}
+EVERY_VARIABLE = BROKER_ONLY | SINK_ONLY
+
+
+def _expected_environment(path: tuple[str, ...]) -> set[str]:
+    if path[:1] == ("mock-llm",):
+        return {ENV_LOG_LEVEL}  # the mock reads no settings
+    if path[:1] in (("request",), ("chaos",), ("bench",)):
+        return BROKER_ONLY
+    if path[:1] == ("logs",):
+        return SINK_ONLY
+    return EVERY_VARIABLE  # the top level, the workers (they write records) and the demo
+
+
+@pytest.mark.parametrize("path", _subcommands(_parser()), ids=lambda p: " ".join(p) or "multillm")
+def test_every_help_names_its_environment_and_its_defaults(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _help(capsys, *path)
+    environment = text.partition("\nenvironment:\n")[2]
+    named = {word for word in environment.split() if word.startswith("MULTILLM_")}
+    assert named == _expected_environment(path), text
+    parser = _parser()
+    for name in path:
+        [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[name]
+    for action in parser._actions:
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
+            assert action.help and "default" in action.help, f"{action.option_strings} does not say its default"
+
+
+def test_request_help_describes_the_prompt_timeout_and_primary(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(_help(capsys, "request").split())
+    assert "prompt the user message sent to every model" in text
+    assert "--timeout SECONDS how long to wait for the reply (default 60)" in text
+    assert "--display-model INDEX which --model (0 = the first) is the primary" in text
+    assert "request id that `multillm logs show` takes" in text
+
+
+def test_mock_llm_help_documents_its_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys, "mock-llm")
+    assert "(default 150)" in text and "(default 8089)" in text and "(default 127.0.0.1)" in text
+    for route in ("POST   /_mock/faults", "DELETE /_mock/faults", "GET    /_mock/calls"):
+        assert route in text
+    # Every field a fault takes is named (the help is checked against the wire type, not a copy).
+    for field in msgspec.structs.fields(Fault):
+        assert f'"{field.name}"' in text, field.name

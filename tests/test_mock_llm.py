@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -253,3 +254,31 @@ def test_random_errors_follow_the_rate_and_the_seed(mock_llm: MockLLM, mock_cont
     assert 60 < statuses.count(200) < 140
     mock_control.set_fault("flaky", error_rate=0.5, error_statuses=[503, 429], seed=7)
     assert [client.chat("flaky", "hi")[0] for _ in range(200)] == statuses  # same seed, same run
+
+
+def test_multillm_mock_llm_by_hand_takes_150_ms_and_the_help_example_works() -> None:
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "multillm", "--log-json", "mock-llm", "--port", str(port)]
+    helped = subprocess.run(
+        [sys.executable, "-m", "multillm", "mock-llm", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
+    [example] = re.findall(r"curl -X POST http://127\.0\.0\.1:8089(/\S+) -d '(.+)'", helped.stdout)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        listening = json.loads(proc.stderr.readline())  # the first line it logs, once it serves
+        assert listening["event"] == "mock_llm.listening"
+        assert listening["latency_ms"] == 150  # as the docs, the demo and docker-compose.yml say
+        c = Client(f"http://127.0.0.1:{port}/v1")
+        path, body = example
+        assert c.post(path, body.encode())[0] == 200
+        assert [c.chat("echo", "hi")[0] for _ in range(3)] == [503, 429, 200]  # the faults the example sets
+        c.conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

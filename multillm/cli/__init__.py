@@ -10,7 +10,13 @@ from typing import get_args
 
 from multillm.bench import SCENARIOS
 from multillm.cli import commands
-from multillm.config import DEFAULT_MOCK_PORT
+from multillm.config import (
+    DEFAULT_MOCK_LATENCY_MS,
+    DEFAULT_MOCK_PORT,
+    ENV_BROKER_URL,
+    ENV_CONFIG,
+    ENV_SINK_URL,
+)
 from multillm.errors import ConfigError
 from multillm.logging_setup import configure_logging
 from multillm.schemas import Mode
@@ -21,10 +27,65 @@ __all__ = ["main"]
 ENV_LOG_LEVEL = "MULTILLM_LOG_LEVEL"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# What each variable does, for the `--help` of every command that reads it.
+_ENVIRONMENT = {
+    ENV_BROKER_URL: "the broker's AMQP URL (overrides broker_url)",
+    ENV_SINK_URL: "the log sink's URL (overrides sink_url)",
+    ENV_CONFIG: "the settings file, as multillm --config",
+    ENV_LOG_LEVEL: "lowest level logged, as multillm --log-level",
+}
+_BROKER = (ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL)
+_SINK = (ENV_SINK_URL, ENV_CONFIG, ENV_LOG_LEVEL)
+_BOTH = (ENV_BROKER_URL, ENV_SINK_URL, ENV_CONFIG, ENV_LOG_LEVEL)
+
+_MOCK_FAULTS = """\
+answers: deterministic, from the model's name and the last user message
+  (mock/echo -> "echo says: ...", mock/upper in capitals, mock/reverse words reversed).
+
+fault injection, over HTTP while it runs (in Python: multillm.mock_llm.MockControl):
+  POST   /_mock/faults   one model's fault, as JSON; it replaces that model's previous one
+  DELETE /_mock/faults   every model answers normally again
+  GET    /_mock/calls    the calls served (model, status, id, prompt); DELETE clears them
+  a fault's fields: "model" (the provider-side name, echo for mock/echo, or * for every
+  model without its own), "statuses" (answered in order, 0 = close the socket without
+  answering), "always" (answered after them, for ever), "latency_ms", "retry_after" and
+  "retry_after_ms" (headers of the error answers), "drop_connection", "echo_auth" (put the
+  caller's key in the error, to test scrubbing), "error_rate" with "error_statuses" and "seed".
+  e.g. curl -X POST http://127.0.0.1:8089/_mock/faults -d '{"model": "echo", "statuses": [503, 429]}'
+"""
+
+
+def _environment(*names: str) -> str:
+    """The epilog naming the environment variables a command honours."""
+    lines = [f"  {name:<22}{_ENVIRONMENT[name]}" for name in names]
+    return "environment:\n" + "\n".join(lines)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    env: Sequence[str],
+    epilog: str = "",
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with `epilog` and the environment variables it honours."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=(epilog.rstrip() + "\n\n" if epilog else "") + _environment(*env),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multillm", description=__doc__)
-    parser.add_argument("--config", help="settings file (default: ./multillm.toml if present)")
+    parser = argparse.ArgumentParser(
+        prog="multillm",
+        description=__doc__,
+        epilog=_environment(*_BOTH),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help=f"settings file (default: ${ENV_CONFIG}, else ./multillm.toml if present)")
     parser.add_argument(
         "--log-level",
         default=os.environ.get(ENV_LOG_LEVEL, "info").strip().lower() or "info",
@@ -34,10 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    worker = sub.add_parser("worker", help="run a worker until SIGTERM")
+    worker = _command(sub, "worker", "run a worker until SIGTERM", _BOTH)
     kinds = worker.add_subparsers(dest="kind", required=True, metavar="KIND")
-    primary = kinds.add_parser("primary", help="serve multillm.requests: call the primary model, reply")
-    model = kinds.add_parser("model", help="serve multillm.model.<NAME>: call one model, write its record")
+    primary = _command(kinds, "primary", "serve multillm.requests: call the primary model, reply", _BOTH)
+    model = _command(kinds, "model", "serve multillm.model.<NAME>: call one model, write its record", _BOTH)
     model.add_argument("--model", required=True, help="provider/model, e.g. openai/gpt-4o-mini")
     for p in (primary, model):
         p.add_argument("--concurrency", type=_positive, default=4, help="model calls in flight (default 4)")
@@ -47,48 +108,87 @@ def _parser() -> argparse.ArgumentParser:
             help="serve Prometheus metrics at http://0.0.0.0:P/metrics (0: a free port, logged); default: none",
         )
 
-    request = sub.add_parser("request", help="send one request, print the reply")
-    request.add_argument("prompt")
-    request.add_argument("--model", action="append", required=True, help="provider/model; repeat for more")
-    request.add_argument("--display-model", type=int, default=0, help="index of the primary model")
+    request = _command(
+        sub,
+        "request",
+        "send one request, print the reply",
+        _BROKER,
+        "prints the primary model's answer on stdout; on stderr, its log id and the request id\n"
+        "that `multillm logs show` takes. Exits 1 when the pipeline answers with an error.",
+    )
+    request.add_argument("prompt", help="the user message sent to every model")
+    request.add_argument(
+        "--model", action="append", required=True, help="provider/model, e.g. mock/echo; repeat for more"
+    )
+    request.add_argument(
+        "--display-model",
+        type=int,
+        default=0,
+        metavar="INDEX",
+        help="which --model (0 = the first) is the primary, whose answer is the reply (default 0)",
+    )
     request.add_argument("--system", help="a system message before the prompt")
-    request.add_argument("--timeout", type=float, default=60.0)
+    request.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for the reply (default 60)"
+    )
     request.add_argument("--json", action="store_true", help="print the reply as JSON")
 
-    mock = sub.add_parser("mock-llm", help="an OpenAI-compatible mock server")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=DEFAULT_MOCK_PORT)
-    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock = _command(sub, "mock-llm", "an OpenAI-compatible mock server", (ENV_LOG_LEVEL,), _MOCK_FAULTS)
+    mock.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    mock.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_MOCK_PORT,
+        help=f"port to bind, 0 for a free one (default {DEFAULT_MOCK_PORT})",
+    )
+    mock.add_argument(
+        "--latency-ms",
+        type=float,
+        default=DEFAULT_MOCK_LATENCY_MS,
+        metavar="MS",
+        help=f"delay before every answer, unless a fault sets another (default {DEFAULT_MOCK_LATENCY_MS:g})",
+    )
 
-    demo = sub.add_parser("demo", help="the whole pipeline end to end against the mock")
-    demo.add_argument("--requests", type=_positive, default=3, help="how many requests to send")
-    demo.add_argument("--latency-ms", type=float, default=150.0, help="the mock's latency")
+    demo = _command(sub, "demo", "the whole pipeline end to end against the mock", _BOTH)
+    demo.add_argument("--requests", type=_positive, default=3, help="how many requests to send (default 3)")
+    demo.add_argument(
+        "--latency-ms",
+        type=float,
+        default=DEFAULT_MOCK_LATENCY_MS,
+        help=f"the mock's latency (default {DEFAULT_MOCK_LATENCY_MS:g})",
+    )
 
-    chaos = sub.add_parser("chaos", help="a bounded soak under faults; prints what was lost (needs rabbitmqctl)")
-    chaos.add_argument("--requests", type=_positive, default=3000)
-    chaos.add_argument("--duration", type=float, default=150.0, help="seconds over which requests are sent")
-    chaos.add_argument("--seed", type=int, default=1)
+    chaos = _command(sub, "chaos", "a bounded soak under faults; prints what was lost (needs rabbitmqctl)", _BROKER)
+    chaos.add_argument("--requests", type=_positive, default=3000, help="how many requests to send (default 3000)")
+    chaos.add_argument(
+        "--duration", type=float, default=150.0, help="seconds over which requests are sent (default 150)"
+    )
+    chaos.add_argument("--seed", type=int, default=1, help="seed of the random faults (default 1)")
 
-    bench = sub.add_parser("bench", help="the benchmark: ours against the floor, a bare pika loop and Celery")
-    bench.add_argument("--only", action="append", default=[], choices=list(SCENARIOS), help="repeat for more")
+    bench = _command(sub, "bench", "the benchmark: ours against the floor, a bare pika loop and Celery", _BROKER)
+    bench.add_argument(
+        "--only", action="append", default=[], choices=list(SCENARIOS), help="repeat for more (default: every scenario)"
+    )
     bench.add_argument("--quick", action="store_true", help="every scenario for seconds only (a smoke run)")
     bench.add_argument("--output", help="write the tables into this markdown file and a PNG chart beside it")
     bench.add_argument(
         "--postgres-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="a server on which the sink scenario may create a scratch database ('' to skip)",
+        help="a server on which the sink scenario may create a scratch database ('' to skip; default: the local one)",
     )
 
-    logs = sub.add_parser("logs", help="read the log records in the sink")
+    logs = _command(sub, "logs", "read the log records in the sink", _SINK)
     logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = logs_sub.add_parser("list", help="the latest requests, one line each")
+    listing = _command(logs_sub, "list", "the latest requests, one line each", _SINK)
     listing.add_argument("--limit", type=_positive, default=20, help="at most this many requests (default 20)")
-    show = logs_sub.add_parser("show", help="one request's models side by side")
-    show.add_argument("request_id")
-    stats = logs_sub.add_parser("stats", help="per-model count, error rate, latency percentiles, tokens")
-    report = logs_sub.add_parser("report", help="a self-contained HTML page comparing the models")
+    show = _command(logs_sub, "show", "one request's models side by side", _SINK)
+    show.add_argument("request_id", help="the id `multillm request` prints, or one from `logs list`")
+    stats = _command(logs_sub, "stats", "per-model count, error rate, latency percentiles, tokens", _SINK)
+    report = _command(logs_sub, "report", "a self-contained HTML page comparing the models", _SINK)
     report.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
-    report.add_argument("--recent", type=_positive, default=20, help="side-by-side answers of this many requests")
+    report.add_argument(
+        "--recent", type=_positive, default=20, help="side-by-side answers of this many requests (default 20)"
+    )
     for p in (listing, stats, report):
         _add_filters(p)
     for p in (listing, show, stats):

@@ -18,7 +18,7 @@ from multillm.cli.commands import CommandError, connect_client
 from multillm.cli.logs import side_by_side
 from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
 from multillm.cli.progress import progress
-from multillm.config import ENV_CONFIG, Settings
+from multillm.config import DEFAULT_MOCK_LATENCY_MS, ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
@@ -36,7 +36,7 @@ PROMPTS = (
 )
 
 
-def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = 150.0) -> int:
+def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAULT_MOCK_LATENCY_MS) -> int:
     client = connect_client(settings)  # fails first, in one line, if no broker answers
     workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp, MockLLM(latency_ms=latency_ms) as mock:

@@ -20,7 +20,7 @@ from typing import cast
 import msgspec
 import structlog
 
-from multillm.config import DEFAULT_MOCK_PORT
+from multillm.config import DEFAULT_MOCK_LATENCY_MS, DEFAULT_MOCK_PORT
 from multillm.mock_llm.control import MockControl
 from multillm.mock_llm.protocol import (
     _ERROR_TYPES,
@@ -279,7 +279,7 @@ class MockLLM:
         self.stop()
 
 
-def main(host: str = "127.0.0.1", port: int = DEFAULT_MOCK_PORT, latency_ms: float = 0) -> None:
+def main(host: str = "127.0.0.1", port: int = DEFAULT_MOCK_PORT, latency_ms: float = DEFAULT_MOCK_LATENCY_MS) -> None:
     """Run the mock until SIGINT or SIGTERM (`multillm mock-llm`).
 
     Args:
