@@ -5,6 +5,8 @@ Services import the client side from here; workers run from the `multillm` comma
 
 from __future__ import annotations
 
+import logging
+
 from multillm.errors import (
     BrokerUnavailable,
     Code,
@@ -31,6 +33,10 @@ from multillm.schemas import (
     V1MultiLLMChatCompletion,
     V1Tracing,
 )
+
+# The standard library's convention for libraries: nothing is printed unless the
+# application configures logging (see multillm.logging_setup.get_logger).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AsyncClient",

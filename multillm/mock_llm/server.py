@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
 
 import msgspec
-import structlog
 
 from multillm.config import DEFAULT_MOCK_LATENCY_MS, DEFAULT_MOCK_PORT
+from multillm.logging_setup import get_logger
 from multillm.mock_llm.control import MockControl
 from multillm.mock_llm.protocol import (
     _ERROR_TYPES,
@@ -40,7 +40,7 @@ from multillm.mock_llm.protocol import (
     _prompt,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class _ModelFault:

@@ -22,17 +22,17 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Final
 
 import kombu
-import structlog
 
 from multillm import contract
 from multillm.config import default_broker_url
 from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout
+from multillm.logging_setup import get_logger
 from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
 from multillm.urls import mask_url
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_TIMEOUT: Final = 120.0
 

@@ -19,14 +19,14 @@ import amqp.exceptions
 import kombu
 import kombu.exceptions
 import kombu.pools
-import structlog
 
 from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
+from multillm.logging_setup import get_logger
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _TICK_SECONDS: Final = 0.5
 # kombu's own reconnect loop around a publish (about 20 s in all): a broker restart takes seconds.

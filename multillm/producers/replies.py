@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 import kombu
 import msgspec
-import structlog
 
 from multillm import contract
 from multillm.config import default_broker_url
 from multillm.errors import Code, RpcError
+from multillm.logging_setup import get_logger
 from multillm.producers.publishing import connect, declare_queues, drain, kombu_queue
 from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
