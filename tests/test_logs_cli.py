@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -9,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from multillm.cli import main
+from multillm.cli.report import render_report
+from multillm.cli.summaries import summarize
 from multillm.config import ENV_SINK_URL
 from multillm.schemas import ChatMessage, LLMLogRecord, LogAttribute, V1ChatCompletionMessage, V1Choice
 from multillm.sinks import open_sink
@@ -180,3 +184,74 @@ def test_bad_since_is_a_clear_error_without_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "argument --since: 'last tuesday' is not an ISO-8601 date" in done.stderr
+
+
+# Fractional latencies, and a model whose every percentile is the slowest call of all (the
+# right edge of every chart), where a label drawn to the right of its line would run out.
+UNEVEN = [
+    answer(1, 0, "mock/alpha", "a", latency=175.1),
+    answer(1, 1, "mock/beta", "b", latency=175.5),
+    answer(2, 0, "mock/alpha", "a", latency=99.94),
+    answer(2, 1, "mock/beta", "b", latency=6522.78),
+    answer(3, 0, "mock/alpha", "a", latency=1234.56),
+]
+# The widest a character of the charts' 10px sans-serif is drawn (DejaVu Sans digits are 6.4px).
+CHAR_PX = 6.5
+
+
+def svg_texts(page: str) -> list[tuple[float, str, str, float]]:
+    """(x, text-anchor, text, viewBox width) of every label in every chart of the page."""
+    found = []
+    for box, body in re.findall(r'<svg [^>]*viewBox="0 0 (\d+) \d+"[^>]*>(.*?)</svg>', page, re.DOTALL):
+        for attributes, text in re.findall(r"<text ([^>]*)>([^<]*)</text>", body):
+            x = float(re.search(r'x="([\d.]+)"', attributes)[1])  # type: ignore[index]
+            anchor = m[1] if (m := re.search(r'text-anchor="(\w+)"', attributes)) else "start"
+            found.append((x, anchor, html.unescape(text), float(box)))
+    return found
+
+
+def test_report_labels_stay_inside_their_charts() -> None:
+    texts = svg_texts(render_report(UNEVEN))
+    assert sum(1 for _, _, text, _ in texts if text.startswith("p99 ")) == 2  # one per model
+    for x, anchor, text, width in texts:
+        extent = len(text) * CHAR_PX
+        left, right = {"start": (x, x + extent), "end": (x - extent, x), "middle": (x - extent / 2, x + extent / 2)}[
+            anchor
+        ]
+        assert left >= 0 and right <= width, f"{text!r} spans {left:.0f}..{right:.0f} of 0..{width:.0f}"
+
+
+def test_latencies_are_whole_milliseconds_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = render_report(UNEVEN)
+    shown = re.findall(r"([\d.]+) ms", page)  # the charts' marks and axes, the answers' latency rows
+    assert {"175", "176", "100", "6523", "1235"} <= set(shown)
+    assert all(value.isdigit() for value in shown), shown
+    [beta] = [row for row in re.findall(r"<tr>(.*?)</tr>", page) if row.startswith("<td>mock/beta")]
+    assert re.findall(r'<td class="n">([^<]*)</td>', beta)[3:6] == ["176", "6523", "6523"]  # p50, p95, p99
+
+    sink = open_sink(f"sqlite:///{tmp_path}/logs.db")
+    try:
+        assert all(sink.write_many(UNEVEN))
+    finally:
+        sink.close()
+    monkeypatch.setenv(ENV_SINK_URL, f"sqlite:///{tmp_path}/logs.db")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)  # no multillm.toml of the developer's
+    stats = run(capsys, "stats")
+    show = run(capsys, "show", "req-2")
+    assert re.search(r"mock/beta\D+2\D+0\D+0\.0\D+176\D+6523\D+6523\D", stats), stats
+    assert "100 ms" in show and "6523 ms" in show
+    assert not re.search(r"\d\.\d+ ms", show + stats)
+
+
+def test_a_request_has_the_same_time_in_the_report_as_in_logs_list() -> None:
+    # Each model's record is created when its call starts: here the primary's came last.
+    records = [
+        msgspec.structs.replace(answer(5, 0, "mock/alpha", "a", latency=10), created_at="2026-11-25T10:00:02.500Z"),
+        msgspec.structs.replace(answer(5, 1, "mock/beta", "b", latency=10), created_at="2026-11-25T10:00:00.250Z"),
+    ]
+    [summary] = summarize(records)
+    [heading] = re.findall(r"<h3>req-5 <small>(\S+) ", render_report(records))
+    assert heading == summary.created_at == "2026-11-25T10:00:00.250Z"

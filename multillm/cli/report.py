@@ -17,17 +17,24 @@ from multillm.cli.summaries import (
     STATS_COLUMNS,
     by_model,
     by_request,
+    format_ms,
     model_label,
     model_stats,
     ok_latencies,
     percentile,
+    request_created_at,
     side_by_side_rows,
     stats_cells,
 )
 from multillm.schemas import LLMLogRecord
 
 BINS: Final = 24
-WIDTH, HEIGHT, MARGIN = 480, 140, 28
+WIDTH, HEIGHT, MARGIN = 480, 168, 28
+# Above the plot: the chart's caption, then one row per percentile label, so no two overlap.
+CAPTION_Y, LABEL_ROWS_Y, PLOT_TOP = 12, (26, 37, 48), 56
+# The widest a character of the 10px sans-serif labels is drawn (DejaVu Sans digits: 6.4px):
+# labels are placed so that this many pixels a character stay inside the chart.
+CHAR_PX: Final = 6.5
 
 _STYLE: Final = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
@@ -88,7 +95,8 @@ def _charts(records: Sequence[LLMLogRecord]) -> str:
 
 def histogram(latencies: Sequence[float], top: float) -> str:
     """An SVG histogram of `latencies` (sorted) over 0..`top` ms, with p50/p95/p99 marked."""
-    plot_w, plot_h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
+    plot_w, plot_h = WIDTH - 2 * MARGIN, HEIGHT - MARGIN - PLOT_TOP
+    bottom = PLOT_TOP + plot_h
     counts = [0] * BINS
     for value in latencies:
         counts[min(BINS - 1, int(value / top * BINS))] += 1
@@ -97,30 +105,39 @@ def histogram(latencies: Sequence[float], top: float) -> str:
     shapes = []
     for i, count in enumerate(counts):
         h = count / tallest * plot_h
-        x, y = MARGIN + i * bar_w, MARGIN + plot_h - h
+        x, y = MARGIN + i * bar_w, bottom - h
         shapes.append(
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4a7fb5">'
             f"<title>{count} calls</title></rect>"
         )
-    for line, (q, colour) in enumerate(((0.50, "#2a2"), (0.95, "#d80"), (0.99, "#c22"))):
+    marks = ((0.50, "#2a2"), (0.95, "#d80"), (0.99, "#c22"))
+    for row_y, (q, colour) in zip(LABEL_ROWS_Y, marks, strict=True):
         mark = percentile(latencies, q)
         if mark is None:
             continue
         x = MARGIN + min(mark, top) / top * plot_w
         shapes.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MARGIN - 6}" y2="{MARGIN + plot_h}" stroke="{colour}"/>'
-            f'<text x="{x + 2:.1f}" y="{MARGIN - 8 + 8 * line}">p{round(q * 100)} {mark:g}</text>'
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{row_y - 9}" y2="{bottom}" stroke="{colour}"/>'
+            + _label(x, row_y, f"p{round(q * 100)} {format_ms(mark)} ms")
         )
     axis = (
-        f'<line x1="{MARGIN}" x2="{MARGIN + plot_w}" y1="{MARGIN + plot_h}" y2="{MARGIN + plot_h}" stroke="#888"/>'
+        f'<line x1="{MARGIN}" x2="{MARGIN + plot_w}" y1="{bottom}" y2="{bottom}" stroke="#888"/>'
         f'<text x="{MARGIN}" y="{HEIGHT - 8}">0 ms</text>'
-        f'<text x="{MARGIN + plot_w}" y="{HEIGHT - 8}" text-anchor="end">{top:g} ms</text>'
-        f'<text x="{MARGIN}" y="12">{len(latencies)} calls, tallest bar {tallest}</text>'
+        f'<text x="{MARGIN + plot_w}" y="{HEIGHT - 8}" text-anchor="end">{format_ms(top)} ms</text>'
+        f'<text x="{MARGIN}" y="{CAPTION_Y}">{len(latencies)} call{"" if len(latencies) == 1 else "s"},'
+        f" tallest bar {tallest}</text>"
     )
     return (
         f'<svg width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img">{axis}{"".join(shapes)}</svg>'
     )
+
+
+def _label(x: float, y: int, text: str) -> str:
+    """`text` beside the line at `x`: on its right if it fits inside the chart, else on its left."""
+    if x + 3 + len(text) * CHAR_PX <= WIDTH:
+        return f'<text x="{x + 3:.1f}" y="{y}">{escape(text)}</text>'
+    return f'<text x="{x - 3:.1f}" y="{y}" text-anchor="end">{escape(text)}</text>'
 
 
 def _answers(group: Sequence[LLMLogRecord]) -> str:
@@ -139,7 +156,7 @@ def _answers(group: Sequence[LLMLogRecord]) -> str:
         for label, cells in side_by_side_rows(group)
     )
     return (
-        f"<h3>{escape(head.request_id)} <small>{escape(head.created_at)} {escape(head.mode)}</small></h3>"
+        f"<h3>{escape(head.request_id)} <small>{escape(request_created_at(group))} {escape(head.mode)}</small></h3>"
         f"<p><b>prompt:</b> {escape(prompt_text)}</p>"
         f'<table class="answers"><tr><th></th>{header}</tr>{body}</table>'
     )

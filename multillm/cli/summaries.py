@@ -78,7 +78,7 @@ def summarize(records: Sequence[LLMLogRecord]) -> list[RequestSummary]:
     return [
         RequestSummary(
             request_id=group[0].request_id,
-            created_at=min(r.created_at for r in group),
+            created_at=request_created_at(group),
             mode=group[0].mode,
             models=[r.model_name for r in group],
             statuses=[r.status for r in group],
@@ -86,6 +86,16 @@ def summarize(records: Sequence[LLMLogRecord]) -> list[RequestSummary]:
         )
         for group in by_request(records)
     ]
+
+
+def request_created_at(group: Sequence[LLMLogRecord]) -> str:
+    """When a request was made: its earliest record's `created_at` (each model's call starts on its own)."""
+    return min(r.created_at for r in group)
+
+
+def format_ms(value: float | None) -> str:
+    """A latency as every table and the report print it: whole milliseconds, `-` for none."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 def ok_latencies(records: Sequence[LLMLogRecord]) -> list[float]:
@@ -133,7 +143,7 @@ def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """`nearest_rank` to a tenth of a millisecond, for tables; None for no values."""
+    """`nearest_rank` to a tenth of a millisecond (`--json`; tables print `format_ms`); None for no values."""
     return round(nearest_rank(sorted_values, q), 1) if sorted_values else None
 
 
@@ -148,7 +158,7 @@ def side_by_side_rows(records: Sequence[LLMLogRecord]) -> list[tuple[str, list[s
     """(label, one cell per record) rows comparing the models of one request, the answer last."""
     return [
         ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
-        ("latency", [f"{r.latency_ms:.0f} ms" if r.latency_ms is not None else "-" for r in records]),
+        ("latency", ["-" if r.latency_ms is None else f"{format_ms(r.latency_ms)} ms" for r in records]),
         ("tokens in/out", [f"{r.prompt_tokens} / {r.completion_tokens}" if r.total_tokens else "-" for r in records]),
         ("attempts", [str(r.attempts) for r in records]),
         ("external id", [r.external_id or "-" for r in records]),
@@ -173,7 +183,7 @@ def stats_cells(s: ModelStats) -> list[str]:
         str(s.records),
         str(s.errors),
         f"{s.error_rate * 100:.1f}",
-        *("-" if v is None else f"{v:g}" for v in latencies),
+        *(format_ms(v) for v in latencies),
         str(s.prompt_tokens),
         str(s.completion_tokens),
         f"{s.mean_attempts:g}",
