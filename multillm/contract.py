@@ -1,7 +1,7 @@
 """The names other programs are written against: exchanges, queues, AMQP types, headers.
 
 Every module that touches the broker takes its names from here, so that
-../DESIGN.md's contract is spelled in exactly one place. Both the kombu
+the wire contract (docs/contract.md) is spelled in exactly one place. Both the kombu
 producers and the pika workers declare queues from the `QueueSpec`s below, which
 keeps the queue arguments identical on both sides (RabbitMQ refuses a
 redeclaration whose arguments differ).

@@ -1,4 +1,4 @@
-"""DESIGN.md's delivery guarantees, proven by causing each fault for real.
+"""The contract's delivery guarantees (docs/contract.md), proven by causing each fault for real.
 
 Workers are killed with SIGKILL in the middle of a model call, the broker's
 application is stopped and started under load, the mock LLM is driven to each
