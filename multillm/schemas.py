@@ -79,7 +79,9 @@ ModelName = Annotated[
 # when the request is decoded, before an HTTP library can quote it in an error.
 ApiKey = Annotated[str, Meta(pattern=r"^[\x21-\x7e]+\Z", max_length=1024)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+# At most what a signed 32-bit integer holds, as OpenAI's API does; a larger number could not
+# even be stored (SQLite's and PostgreSQL's integers stop at 2**63 - 1).
+MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 
 
@@ -99,7 +101,7 @@ class _Reply(Struct, rename="camel", kw_only=True, frozen=True):
 class V1Model(_Wire, frozen=True):
     name: ModelName
     temperature: Temperature | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: MaxTokens | None = None
     api_key: ApiKey | None = None
 
     def __post_init__(self) -> None:
@@ -336,6 +338,13 @@ class LLMLogRecord(Struct, kw_only=True):
     completed_at: str = ""
 
 
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the latter alone. Only looked for
+# once msgspec has refused a body, to name the problem.
+_LONE_SURROGATE: Final = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
 # Built once: msgspec's encoders and decoders are cheap to reuse, costly to build.
 _request_decoder: Final = msgspec.json.Decoder(V1CreateMultiLLMChatCompletionRequest)
 _fanout_decoder: Final = msgspec.json.Decoder(FanOutCopy)
@@ -370,6 +379,12 @@ def decode_request(body: bytes) -> V1CreateMultiLLMChatCompletionRequest:
             raise msgspec.DecodeError(f"JSON is malformed: not UTF-8 at byte {bad.start}") from None
         if isinstance(exc, UnicodeDecodeError):
             raise msgspec.DecodeError(f"JSON is malformed: {exc}") from None
+        if lone := _LONE_SURROGATE.search(body):
+            # msgspec calls this "truncated", which sends a producer looking in the wrong place.
+            escape = lone.group().decode()
+            raise msgspec.DecodeError(
+                f"JSON is malformed: {escape} at byte {lone.start()} is half of a UTF-16 surrogate pair, not text"
+            ) from None
         raise
 
 

@@ -93,7 +93,9 @@ def _request(
             fp.V1InputMessage(role="user", content=f"mode {mode} display {display_model}"),
         ],
         display_model=display_model,
-        tracing=fp.V1Tracing(session_id="sess", trace_id="trace-" + uuid.uuid4().hex[:8], span_id="span-1")
+        tracing=fp.V1Tracing(
+            session_id="sess", trace_id="trace-" + uuid.uuid4().hex[:8], span_id="span-1", parent_span_id="span-0"
+        )
         if with_tracing
         else None,
         user_id="user-7",

@@ -148,6 +148,18 @@ def test_fanout_copy_and_record_round_trip() -> None:
             b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x"}], "mode": "LIVE"}',
             "`$.mode`",
         ),
+        (  # a number no sink's integer column can hold
+            b'{"models": [{"name": "a/b", "maxTokens": 18446744073709551615}], "messages": []}',
+            "Expected `int` <= 2147483647 - at `$.models[0].maxTokens`",
+        ),
+        (  # msgspec alone says "truncated"
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "\\ud800x"}]}',
+            "\\ud800 at byte 72 is half of a UTF-16 surrogate pair, not text",
+        ),
+        (
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x\\udc00"}]}',
+            "\\udc00 at byte 73 is half of a UTF-16 surrogate pair, not text",
+        ),
         (b"[1, 2]", "Expected `object`, got `array`"),
         (b'{"models": [{"name": "a/b"}], "messages": [', "truncated"),
         (b"\xff\xfe", "malformed"),
