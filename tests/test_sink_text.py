@@ -16,11 +16,14 @@ import msgspec
 import psycopg
 import pytest
 
+from multillm.mock_llm import MockControl
+from multillm.producers import Client, make_request
 from multillm.schemas import ChatMessage, LLMLogRecord, LogAttribute, V1ChatCompletionMessage, V1Choice
 from multillm.sinks import RecordFilter, Sink, open_sink
 from multillm.sinks._rows import Kind
 from multillm.sinks.postgres import DIALECT
-from tests.conftest import empty_sink_url
+from tests.broker_tools import read_dead_letters
+from tests.conftest import StartWorker, empty_sink_url, wait_for_records
 from tests.test_sinks import BACKENDS, as_stored, full_record
 
 NUL = "\x00"
@@ -145,3 +148,28 @@ def test_reading_a_jsonb_table_does_not_migrate_it(pg_database: str) -> None:
     finally:
         sink.close()
     assert column_types(pg_database)["messages"] == "jsonb"
+
+
+# --- the pipeline: a model's answer with U+0000 ends in PostgreSQL ---------------------------------------------
+
+
+@pytest.mark.parametrize("sink_url", ["postgres"], indirect=True)
+def test_an_answer_with_nul_from_a_real_worker_is_stored_in_postgres(
+    start_worker: StartWorker, client: Client, sink: Sink, broker_url: str, mock_control: MockControl
+) -> None:
+    start_worker("primary")
+    start_worker("model", model="mock/beta")
+    # The mock answers with the prompt's words: U+0000 is no whitespace, so the answers carry it.
+    future = client.submit(make_request(["mock/alpha", "mock/beta"], f"hello{NUL}world"))
+    reply = future.result(timeout=30)
+    assert reply.text == f"alpha says: hello{NUL}world"
+
+    records = wait_for_records(sink, future.request_id, 2)
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert [r.output[0].message.content for r in records if r.output] == [
+        f"alpha says: hello{NUL}world",
+        f"beta says: hello{NUL}world",
+    ]
+    assert all(r.messages[0].content == f"hello{NUL}world" for r in records)
+    # Stored, not dead-lettered.
+    assert read_dead_letters(broker_url, 1, timeout=0.5) == []
