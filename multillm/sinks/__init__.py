@@ -26,6 +26,7 @@ __all__ = [
     "RecordFilter",
     "Sink",
     "SqliteSink",
+    "describe_sink",
     "mask_url",
     "open_sink",
     "parse_bound",
@@ -101,3 +102,15 @@ def open_sink(url: str, *, read_only: bool = False) -> Sink:
         f"unknown sink URL scheme {scheme!r} in {mask_url(url)!r}: "
         "use jsonl:///PATH, sqlite:///PATH or postgresql://..."
     )
+
+
+def describe_sink(url: str) -> str:
+    """The sink of `url` for a person: the URL with its password masked, and a file sink's absolute path."""
+    masked = mask_url(url)
+    try:
+        scheme, rest = split_scheme(url)
+        if scheme in ("jsonl", "sqlite"):
+            return f"sink {masked} (file {file_path(url, rest, memory_ok=True)})"
+    except ConfigError:
+        pass
+    return f"sink {masked}"
