@@ -79,14 +79,17 @@ def test_attribute_filter_reads_past_a_row_with_nul_attributes(make_sink: Callab
 TRICKY = 'quote " backslash \\ tab \t newline \n bell \x07 del \x7f ünï ☃ \u2028 /slash'
 
 
+# How earlier versions made the table and wrote to it.
+OLD_DIALECT = dataclasses.replace(DIALECT, types={**DIALECT.types, Kind.JSON: "JSONB"}, json_param="%s::jsonb")
+
+
 def jsonb_table(url: str) -> None:
     """The table as earlier versions made it (JSONB columns), with one row written the way they wrote it."""
-    old = dataclasses.replace(DIALECT, types={**DIALECT.types, Kind.JSON: "JSONB"}, json_param="%s::jsonb")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS llm_logs")
-        for statement in old.create_statements():
+        for statement in OLD_DIALECT.create_statements():
             conn.execute(statement)
-        conn.execute(old.insert_sql(), old.to_row(old_record()))
+        conn.execute(OLD_DIALECT.insert_sql(), OLD_DIALECT.to_row(old_record()))
 
 
 def old_record() -> LLMLogRecord:
@@ -132,8 +135,13 @@ def test_a_jsonb_table_is_migrated_once_by_workers_opening_it_together(pg_databa
         assert [r.log_id for r in sink.records(where=RecordFilter(attributes={TRICKY: TRICKY}))] == ["log-old"]
         assert sink.write(nul_record()) is True
         assert sink.records("req-nul")[0].messages == nul_record().messages
+        # A worker of the earlier version, still running, keeps writing: PostgreSQL casts its JSONB to JSON.
+        late = msgspec.structs.replace(old_record(), log_id="log-zlate")
+        with psycopg.connect(pg_database, autocommit=True) as conn:
+            conn.execute(OLD_DIALECT.insert_sql(), OLD_DIALECT.to_row(late))
         matched = sink.records(where=RecordFilter(attributes={"exp": "b"}))
-        assert [r.log_id for r in matched] == ["log-nul", "log-old"]
+        assert [r.log_id for r in matched] == ["log-nul", "log-old", "log-zlate"]
+        assert matched[2] == late
     finally:
         for s in opened:
             s.close()
