@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,14 @@ def test_replay_of_an_empty_queue_writes_nothing(broker_url: str, tmp_path: Path
     done = replay(broker_url, f"jsonl:///{tmp_path}/records.jsonl", tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("0 records written")
+
+
+def test_replay_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = replay(f"amqp://guest:pw-secret@127.0.0.1:{port}/%2F", f"sqlite:///{tmp_path}/records.db", tmp_path)
+    assert done.returncode == 1
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"multillm: cannot reach the broker at amqp://guest:***@127.0.0.1:{port}/%2F: ")
+    assert "pw-secret" not in done.stderr and "Traceback" not in done.stderr
