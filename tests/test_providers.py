@@ -442,3 +442,22 @@ def test_a_malformed_http_answer_is_retried_then_unavailable(calls: LoopThread) 
         calls.run(provider.aclose(), timeout=5)
     finally:
         listener.close()
+
+
+def test_nothing_listening_names_the_host_and_port_not_a_timeout(calls: LoopThread) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The configured key in the URL's path too: only the host and port may be quoted.
+    config = ProviderConfig(base_url=f"http://127.0.0.1:{port}/{CONFIGURED_KEY}/v1", api_key=CONFIGURED_KEY)
+    providers = Providers({"down": config}, FAST)
+    try:
+        with pytest.raises(ProviderError) as info:
+            calls.run(providers.complete(V1Model(name="down/m", api_key=REQUEST_KEY), HELLO))
+    finally:
+        calls.run(providers.aclose(), timeout=5)
+    error = info.value
+    assert error.code == Code.UNAVAILABLE and error.attempts == FAST.max_attempts
+    assert f"down/m: cannot connect to host 127.0.0.1:{port} (ConnectionRefusedError: " in error.message
+    assert "timed out" not in error.message
+    assert CONFIGURED_KEY not in error.message and REQUEST_KEY not in error.message

@@ -10,7 +10,7 @@ from typing import get_args
 
 from multillm.bench import SCENARIOS
 from multillm.cli import commands
-from multillm.config import DEFAULT_MOCK_PORT
+from multillm.config import DEFAULT_MOCK_PORT, DEFAULT_SINK_URL, ENV_SINK_URL
 from multillm.errors import ConfigError
 from multillm.logging_setup import configure_logging
 from multillm.schemas import Mode
@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         _add_filters(p)
     for p in (listing, show, stats):
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    replay = logs_sub.add_parser(
+        "replay-dead",
+        help="write the records in multillm.dead to the sink; leave every other dead letter there",
+    )
+    for p in (listing, show, stats, report, replay):
+        p.add_argument(
+            "--sink",
+            metavar="URL",
+            help=f"the sink (default: ${ENV_SINK_URL}, else sink_url of the config file, else {DEFAULT_SINK_URL})",
+        )
     return parser
 
 
