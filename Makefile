@@ -4,13 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test chaos bench lint typecheck services clean
+.PHONY: demo test chaos bench lint typecheck services clean constraints
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions last tested; pyproject.toml pins the tools
+# that judge the code (ruff, mypy, pytest) on its own.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	touch $@
+
+# After a dependency changes in pyproject.toml: resolve afresh, test, and commit the new pins.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q -e '.[test,bench,postgres]'
+	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/python -m pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-constraints
 
 demo: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker

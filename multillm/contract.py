@@ -1,7 +1,7 @@
 """The names other programs are written against: exchanges, queues, AMQP types, headers.
 
 Every module that touches the broker takes its names from here, so that
-../DESIGN.md's contract is spelled in exactly one place. Both the kombu
+the wire contract (docs/contract.md) is spelled in exactly one place. Both the kombu
 producers and the pika workers declare queues from the `QueueSpec`s below, which
 keeps the queue arguments identical on both sides (RabbitMQ refuses a
 redeclaration whose arguments differ).
@@ -44,8 +44,22 @@ HEADER_DEADLINE: Final = "x-multillm-deadline"
 HEADER_ERROR: Final = "x-multillm-error"
 HEADER_ERROR_CODE: Final = "x-multillm-error-code"
 HEADER_SOURCE_QUEUE: Final = "x-multillm-source-queue"
+# `RpcStatus.details`: google.rpc.ErrorInfo entries of our domain, and the keys of their metadata.
+ERROR_INFO_TYPE: Final = "type.googleapis.com/google.rpc.ErrorInfo"
+ERROR_DOMAIN: Final = "multillm"
+DETAIL_LOG_ID: Final = "logId"
+DETAIL_ATTEMPTS: Final = "attempts"
+# ErrorInfo reasons: the primary model's call failed; the request was given up after too many deliveries.
+REASON_MODEL_CALL_FAILED: Final = "MODEL_CALL_FAILED"
+REASON_GIVEN_UP: Final = "GIVEN_UP"
 # Set by quorum queues on a redelivery: how many deliveries came before.
 HEADER_DELIVERY_COUNT: Final = "x-delivery-count"
+
+
+# Routing keys and queue names are AMQP short strings: at most 255 bytes. A model name is both a
+# routing key and, after the prefix, a queue name.
+MAX_SHORT_STRING_BYTES: Final = 255
+MAX_MODEL_NAME_BYTES: Final = MAX_SHORT_STRING_BYTES - len(MODEL_QUEUE_PREFIX.encode())
 
 
 def model_queue(model_name: str) -> str:

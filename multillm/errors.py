@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from multillm.schemas import RpcStatus
+from multillm.schemas import ErrorInfo, RpcStatus
 
 
 class Code(IntEnum):
@@ -49,7 +49,7 @@ class RpcError(MultiLLMError):
     code: int
     message: str
 
-    def __init__(self, code: int, message: str, details: list[dict[str, object]] | None = None) -> None:
+    def __init__(self, code: int, message: str, details: list[ErrorInfo] | None = None) -> None:
         super().__init__(f"[{code_name(code)}] {message}")
         self.code = code
         self.message = message
@@ -62,6 +62,11 @@ class RpcError(MultiLLMError):
 
     def to_status(self) -> RpcStatus:
         return RpcStatus(code=self.code, message=self.message, details=self.details)
+
+    @property
+    def log_id(self) -> str | None:
+        """The log id of the primary's error record, when one was written."""
+        return self.to_status().log_id
 
 
 class InvalidArgument(RpcError):

@@ -11,41 +11,103 @@ names the offending field (e.g. "Expected `int`, got `str` - at `$.displayModel`
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
+from multillm.contract import DETAIL_LOG_ID, ERROR_DOMAIN, ERROR_INFO_TYPE, MAX_MODEL_NAME_BYTES
+
 Mode = Literal["MODE_UNSPECIFIED", "MODE_TEST", "MODE_STAGING", "MODE_PROD"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 RecordStatus = Literal["ok", "error"]
 
+MAX_MODEL_NAME_CHARS: Final = 200
+_PROVIDER: Final = re.compile(r"[A-Za-z0-9_.\-]+\Z")
+# Characters a name may not hold: controls (C0, DEL, C1; NUL cannot even be stored by PostgreSQL),
+# whitespace, and the invisible and bidirectional formatting characters that make a name look like
+# another one in a log or a queue list (U+202E turns the rest of a line around).
+_FORBIDDEN_IN_NAME: Final = re.compile(
+    "[\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff\ufff9-\ufffb]"
+)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a model name, or None.
+
+    A model name becomes a routing key and, after `multillm.model.`, a queue name: both are AMQP
+    short strings of at most 255 bytes, so a name is held to MAX_MODEL_NAME_BYTES of UTF-8 as well
+    as MAX_MODEL_NAME_CHARS characters.
+    """
+    provider, slash, model = name.partition("/")
+    if not slash or not model or not _PROVIDER.match(provider):
+        return f"model name {_shown(name)} must be `provider/model`, the provider of letters, digits, '_', '.', '-'"
+    if bad := _FORBIDDEN_IN_NAME.search(name):
+        return (
+            f"model name {_shown(name)} contains U+{ord(bad.group()):04X} at character {bad.start()}:"
+            " no whitespace, control or invisible formatting characters"
+        )
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        return f"model name {_shown(name)} is {len(name)} characters long, over {MAX_MODEL_NAME_CHARS}"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_MODEL_NAME_BYTES:
+        return (
+            f"model name {_shown(name)} is {size} bytes in UTF-8, over {MAX_MODEL_NAME_BYTES}"
+            " (its queue name must fit AMQP's 255 bytes)"
+        )
+    return None
+
+
+def _shown(name: str) -> str:
+    """`name` quoted with its invisible characters escaped, and cut when long."""
+    text = ascii(name) if _FORBIDDEN_IN_NAME.search(name) else repr(name)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-15:]
+
+
+def _refuse_nul(value: str | None, field: str) -> None:
+    """Text that lands in a column of its own: PostgreSQL cannot store NUL in text."""
+    if value is not None and "\x00" in value:
+        raise ValueError(f"`{field}` has NUL (U+0000) at character {value.index(chr(0))}, which no sink can store")
+
+
+# Further limits (bytes, invisible characters) are checked by `model_name_problem`, with a clear message.
 ModelName = Annotated[
-    str,
-    Meta(
-        pattern=r"^[A-Za-z0-9_.\-]+/\S+\Z",
-        max_length=200,
-        description="`provider/model`, e.g. `openai/gpt-4o-mini`",
-    ),
+    str, Meta(max_length=MAX_MODEL_NAME_CHARS, description="`provider/model`, e.g. `openai/gpt-4o-mini`")
 ]
-# (`\Z`, not `$`: msgspec searches, and `$` also matches before a final newline.)
 # Printable ASCII without spaces: a key that an HTTP header cannot carry is refused
 # when the request is decoded, before an HTTP library can quote it in an error.
 ApiKey = Annotated[str, Meta(pattern=r"^[\x21-\x7e]+\Z", max_length=1024)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+# At most what a signed 32-bit integer holds, as OpenAI's API does; a larger number could not
+# even be stored (SQLite's and PostgreSQL's integers stop at 2**63 - 1).
+MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 
 
 class _Wire(Struct, rename="camel", omit_defaults=True, kw_only=True, frozen=True):
-    """Base of the wire messages: camelCase names, defaults left out when encoding."""
+    """Base of the messages we read: camelCase names, defaults left out when encoding."""
+
+
+class _Reply(Struct, rename="camel", kw_only=True, frozen=True):
+    """Base of what we answer: camelCase names, every field written, defaults too.
+
+    Fixpoint's generated models require fields whose value is often our default (`mode`
+    `MODE_PROD`, a message's `role` `assistant`, `choices`, `usage`): a reply that left them
+    out could not be read by a client built on that API.
+    """
 
 
 class V1Model(_Wire, frozen=True):
     name: ModelName
     temperature: Temperature | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: MaxTokens | None = None
     api_key: ApiKey | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError during decoding, with its path.
+        if problem := model_name_problem(self.name):
+            raise ValueError(problem)
 
     def __repr__(self) -> str:
         # The key must never reach a log line or a traceback through repr().
@@ -94,6 +156,12 @@ class V1Tracing(_Wire, frozen=True):
     span_id: str | None = None
     parent_span_id: str | None = None
 
+    def __post_init__(self) -> None:
+        _refuse_nul(self.session_id, "sessionId")
+        _refuse_nul(self.trace_id, "traceId")
+        _refuse_nul(self.span_id, "spanId")
+        _refuse_nul(self.parent_span_id, "parentSpanId")
+
 
 class LogAttribute(_Wire, frozen=True):
     key: str
@@ -111,6 +179,7 @@ class V1CreateMultiLLMChatCompletionRequest(_Wire, frozen=True):
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError during decoding.
+        _refuse_nul(self.user_id, "userId")
         if self.display_model >= len(self.models):
             raise ValueError(
                 f"displayModel {self.display_model} is out of range for {len(self.models)} model(s)"
@@ -132,25 +201,25 @@ class V1CreateMultiLLMChatCompletionRequest(_Wire, frozen=True):
 # --- the reply --------------------------------------------------------------
 
 
-class V1ChatCompletionMessage(_Wire, frozen=True):
+class V1ChatCompletionMessage(_Reply, frozen=True):
     role: str = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class V1Choice(_Wire, frozen=True):
+class V1Choice(_Reply, frozen=True):
     index: int
     message: V1ChatCompletionMessage
     finish_reason: str | None = None
 
 
-class V1Usage(_Wire, frozen=True):
+class V1Usage(_Reply, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class V1ChatCompletion(_Wire, frozen=True):
+class V1ChatCompletion(_Reply, frozen=True):
     id: str
     external_id: str
     model: str
@@ -158,7 +227,7 @@ class V1ChatCompletion(_Wire, frozen=True):
     usage: V1Usage = msgspec.field(default_factory=V1Usage)
 
 
-class V1MultiLLMChatCompletion(_Wire, frozen=True):
+class V1MultiLLMChatCompletion(_Reply, frozen=True):
     id: str
     primary_external_id: str
     model_names: list[str]
@@ -175,12 +244,34 @@ class V1MultiLLMChatCompletion(_Wire, frozen=True):
         return self.completion.choices[0].message.content or ""
 
 
-class RpcStatus(_Wire, frozen=True):
-    """gRPC-style error reply; codes as in `multillm.errors.Code`."""
+class ErrorInfo(_Reply, frozen=True):
+    """A detail of an `RpcStatus`: google.rpc.ErrorInfo as a protobuf `Any` in JSON.
+
+    `metadata` holds `logId` (the primary's error record) and `attempts` (model calls made), as
+    strings, as ErrorInfo's map of strings says. Any other detail a foreign peer sends decodes
+    with its `@type` kept and its other fields dropped.
+    """
+
+    type: str = msgspec.field(default=ERROR_INFO_TYPE, name="@type")
+    reason: str = ""
+    domain: str = ERROR_DOMAIN
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class RpcStatus(_Reply, frozen=True):
+    """gRPC-style error reply (google.rpc.Status in JSON); codes as in `multillm.errors.Code`."""
 
     code: int
     message: str
-    details: list[dict[str, object]] = msgspec.field(default_factory=list)
+    details: list[ErrorInfo] = msgspec.field(default_factory=list)
+
+    @property
+    def log_id(self) -> str | None:
+        """The log id of the primary's error record, when one was written."""
+        for detail in self.details:
+            if log_id := detail.metadata.get(DETAIL_LOG_ID):
+                return log_id
+        return None
 
 
 # --- worker to worker -------------------------------------------------------
@@ -247,6 +338,13 @@ class LLMLogRecord(Struct, kw_only=True):
     completed_at: str = ""
 
 
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the latter alone. Only looked for
+# once msgspec has refused a body, to name the problem.
+_LONE_SURROGATE: Final = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
 # Built once: msgspec's encoders and decoders are cheap to reuse, costly to build.
 _request_decoder: Final = msgspec.json.Decoder(V1CreateMultiLLMChatCompletionRequest)
 _fanout_decoder: Final = msgspec.json.Decoder(FanOutCopy)
@@ -281,6 +379,12 @@ def decode_request(body: bytes) -> V1CreateMultiLLMChatCompletionRequest:
             raise msgspec.DecodeError(f"JSON is malformed: not UTF-8 at byte {bad.start}") from None
         if isinstance(exc, UnicodeDecodeError):
             raise msgspec.DecodeError(f"JSON is malformed: {exc}") from None
+        if lone := _LONE_SURROGATE.search(body):
+            # msgspec calls this "truncated", which sends a producer looking in the wrong place.
+            escape = lone.group().decode()
+            raise msgspec.DecodeError(
+                f"JSON is malformed: {escape} at byte {lone.start()} is half of a UTF-16 surrogate pair, not text"
+            ) from None
         raise
 
 

@@ -191,6 +191,8 @@ def _expected_environment(path: tuple[str, ...]) -> set[str]:
         return {ENV_LOG_LEVEL}  # the mock reads no settings
     if path[:1] in (("request",), ("chaos",), ("bench",)):
         return BROKER_ONLY
+    if path == ("logs", "replay-dead"):
+        return EVERY_VARIABLE  # from the broker's dead letters to the sink
     if path[:1] == ("logs",):
         return SINK_ONLY
     return EVERY_VARIABLE  # the top level, the workers (they write records) and the demo

@@ -1,4 +1,4 @@
-"""DESIGN.md's delivery guarantees, proven by causing each fault for real.
+"""The contract's delivery guarantees (docs/contract.md), proven by causing each fault for real.
 
 Workers are killed with SIGKILL in the middle of a model call, the broker's
 application is stopped and started under load, the mock LLM is driven to each
@@ -313,7 +313,7 @@ def test_a_request_that_keeps_killing_workers_is_settled_at_its_fifth_delivery(
     survivor = start_worker("primary", concurrency=1)
     [reply] = collect_replies(broker_url, REPLIES, 1)
     assert reply.status is not None and reply.status.code == Code.INTERNAL
-    assert reply.status.details == [{"logId": log_id_for("r-poison", 0)}]
+    assert reply.status.log_id == log_id_for("r-poison", 0)
     assert "gave up after 5 deliveries" in reply.status.message
     [record] = wait_for_records(sink, "r-poison", 1)
     assert record.status == "error" and record.error_code == Code.INTERNAL and "gave up" in (record.error_message or "")

@@ -196,7 +196,7 @@ def test_parse_bound_rejects_what_is_not_iso(text: str) -> None:
 
 
 @pytest.mark.parametrize("sink_url", ["postgres"], indirect=True)
-def test_postgres_table_has_jsonb_and_the_indexes(sink: Sink, pg_database: str) -> None:
+def test_postgres_table_has_json_and_the_indexes(sink: Sink, pg_database: str) -> None:
     open_sink(pg_database).close()  # creating again keeps what is there
     with psycopg.connect(pg_database, autocommit=True) as conn:
         types = dict(
@@ -205,6 +205,6 @@ def test_postgres_table_has_jsonb_and_the_indexes(sink: Sink, pg_database: str) 
             ).fetchall()
         )
         indexdefs = [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'llm_logs'")]
-    assert types["messages"] == types["output"] == types["log_attributes"] == "jsonb"
+    assert types["messages"] == types["output"] == types["log_attributes"] == "json"
     for column in ("request_id", "trace_id", "model_name", "created_at"):
         assert any(f"({column}" in d for d in indexdefs), (column, indexdefs)

@@ -362,10 +362,11 @@ def test_error_to_status() -> None:
 
 class _Garbage(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    body = b'{"id": 42, "choices": "nope"}'
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = b'{"id": 42, "choices": "nope"}'
+        body = self.body
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -376,16 +377,29 @@ class _Garbage(BaseHTTPRequestHandler):
         pass
 
 
-def test_undecodable_200_is_internal_and_not_retried(calls: LoopThread) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+class _HugeUsage(_Garbage):
+    # A token count no sink's integer column could hold: the record must still be storable.
+    body = b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 9223372036854775808}}'
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (_Garbage, "Expected `str`, got `int` - at `$.id`"),
+        (_HugeUsage, "Expected `int` <= 9223372036854775807 - at `$.usage.prompt_tokens`"),
+    ],
+)
+def test_undecodable_200_is_internal_and_not_retried(calls: LoopThread, handler: type[_Garbage], expected: str) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="k")
+        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd-1234")
         provider = OpenAICompatProvider("odd", config, FAST)
         with pytest.raises(ProviderError) as info:
             calls.run(provider.complete(ModelCall(model="x", messages=HELLO)), timeout=30)
         assert info.value.code == Code.INTERNAL
         assert info.value.attempts == 1
+        assert expected in info.value.message
         calls.run(provider.aclose(), timeout=5)
     finally:
         server.shutdown()
@@ -442,3 +456,22 @@ def test_a_malformed_http_answer_is_retried_then_unavailable(calls: LoopThread) 
         calls.run(provider.aclose(), timeout=5)
     finally:
         listener.close()
+
+
+def test_nothing_listening_names_the_host_and_port_not_a_timeout(calls: LoopThread) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The configured key in the URL's path too: only the host and port may be quoted.
+    config = ProviderConfig(base_url=f"http://127.0.0.1:{port}/{CONFIGURED_KEY}/v1", api_key=CONFIGURED_KEY)
+    providers = Providers({"down": config}, FAST)
+    try:
+        with pytest.raises(ProviderError) as info:
+            calls.run(providers.complete(V1Model(name="down/m", api_key=REQUEST_KEY), HELLO))
+    finally:
+        calls.run(providers.aclose(), timeout=5)
+    error = info.value
+    assert error.code == Code.UNAVAILABLE and error.attempts == FAST.max_attempts
+    assert f"down/m: cannot connect to host 127.0.0.1:{port} (ConnectionRefusedError: " in error.message
+    assert "timed out" not in error.message
+    assert CONFIGURED_KEY not in error.message and REQUEST_KEY not in error.message

@@ -70,7 +70,7 @@ def test_reply_and_status_round_trip() -> None:
     assert wire["completion"]["usage"] == {"promptTokens": 1, "completionTokens": 2, "totalTokens": 3}
     assert schemas.decode_reply(schemas.encode(reply)) == reply
     status = RpcStatus(code=14, message="down")
-    assert msgspec.json.decode(schemas.encode(status)) == {"code": 14, "message": "down"}
+    assert msgspec.json.decode(schemas.encode(status)) == {"code": 14, "message": "down", "details": []}
     assert schemas.decode_status(b'{"code": 3, "message": "bad", "details": []}').code == 3
 
 
@@ -105,7 +105,36 @@ def test_fanout_copy_and_record_round_trip() -> None:
         ),
         (
             b'{"models": [{"name": "no-provider"}], "messages": [{"role": "user", "content": "x"}]}',
-            "`$.models[0].name`",
+            "model name 'no-provider' must be `provider/model`",
+        ),
+        (  # 190 CJK characters: under the 200 characters, but 575 bytes; a routing key holds 255
+            b'{"models": [{"name": "a/b"}, {"name": "mock/' + "\u4e2d".encode() * 190 + b'"}], "messages": []}',
+            "is 575 bytes in UTF-8, over 240 (its queue name must fit AMQP's 255 bytes) - at `$.models[1]`",
+        ),
+        (
+            b'{"models": [{"name": "mock/a b"}], "messages": [{"role": "user", "content": "x"}]}',
+            "contains U+0020 at character 6",
+        ),
+        (
+            b'{"models": [{"name": "mock/a\\u0000b"}], "messages": [{"role": "user", "content": "x"}]}',
+            "model name 'mock/a\\x00b' contains U+0000 at character 6",
+        ),
+        (
+            b'{"models": [{"name": "mock/gpt\\u202e4o"}], "messages": [{"role": "user", "content": "x"}]}',
+            "model name 'mock/gpt\\u202e4o' contains U+202E at character 8",
+        ),
+        (
+            b'{"models": [{"name": "a/' + b"x" * 199 + b'"}], "messages": [{"role": "user", "content": "x"}]}',
+            "Expected `str` of length <= 200 - at `$.models[0].name`",
+        ),
+        (
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x"}], "userId": "u\\u0000"}',
+            "`userId` has NUL (U+0000) at character 1, which no sink can store",
+        ),
+        (
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x"}],'
+            b' "tracing": {"sessionId": "\\u0000"}}',
+            "`sessionId` has NUL (U+0000) at character 0, which no sink can store - at `$.tracing`",
         ),
         (
             b'{"models": [{"name": "a/b", "temperature": 9}], "messages": [{"role": "user", "content": "x"}]}',
@@ -118,6 +147,18 @@ def test_fanout_copy_and_record_round_trip() -> None:
         (
             b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x"}], "mode": "LIVE"}',
             "`$.mode`",
+        ),
+        (  # a number no sink's integer column can hold
+            b'{"models": [{"name": "a/b", "maxTokens": 18446744073709551615}], "messages": []}',
+            "Expected `int` <= 2147483647 - at `$.models[0].maxTokens`",
+        ),
+        (  # msgspec alone says "truncated"
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "\\ud800x"}]}',
+            "\\ud800 at byte 72 is half of a UTF-16 surrogate pair, not text",
+        ),
+        (
+            b'{"models": [{"name": "a/b"}], "messages": [{"role": "user", "content": "x\\udc00"}]}',
+            "\\udc00 at byte 73 is half of a UTF-16 surrogate pair, not text",
         ),
         (b"[1, 2]", "Expected `object`, got `array`"),
         (b'{"models": [{"name": "a/b"}], "messages": [', "truncated"),

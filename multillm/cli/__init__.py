@@ -13,6 +13,7 @@ from multillm.cli import commands
 from multillm.config import (
     DEFAULT_MOCK_LATENCY_MS,
     DEFAULT_MOCK_PORT,
+    DEFAULT_SINK_URL,
     ENV_BROKER_URL,
     ENV_CONFIG,
     ENV_SINK_URL,
@@ -193,6 +194,18 @@ def _parser() -> argparse.ArgumentParser:
         _add_filters(p)
     for p in (listing, show, stats):
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    replay = _command(
+        logs_sub,
+        "replay-dead",
+        "write the records in multillm.dead to the sink; leave every other dead letter there",
+        _BOTH,
+    )
+    for p in (listing, show, stats, report, replay):
+        p.add_argument(
+            "--sink",
+            metavar="URL",
+            help=f"the sink (default: ${ENV_SINK_URL}, else sink_url of the config file, else {DEFAULT_SINK_URL})",
+        )
     return parser
 
 

@@ -1,10 +1,16 @@
-"""`multillm logs list|show|stats|report`: reading the records back, for people (rich tables) and scripts (`--json`)."""
+"""`multillm logs list|show|stats|report|replay-dead`: reading the records back, for people (rich tables) and
+scripts (`--json`), and writing the dead-lettered ones to the sink.
+
+The reading commands open the sink read-only: they never create or change one, so a
+mistyped or missing sink is an error rather than a new, empty one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import io
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from multillm import contract
 from multillm.cli.commands import CommandError
+from multillm.cli.replay import replay_dead_records, summary
 from multillm.cli.report import render_report
 from multillm.cli.summaries import (
     STATS_COLUMNS,
@@ -26,9 +34,10 @@ from multillm.cli.summaries import (
     stats_cells,
     summarize,
 )
-from multillm.config import Settings
+from multillm.config import ENV_SINK_URL, Settings
+from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import RecordFilter, open_sink
+from multillm.sinks import RecordFilter, describe_sink, mask_url, open_sink
 
 
 def record_filter(args: argparse.Namespace) -> RecordFilter:
@@ -45,7 +54,16 @@ def record_filter(args: argparse.Namespace) -> RecordFilter:
 
 
 def run_logs(settings: Settings, args: argparse.Namespace) -> int:
-    sink = open_sink(settings.sink_url)
+    url = args.sink or settings.sink_url
+    if args.action == "replay-dead":
+        return _replay(settings, url)
+    try:
+        sink = open_sink(url, read_only=True)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; point at the workers' sink with --sink URL, {ENV_SINK_URL} or sink_url in the config file"
+        ) from None
+    print(f"multillm: reading {describe_sink(url)}", file=sys.stderr)
     try:
         if args.action == "show":
             records = sink.records(args.request_id)
@@ -66,6 +84,21 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
         Path(args.html).write_text(render_report(records, recent=args.recent), encoding="utf-8")
         print(f"wrote {args.html}: {len(records)} records, {len(summarize(records))} requests")
     return 0
+
+
+def _replay(settings: Settings, url: str) -> int:
+    sink = open_sink(url)
+    print(
+        f"multillm: writing the records in {contract.DEAD_QUEUE} at {mask_url(settings.broker_url)}"
+        f" to {describe_sink(url)}",
+        file=sys.stderr,
+    )
+    try:
+        counts = replay_dead_records(settings.broker_url, sink)
+    finally:
+        sink.close()
+    print(summary(counts))
+    return 1 if counts.failures else 0
 
 
 def _json(items: Sequence[msgspec.Struct]) -> str:

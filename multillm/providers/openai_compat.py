@@ -24,13 +24,13 @@ HTTP errors to `openai.APIStatusError` are the SDK's either way.
 from __future__ import annotations
 
 import functools
-from typing import Final
+from typing import Annotated, Final
 
 import httpx2
 import msgspec
 import openai
 import structlog
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code
@@ -88,10 +88,15 @@ class _Choice(Struct):
     finish_reason: str | None = None
 
 
+# What the sinks' integer columns hold: a provider that reports more is refused at the door
+# (an error record, code 13), instead of making a record no sink can store.
+_TokenCount = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
 class _Usage(Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: _TokenCount = 0
+    completion_tokens: _TokenCount = 0
+    total_tokens: _TokenCount = 0
 
 
 class _Completion(Struct):

@@ -140,6 +140,9 @@ def classify(exc: Exception) -> tuple[Code, str]:
             code = Code.INTERNAL
         return code, exc.message
     if isinstance(exc, openai.APIConnectionError):
+        if (refused := _cannot_connect(exc)) is not None:
+            # The SDK's transport reports a refused connection as a connect timeout.
+            return Code.UNAVAILABLE, refused
         # Only the cause's kind: its text may quote the request's headers, key included.
         cause = exc.__cause__
         detail = f" ({type(cause).__name__})" if cause is not None else ""
@@ -148,8 +151,28 @@ def classify(exc: Exception) -> tuple[Code, str]:
         return Code.UNAVAILABLE, exc.message + detail
     if isinstance(exc, aiohttp.ClientError):
         # Only the kind: an aiohttp message may quote the URL (which may hold a key in a query).
-        return Code.UNAVAILABLE, f"the provider's connection failed ({type(exc).__name__})"
+        detail = _cannot_connect(exc) or f"the provider's connection failed ({type(exc).__name__})"
+        return Code.UNAVAILABLE, detail
     return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def _cannot_connect(exc: BaseException) -> str | None:
+    """'cannot connect to host H:P (why)' if aiohttp could not connect, somewhere in `exc`'s causes.
+
+    Only the host, the port and the socket's error are quoted: never the URL, whose path or
+    query may hold a key, nor the request's headers.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, aiohttp.ClientConnectorError):
+            os_error = current.os_error
+            reason = (os_error.strerror or str(os_error)) if isinstance(os_error, OSError) else ""
+            why = f"{type(os_error).__name__}: {reason}" if reason else type(current).__name__
+            return f"cannot connect to host {current.host}:{current.port} ({why})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 async def call_with_retry(

@@ -6,12 +6,14 @@ second record, and is safe to share between threads.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._url import file_path, postgres_url, split_scheme
+from multillm.sinks import postgres
+from multillm.sinks._url import cannot_open, file_path, postgres_url, split_scheme
 from multillm.sinks.jsonl import JsonlSink
 from multillm.sinks.postgres import PostgresSink
 from multillm.sinks.query import RecordFilter, parse_bound
@@ -24,6 +26,7 @@ __all__ = [
     "RecordFilter",
     "Sink",
     "SqliteSink",
+    "describe_sink",
     "mask_url",
     "open_sink",
     "parse_bound",
@@ -66,8 +69,9 @@ class Sink(Protocol):
         ...
 
 
-def open_sink(url: str) -> Sink:
-    """Open the sink named by `url`.
+def open_sink(url: str, *, read_only: bool = False) -> Sink:
+    """Open the sink named by `url`: for writing, creating it as needed, or with `read_only` for
+    reading only, creating and changing nothing (a sink that does not exist is then an error).
 
     `jsonl:///relative/path` and `sqlite:///relative.db` are relative to the working
     folder, `jsonl:////absolute/path` and `sqlite:////absolute.db` are absolute (as
@@ -75,17 +79,38 @@ def open_sink(url: str) -> Sink:
     and `postgres://...` are libpq URLs.
 
     Raises:
-        ConfigError: the URL is malformed or its scheme unknown (the message masks any
-            password), or psycopg is missing for a PostgreSQL URL.
+        ConfigError: the URL is malformed or its scheme unknown, psycopg is missing for a
+            PostgreSQL URL, or the sink cannot be opened (a folder that cannot be written,
+            a server that does not answer, a missing database; with `read_only`, a missing
+            file or table). The message is one line, names the sink and masks any password.
     """
     scheme, rest = split_scheme(url)
-    if scheme == "jsonl":
-        return JsonlSink(file_path(url, rest, memory_ok=False))
-    if scheme == "sqlite":
-        return SqliteSink(file_path(url, rest, memory_ok=True))
-    if scheme in _POSTGRES_SCHEMES:
-        return PostgresSink(postgres_url(url, rest))
+    try:
+        if scheme == "jsonl":
+            return JsonlSink(file_path(url, rest, memory_ok=False), read_only=read_only)
+        if scheme == "sqlite":
+            return SqliteSink(file_path(url, rest, memory_ok=True), read_only=read_only)
+        if scheme in _POSTGRES_SCHEMES:
+            driver_error = postgres.driver_error()
+            try:
+                return PostgresSink(postgres_url(url, rest), read_only=read_only)
+            except driver_error as exc:
+                raise ConfigError(cannot_open(url, exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(cannot_open(url, exc)) from None
     raise ConfigError(
         f"unknown sink URL scheme {scheme!r} in {mask_url(url)!r}: "
         "use jsonl:///PATH, sqlite:///PATH or postgresql://..."
     )
+
+
+def describe_sink(url: str) -> str:
+    """The sink of `url` for a person: the URL with its password masked, and a file sink's absolute path."""
+    masked = mask_url(url)
+    try:
+        scheme, rest = split_scheme(url)
+        if scheme in ("jsonl", "sqlite"):
+            return f"sink {masked} (file {file_path(url, rest, memory_ok=True)})"
+    except ConfigError:
+        pass
+    return f"sink {masked}"

@@ -60,6 +60,8 @@ class Dialect:
     byte_order: str
     # The condition and parameters of "attribute `key` has `value`".
     has_attribute: Callable[[str, str], tuple[str, list[Any]]]
+    # What a TEXT column stores of a string (PostgreSQL's TEXT cannot hold U+0000).
+    storable_text: Callable[[str], str] = str
 
     def _ordered(self, column: str) -> str:
         return column + self.byte_order if column in ORDERED_TEXT else column
@@ -104,7 +106,21 @@ class Dialect:
             return self.has_attribute(condition.field, condition.value)
         column = self._ordered(condition.field)
         operator = {Op.EQUAL: "=", Op.AT_LEAST: ">=", Op.BEFORE: "<"}[condition.op]
-        return f"{column} {operator} {self.param}", [condition.value]
+        return f"{column} {operator} {self.param}", [self.storable_text(condition.value)]
+
+    def to_row(self, record: LLMLogRecord) -> tuple[Any, ...]:
+        """The parameters of `insert_sql` for `record`: JSON columns as JSON text, which keeps every
+        character (U+0000 too, as the escape `\\u0000`); TEXT columns as `storable_text` makes them."""
+        row: list[Any] = []
+        for col in COLUMNS:
+            value = getattr(record, col.name)
+            if value is not None:
+                if col.kind is Kind.JSON:
+                    value = _json_encoder.encode(value).decode()
+                elif col.kind is Kind.TEXT:
+                    value = self.storable_text(value)
+            row.append(value)
+        return tuple(row)
 
 
 def _column(name: str, annotation: Any) -> Column:
@@ -133,17 +149,6 @@ def _column(name: str, annotation: Any) -> Column:
 COLUMNS: Final = tuple(_column(f.name, f.type) for f in msgspec.structs.fields(LLMLogRecord))
 
 _json_encoder: Final = msgspec.json.Encoder()
-
-
-def to_row(record: LLMLogRecord) -> tuple[Any, ...]:
-    """The parameters of `Dialect.insert_sql` for `record`: JSON columns as JSON text."""
-    row: list[Any] = []
-    for col in COLUMNS:
-        value = getattr(record, col.name)
-        if col.kind is Kind.JSON and value is not None:
-            value = _json_encoder.encode(value).decode()
-        row.append(value)
-    return tuple(row)
 
 
 def from_row(row: Sequence[Any]) -> LLMLogRecord:

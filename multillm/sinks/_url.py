@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from multillm.errors import ConfigError
+from multillm.redact import scrub
 from multillm.urls import mask_url
 
 MEMORY: Final = ":memory:"
@@ -60,3 +61,18 @@ def postgres_url(url: str, rest: str) -> str:
     except ValueError as exc:
         raise ConfigError(f"malformed sink URL {mask_url(url)!r}: {mask_url(str(exc))}") from None
     return libpq
+
+
+def cannot_open(url: str, exc: BaseException) -> str:
+    """One line naming the sink (password masked) and why it could not be opened.
+
+    The driver's text is joined onto one line (libpq's spans several) and any password of
+    the URL is scrubbed from it, in case a driver quotes its connection string.
+    """
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    secrets = [password, unquote(password)] if password else []
+    cause = " ".join(scrub(str(exc), secrets).split()) or type(exc).__name__
+    return f"cannot open sink {mask_url(url)}: {cause}"

@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 import structlog
 
+from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord, decode_record, encode
 from multillm.sinks.query import RecordFilter
 
@@ -42,10 +43,21 @@ class JsonlSink:
     reads only the bytes other writers appended since the previous one.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (creating the file and its parent folders as needed) the file at `path`."""
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """Open (creating the file and its parent folders as needed) the file at `path`.
+
+        With `read_only`, the file is opened for reading only and nothing is created.
+
+        Raises:
+            ConfigError: `read_only` and there is no such file.
+            OSError: the file or its folder cannot be created or opened.
+        """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._read_only = read_only
+        if read_only and not self.path.is_file():
+            raise ConfigError(f"no JSON Lines sink at {self.path}: the file does not exist")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         self._offset = 0  # bytes of the file already read into _seen
@@ -53,6 +65,8 @@ class JsonlSink:
 
     def _open(self) -> int:
         self._pid = os.getpid()
+        if self._read_only:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         # O_APPEND: every write lands at the end even if another process wrote since our last look.
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
@@ -98,7 +112,12 @@ class JsonlSink:
         """Append the records whose `log_id` is new (to the file and earlier in the batch) with one write.
 
         Per record, True if it was appended.
+
+        Raises:
+            PermissionError: the sink was opened read-only.
         """
+        if self._read_only:
+            raise PermissionError(f"the JSON Lines sink at {self.path} was opened read-only")
         with self._locked(fcntl.LOCK_EX) as fd:
             torn = self._catch_up(fd)
             lines, written = [], []

@@ -2,8 +2,12 @@
 
 psycopg is imported when a sink is opened, so the package imports without it.
 Timestamps are TEXT, as the record holds them: a TIMESTAMPTZ would not give
-back the exact string that was written. JSON columns are JSONB, read back as
-text and decoded by msgspec into the record's types.
+back the exact string that was written. JSON columns are JSON, stored as the text
+msgspec wrote and decoded by msgspec into the record's types. Not JSONB: JSONB
+refuses the escape `\u0000`, and a prompt or a model's answer may hold U+0000;
+JSON keeps any valid JSON text. A table made with JSONB columns (by earlier versions) is
+migrated when a writing sink opens it. TEXT columns cannot hold U+0000 at all:
+it is stored there as U+FFFD, so that no record is refused for its text.
 """
 
 from __future__ import annotations
@@ -13,19 +17,39 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+import structlog
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord, LogAttribute
-from multillm.sinks._rows import TABLE, Dialect, Kind, SqlReader, to_row
+from multillm.sinks._rows import COLUMNS, TABLE, Dialect, Kind, SqlReader
+from multillm.urls import mask_url
 
 if TYPE_CHECKING:
     import psycopg
 
+_log = structlog.get_logger(__name__)
+
+
+_NUL: Final = "\x00"
+REPLACEMENT: Final = "\ufffd"
+
+
+def _storable_text(text: str) -> str:
+    return text.replace(_NUL, REPLACEMENT)
+
 
 def _has_attribute(key: str, value: str) -> tuple[str, list[Any]]:
-    # Containment can use a GIN index on log_attributes, should a deployment add one.
-    pair = msgspec.json.encode([LogAttribute(key=key, value=value)]).decode()
-    return "log_attributes @> %s::jsonb", [pair]
+    # Compared as JSON text, never unescaped: PostgreSQL's JSON operators fail on a string
+    # holding `\u0000`, and one such attribute would fail every filtered read. An element is
+    # msgspec's text (written by this sink) or, in a row migrated from JSONB, JSONB's output,
+    # which escapes strings the same way but puts a space after `:` and `,`.
+    key_json, value_json = (msgspec.json.encode(text).decode() for text in (key, value))
+    ours = msgspec.json.encode(LogAttribute(key=key, value=value)).decode()
+    jsonb_output = f'{{"key": {key_json}, "value": {value_json}}}'
+    return (
+        "EXISTS (SELECT 1 FROM json_array_elements(log_attributes::json) AS a WHERE a::text IN (%s, %s))",
+        [ours, jsonb_output],
+    )
 
 
 DIALECT: Final = Dialect(
@@ -34,16 +58,28 @@ DIALECT: Final = Dialect(
         Kind.INTEGER: "BIGINT",
         Kind.REAL: "DOUBLE PRECISION",
         Kind.BOOLEAN: "BOOLEAN",
-        Kind.JSON: "JSONB",
+        Kind.JSON: "JSON",
     },
     param="%s",
-    json_param="%s::jsonb",
+    json_param="%s::json",
     json_select="{}::text",
     byte_order=' COLLATE "C"',
     has_attribute=_has_attribute,
+    storable_text=_storable_text,
 )
+_JSON_COLUMNS: Final = tuple(c.name for c in COLUMNS if c.kind is Kind.JSON)
 _INSERT: Final = DIALECT.insert_sql(returning=True)
 CONNECT_TIMEOUT_SECONDS: Final = 10
+
+
+def driver_error() -> type[Exception]:
+    """The base class of psycopg's errors.
+
+    Raises:
+        ConfigError: psycopg is not installed.
+    """
+    error: type[Exception] = _psycopg().Error
+    return error
 
 
 def _psycopg() -> Any:
@@ -63,27 +99,54 @@ class PostgresSink(SqlReader):
 
     _dialect = DIALECT
 
-    def __init__(self, url: str) -> None:
-        """Connect to `url` (a libpq URL) and create the table and indexes if missing.
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        """Connect to `url` (a libpq URL); create the table and indexes if missing, and migrate
+        JSONB columns to JSON.
+
+        With `read_only`, every transaction of the session is read-only and nothing is created
+        or migrated.
 
         Raises:
-            ConfigError: psycopg is not installed.
-            psycopg.OperationalError: the server cannot be reached or refuses the login.
+            ConfigError: psycopg is not installed, or `read_only` and there is no table `llm_logs`.
+            psycopg.Error: the server cannot be reached, refuses the login, or has no such database.
         """
         self._psycopg = _psycopg()
         self._url = url
+        # The server refuses any write in a read-only transaction: reading cannot change the sink.
+        self._options = "-c default_transaction_read_only=on" if read_only else None
         self._lock = threading.Lock()
         self._conn = self._connect()
+        if read_only:
+            if self._conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone() == (None,):
+                self._conn.close()
+                raise ConfigError(f"no table {TABLE} in {mask_url(url)}: not a multillm sink")
+            return
         with self._conn.transaction():
-            # Serialise schema creation: concurrent `CREATE TABLE IF NOT EXISTS` can still
-            # collide on the catalog when several workers start at once.
+            # Serialise schema creation and migration: concurrent `CREATE TABLE IF NOT EXISTS` can
+            # still collide on the catalog when several workers start at once, and the second of
+            # two workers must find the columns already migrated.
             self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"multillm.{TABLE}",))
             for statement in DIALECT.create_statements():
                 self._conn.execute(statement)
+            self._migrate_jsonb()
+
+    def _migrate_jsonb(self) -> None:
+        # Called in the schema transaction. The cast keeps every value (JSONB's text is JSON);
+        # ALTER rewrites the table under an exclusive lock, so writers wait for it, once.
+        found = self._conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s AND data_type = 'jsonb'",
+            (TABLE,),
+        ).fetchall()
+        columns = [name for (name,) in found if name in _JSON_COLUMNS]
+        if columns:
+            changes = ", ".join(f"ALTER COLUMN {name} TYPE JSON USING {name}::json" for name in columns)
+            self._conn.execute(f"ALTER TABLE {TABLE} {changes}")
+            _log.info("postgres_sink.migrated", table=TABLE, columns=columns, to="json")
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] = self._psycopg.connect(
-            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS, options=self._options
         )
         return conn
 
@@ -107,7 +170,7 @@ class PostgresSink(SqlReader):
         """
         if not records:
             return []
-        rows = [to_row(record) for record in records]
+        rows = [DIALECT.to_row(record) for record in records]
         with self._lock:
             conn = self._connection()
             if len(rows) == 1:

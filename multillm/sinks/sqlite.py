@@ -13,9 +13,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
+from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import Dialect, Kind, SqlReader, to_row
+from multillm.sinks._rows import TABLE, Dialect, Kind, SqlReader
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
@@ -54,12 +56,22 @@ class SqliteSink(SqlReader):
 
     _dialect = DIALECT
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (creating file, parent folders and table as needed) the database at `path`."""
-        if str(path) != MEMORY:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        """Open (creating file, parent folders and table as needed) the database at `path`.
+
+        With `read_only`, the file is opened for reading only and nothing is created or changed.
+
+        Raises:
+            ConfigError: `read_only` and there is no such file, or no table `llm_logs` in it.
+            sqlite3.Error, OSError: the file or its folder cannot be created or opened.
+        """
         self.path = str(path)
         self._lock = threading.Lock()
+        if read_only:
+            self._conn = self._open_read_only()
+            return
+        if self.path != MEMORY:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Autocommit (isolation_level=None): each insert is its own short write transaction,
         # so no process holds the write lock between statements.
         self._conn = sqlite3.connect(
@@ -71,6 +83,19 @@ class SqliteSink(SqlReader):
         self._conn.execute("PRAGMA synchronous = NORMAL")
         for statement in DIALECT.create_statements():
             self._conn.execute(statement)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if self.path == MEMORY or not Path(self.path).is_file():
+            raise ConfigError(f"no SQLite sink at {self.path}: the file does not exist")
+        # mode=ro: SQLite itself refuses every write, so reading cannot create or change anything.
+        conn = sqlite3.connect(
+            f"file:{quote(self.path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
+        )
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
+        if found is None:
+            conn.close()
+            raise ConfigError(f"{self.path} is an SQLite file without a table {TABLE}: not a multillm sink")
+        return conn
 
     def _use_wal(self) -> None:
         # Switching a new file to WAL takes an exclusive lock, and SQLite can answer "database is
@@ -93,7 +118,7 @@ class SqliteSink(SqlReader):
     def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         """Insert `records` in one transaction; per record, False if its `log_id` was already stored
         (or came earlier in the batch)."""
-        rows = [to_row(record) for record in records]
+        rows = [DIALECT.to_row(record) for record in records]
         with self._lock:
             # IMMEDIATE takes the write lock up front: a deferred transaction that has to upgrade
             # later can fail with SQLITE_BUSY at once instead of waiting out the busy timeout.

@@ -10,6 +10,7 @@ from multillm.config import Settings
 from multillm.errors import ConfigError
 from multillm.metrics import WorkerMetrics, serve
 from multillm.providers import Providers
+from multillm.schemas import model_name_problem
 from multillm.sinks import open_sink
 from multillm.workers.consumer import Consumer
 from multillm.workers.loop_lag import LoopLag
@@ -105,15 +106,18 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
     """Serve `multillm.model.<model>` until SIGTERM; returns the exit code.
 
     Raises:
-        ConfigError: the model's provider is not configured or its client cannot be built,
-            or `metrics_port` cannot be bound.
+        ConfigError: `model` is no valid model name, its provider is not configured or its
+            client cannot be built, or `metrics_port` cannot be bound.
     """
+    if problem := model_name_problem(model):
+        # Checked before anything starts: no request may name it, and its queue could not be declared.
+        raise ConfigError(problem)
     metrics = _metrics("model", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
     provider = model.split("/", 1)[0]
-    if "/" not in model or not providers.has(provider):
+    if not providers.has(provider):
         raise ConfigError(
-            f"model {model!r} must be `provider/model` with a configured provider"
+            f"model {model!r} names provider {provider!r}, which is not configured"
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
     handler = ModelHandler(model, runner, settings.max_body_bytes)

@@ -22,6 +22,7 @@ from multillm.errors import Code
 from multillm.providers import ProviderError, Providers
 from multillm.records import log_id_for, request_id_for
 from multillm.schemas import (
+    ErrorInfo,
     FanOutCopy,
     RpcStatus,
     V1ChatCompletion,
@@ -103,7 +104,9 @@ class PrimaryHandler:
         self, delivery: Delivery, request_id: str, code: int, message: str, log_id: str | None = None
     ) -> Settlement:
         """An RpcStatus reply, and the request in the dead-letter queue with its keys masked."""
-        details: list[dict[str, object]] = [{"logId": log_id}] if log_id else []
+        details = (
+            [ErrorInfo(reason=contract.REASON_GIVEN_UP, metadata={contract.DETAIL_LOG_ID: log_id})] if log_id else []
+        )
         status = RpcStatus(code=code, message=message, details=details)
         dead = dead_letter(delivery, self.queue.name, message, code)
         return Settlement([*self._reply(delivery, request_id, status), dead])
@@ -203,7 +206,15 @@ def _reply_body(request: V1CreateMultiLLMChatCompletionRequest, run: ModelRun) -
         return RpcStatus(
             code=outcome.code,
             message=outcome.message,
-            details=[{"logId": run.record.log_id if run.stored else "", "attempts": outcome.attempts}],
+            details=[
+                ErrorInfo(
+                    reason=contract.REASON_MODEL_CALL_FAILED,
+                    metadata={
+                        contract.DETAIL_LOG_ID: run.record.log_id if run.stored else "",
+                        contract.DETAIL_ATTEMPTS: str(outcome.attempts),
+                    },
+                )
+            ],
         )
     log_id = run.record.log_id if run.stored else ""
     return V1MultiLLMChatCompletion(
