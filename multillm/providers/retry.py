@@ -24,7 +24,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from multillm.config import RetryConfig
-from multillm.errors import Code, MultiLLMError
+from multillm.errors import Code, MultiLLMError, code_name
 from multillm.redact import scrub
 from multillm.schemas import RpcStatus
 
@@ -48,8 +48,7 @@ class ProviderError(MultiLLMError):
     """
 
     def __init__(self, code: int, message: str, *, attempts: int = 0, latency_ms: float = 0.0) -> None:
-        label = Code(code).name if code in Code._value2member_map_ else str(code)
-        super().__init__(f"[{label}] {message}")
+        super().__init__(f"[{code_name(code)}] {message}")
         self.code = code
         self.message = message
         self.attempts = attempts

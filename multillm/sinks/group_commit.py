@@ -21,12 +21,11 @@ from concurrent.futures import Executor
 from functools import partial
 from typing import Final
 
-import structlog
-
+from multillm.logging_setup import get_logger
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import Sink
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_BATCH: Final = 500
 

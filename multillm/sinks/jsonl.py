@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
-import structlog
 
 from multillm.errors import ConfigError
+from multillm.logging_setup import get_logger
 from multillm.schemas import LLMLogRecord, decode_record, encode
 from multillm.sinks.query import RecordFilter
 
 _CHUNK: Final = 1 << 20
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 class _LogId(msgspec.Struct):

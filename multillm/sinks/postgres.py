@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-import structlog
 
 from multillm.errors import ConfigError
+from multillm.logging_setup import get_logger
 from multillm.schemas import LLMLogRecord, LogAttribute
 from multillm.sinks._rows import COLUMNS, TABLE, Dialect, Kind, SqlReader
 from multillm.urls import mask_url
@@ -27,7 +27,7 @@ from multillm.urls import mask_url
 if TYPE_CHECKING:
     import psycopg
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 _NUL: Final = "\x00"
