@@ -22,6 +22,13 @@ MODEL_QUEUE_PREFIX: Final = "multillm.model."
 DEAD_EXCHANGE: Final = "multillm.dead"
 DEAD_QUEUE: Final = "multillm.dead"
 
+# Where the work queues dead-letter, instead of straight into `multillm.dead`: the broker's
+# own dead letters (expired, delivery limit, rejected) copy the body as sent, api keys and
+# all, and answer nobody. The primary worker consumes this queue, answers and records what
+# is owed, and forwards each message to `multillm.dead` masked (workers/triage.py).
+TRIAGE_EXCHANGE: Final = "multillm.triage"
+TRIAGE_QUEUE: Final = "multillm.triage"
+
 # The table of log records in SQL sinks (columns: the fields of schemas.LLMLogRecord).
 LOG_TABLE: Final = "llm_logs"
 
@@ -54,6 +61,14 @@ REASON_MODEL_CALL_FAILED: Final = "MODEL_CALL_FAILED"
 REASON_GIVEN_UP: Final = "GIVEN_UP"
 # Set by quorum queues on a redelivery: how many deliveries came before.
 HEADER_DELIVERY_COUNT: Final = "x-delivery-count"
+# On every dead letter we write: whether its body was cut to DEAD_LETTER_MAX_BODY_BYTES, and
+# the size and sha256 (hex) of the body as it came, to match it with a producer's log.
+HEADER_BODY_CUT: Final = "x-multillm-body-cut"
+HEADER_ORIGINAL_BYTES: Final = "x-multillm-original-bytes"
+HEADER_ORIGINAL_SHA256: Final = "x-multillm-original-sha256"
+# Set by the broker on a message it dead-lettered: a list of tables, the latest first, each
+# with the `reason` (expired, delivery_limit, rejected, maxlen) and the `queue` it left.
+HEADER_DEATH: Final = "x-death"
 
 
 # Routing keys and queue names are AMQP short strings: at most 255 bytes. A model name is both a
@@ -78,9 +93,19 @@ DELIVERY_LIMIT: Final = 5
 # its api keys masked (the broker's own dead-lettering copies the body as is).
 GIVE_UP_AT_DELIVERY_COUNT: Final = DELIVERY_LIMIT - 1
 
+# A dead letter's body (masked) is cut to this many bytes, so that `multillm.dead` grows by
+# at most this much per message whatever was sent (a 10 MB request refused as too large).
+# Records (`LLMLogRecord`) are kept whole: they are there to be replayed into the sink.
+DEAD_LETTER_MAX_BODY_BYTES: Final = 64 * 1024
+
 
 # Every exchange and its type; all are durable. Declared by whoever connects.
-EXCHANGES: Final = {REQUEST_EXCHANGE: "direct", MODEL_EXCHANGE: "direct", DEAD_EXCHANGE: "fanout"}
+EXCHANGES: Final = {
+    REQUEST_EXCHANGE: "direct",
+    MODEL_EXCHANGE: "direct",
+    TRIAGE_EXCHANGE: "fanout",
+    DEAD_EXCHANGE: "fanout",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +118,13 @@ class QueueSpec:
     arguments: dict[str, object] = field(default_factory=dict)
 
 
-def _work_queue_arguments() -> dict[str, object]:
+def _work_queue_arguments(dead_letter_exchange: str = TRIAGE_EXCHANGE) -> dict[str, object]:
     # Quorum queues are replicated and count deliveries; at-least-once
     # dead-lettering needs `reject-publish` overflow.
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": DELIVERY_LIMIT,
-        "x-dead-letter-exchange": DEAD_EXCHANGE,
+        "x-dead-letter-exchange": dead_letter_exchange,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
@@ -111,6 +136,16 @@ def requests_queue() -> QueueSpec:
 
 def model_queue_spec(model_name: str) -> QueueSpec:
     return QueueSpec(model_queue(model_name), MODEL_EXCHANGE, model_name, _work_queue_arguments())
+
+
+def triage_queue() -> QueueSpec:
+    """Whoever declares a work queue declares this one too: at-least-once dead-lettering
+    keeps a message in its work queue until a queue takes its dead letter.
+
+    It dead-letters to `multillm.dead` itself, which only a message that kills the primary
+    worker at every one of its deliveries here would reach, unmasked.
+    """
+    return QueueSpec(TRIAGE_QUEUE, TRIAGE_EXCHANGE, "", _work_queue_arguments(DEAD_EXCHANGE))
 
 
 def dead_queue() -> QueueSpec:

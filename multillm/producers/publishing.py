@@ -97,7 +97,7 @@ class RequestPublisher:
 
     def __init__(self, broker_url: str, *, pool_size: int = 8) -> None:
         self._connection = connect(broker_url)
-        declare_queues(self._connection, contract.requests_queue(), contract.dead_queue())
+        declare_queues(self._connection, contract.requests_queue(), contract.triage_queue(), contract.dead_queue())
         self._returned: set[str] = set()
         self._declared: set[str] = set()
         self._lock = threading.Lock()

@@ -18,6 +18,7 @@ from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
+from multillm.workers.triage import TriageHandler
 
 __all__ = ["run_model_worker", "run_primary_worker"]
 
@@ -57,13 +58,13 @@ def _tune_gc() -> None:
 
 def _serve(
     settings: Settings,
-    handler: Handler,
+    handlers: list[Handler],
     providers: Providers,
     concurrency: int,
     metrics: WorkerMetrics,
     serves: list[str] | None = None,
 ) -> int:
-    """Run `handler`'s consumer on an event loop until SIGTERM, once start-up is done; returns the exit code.
+    """Consume `handlers`' queues on an event loop until SIGTERM, once start-up is done; returns the exit code.
 
     `serves`: the providers whose clients to build before consuming (all configured: None).
     """
@@ -71,7 +72,7 @@ def _serve(
     async def serve() -> int:
         consumer = Consumer(
             settings.broker_url,
-            handler,
+            handlers,
             concurrency=concurrency,
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
@@ -91,15 +92,16 @@ def _serve(
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
-    """Serve `multillm.requests` until SIGTERM; returns the exit code.
+    """Serve `multillm.requests`, and `multillm.triage` beside it, until SIGTERM; returns the exit code.
 
     Raises:
         ConfigError: `metrics_port` cannot be bound, or a provider's client cannot be built.
     """
     metrics = _metrics("primary", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
-    handler = PrimaryHandler(providers, runner, settings.max_body_bytes)
-    return _serve(settings, handler, providers, concurrency, metrics)
+    primary = PrimaryHandler(providers, runner, settings.max_body_bytes)
+    triage = TriageHandler(primary, runner, settings.max_body_bytes)
+    return _serve(settings, [primary, triage], providers, concurrency, metrics)
 
 
 def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
@@ -121,4 +123,4 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
             f" (configured: {', '.join(providers.names()) or 'none'})"
         )
     handler = ModelHandler(model, runner, settings.max_body_bytes)
-    return _serve(settings, handler, providers, concurrency, metrics, serves=[provider])
+    return _serve(settings, [handler], providers, concurrency, metrics, serves=[provider])

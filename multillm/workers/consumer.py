@@ -42,7 +42,6 @@ from multillm import contract
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConfigError
 from multillm.metrics import WorkerMetrics
-from multillm.redact import redact_body
 from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.confirms import PipelinedConfirms
 from multillm.workers.messages import Delivery, Handler, Outgoing, Settlement, dead_letter
@@ -73,7 +72,10 @@ _CONNECTION_ERRORS = (
 
 
 class Consumer:
-    """Runs one handler against one queue until SIGTERM/SIGINT; reconnects when the broker goes away.
+    """Runs each handler against its queue until SIGTERM/SIGINT; reconnects when the broker goes away.
+
+    All the queues are consumed on the one channel and share the call slots; a delivery
+    goes to the handler of the queue it came from.
 
     `serve()` runs on the event loop, where every method of this class runs (see the
     module docstring); only `stop` may be called from another thread.
@@ -82,7 +84,7 @@ class Consumer:
     def __init__(
         self,
         broker_url: str,
-        handler: Handler,
+        handlers: Sequence[Handler],
         *,
         concurrency: int = 4,
         grace_seconds: float = 30.0,
@@ -90,15 +92,17 @@ class Consumer:
     ) -> None:
         self._metrics = metrics or WorkerMetrics()
         self._params = pika.URLParameters(broker_url)
-        self._handler = handler
+        self._handlers = {handler.queue.name: handler for handler in handlers}
         self._concurrency = concurrency
         self._grace = grace_seconds
-        self._declare = (handler.queue, contract.dead_queue())
+        # Every work queue dead-letters to the triage queue: it must exist for them to.
+        declared = [*(handler.queue for handler in handlers), contract.triage_queue(), contract.dead_queue()]
+        self._declare = tuple({spec.name: spec for spec in declared}.values())
         # Deliveries past it (prefetch is twice the concurrency) wait here, in order.
         self._slots = asyncio.Semaphore(concurrency)
         self._session: AmqpSession | None = None
         self._confirms: PipelinedConfirms | None = None
-        self._consumer_tag = ""
+        self._consumer_tags: list[str] = []
         self._generation = 0
         self._in_flight: set[int] = set()
         # Deliveries of this connection whose work waits for a call slot, by tag: on a stop
@@ -140,7 +144,7 @@ class Consumer:
         await self._wait_for_running_calls()
         await self._close()
         abandoned = len(self._tasks)
-        log.info("worker.stopped", queue=self._handler.queue.name, abandoned=abandoned)
+        log.info("worker.stopped", queues=list(self._handlers), abandoned=abandoned)
         if abandoned:
             # Calls still running past the grace period are left (their messages are redelivered).
             # Exit without the interpreter's finalization, which a call still running could trip.
@@ -215,10 +219,11 @@ class Consumer:
             raise
         self._generation += 1
         self._session, self._confirms, self._in_flight, self._not_begun = session, confirms, set(), {}
-        self._consumer_tag = channel.basic_consume(
-            self._handler.queue.name, partial(self._on_message, self._generation)
-        )
-        log.info("worker.consuming", queue=self._handler.queue.name, concurrency=self._concurrency)
+        self._consumer_tags = [
+            channel.basic_consume(queue, partial(self._on_message, self._generation, handler))
+            for queue, handler in self._handlers.items()
+        ]
+        log.info("worker.consuming", queues=list(self._handlers), concurrency=self._concurrency)
 
     def _lose(self, reason: BaseException) -> None:
         """Give up the current connection (the main coroutine reconnects)."""
@@ -232,7 +237,8 @@ class Consumer:
             raise session.gone.result()
         # Stop taking messages, and put back at once those prefetched and not begun.
         with contextlib.suppress(*_CONNECTION_ERRORS):
-            await asyncio.wait_for(session.call(session.channel.basic_cancel, self._consumer_tag), 5)
+            for tag in self._consumer_tags:
+                await asyncio.wait_for(session.call(session.channel.basic_cancel, tag), 5)
         not_begun, self._not_begun = list(self._not_begun.values()), {}
         for delivery in not_begun:
             self._settle_or_lose(delivery, Settlement(requeue=True))
@@ -261,33 +267,34 @@ class Consumer:
     def _on_message(
         self,
         generation: int,
+        handler: Handler,
         channel: pika.channel.Channel,
         method: pika.spec.Basic.Deliver,
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, generation)
+        delivery = Delivery(method.delivery_tag, props, body, method.redelivered, generation, handler.queue.name)
         if not self._current(delivery):
             return  # it arrived as the session ended: the broker redelivers it
         self._in_flight.add(delivery.tag)
         give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
-        self._metrics.consumed(self._handler.queue.name, delivery.redelivered, give_up)
+        self._metrics.consumed(delivery.queue, delivery.redelivered, give_up)
         try:
             if give_up:
                 log.error(
                     "message.given_up",
-                    queue=self._handler.queue.name,
+                    queue=delivery.queue,
                     deliveries=delivery.delivery_count + 1,
                     message_id=props.message_id,
                 )
-                self._handler.on_give_up(delivery, self)
+                handler.on_give_up(delivery, self)
             else:
-                self._handler.on_delivery(delivery, self)
+                handler.on_delivery(delivery, self)
         except _CONNECTION_ERRORS as exc:
             self._lose(exc)
         except Exception as exc:
-            log.exception("worker.handler_failed", queue=self._handler.queue.name, message_id=props.message_id)
-            self._settle_or_lose(delivery, self._handler.on_error(delivery, exc))
+            log.exception("worker.handler_failed", queue=delivery.queue, message_id=props.message_id)
+            self._settle_or_lose(delivery, handler.on_error(delivery, exc))
 
     def _settle_or_lose(self, delivery: Delivery, settlement: Settlement) -> None:
         try:
@@ -295,7 +302,7 @@ class Consumer:
         except _CONNECTION_ERRORS as exc:
             self._lose(exc)
         except Exception as exc:  # a bug: its delivery would stay unacked; the broker redelivers it
-            log.exception("settle.failed", queue=self._handler.queue.name)
+            log.exception("settle.failed", queue=delivery.queue)
             self._lose(_ChannelGone(f"settling failed: {type(exc).__name__}"))
 
     def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
@@ -328,7 +335,7 @@ class Consumer:
             raise
         except Exception:
             # Something it owes cannot even be encoded: a retry would fail the same way.
-            log.exception("settle.failed", queue=self._handler.queue.name)
+            log.exception("settle.failed", queue=delivery.queue)
             self._publish_all([self._last_resort(delivery)], partial(self._finish, delivery))
 
     def _current(self, delivery: Delivery) -> bool:
@@ -354,7 +361,7 @@ class Consumer:
         dead = [
             dead_letter(
                 delivery,
-                self._handler.queue.name,
+                delivery.queue,
                 f"{m.dead_letter_reason}: no queue named {m.routing_key!r} took it",
                 Code.NOT_FOUND,
                 m.body,
@@ -380,13 +387,8 @@ class Consumer:
 
     def _last_resort(self, delivery: Delivery) -> Outgoing:
         """A dead letter with nothing of the original but its masked body."""
-        headers = {
-            contract.HEADER_ERROR: "could not settle this message (see the worker's log)",
-            contract.HEADER_ERROR_CODE: int(Code.INTERNAL),
-            contract.HEADER_SOURCE_QUEUE: self._handler.queue.name,
-        }
-        props = pika.BasicProperties(delivery_mode=contract.PERSISTENT, headers=headers)
-        return Outgoing(contract.DEAD_EXCHANGE, "", redact_body(delivery.body), props)
+        reason = "could not settle this message (see the worker's log)"
+        return dead_letter(delivery, delivery.queue, reason, Code.INTERNAL, bare=True)
 
     def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
         if not self._current(delivery):
@@ -413,11 +415,9 @@ class Consumer:
             except Exception as exc:
                 if isinstance(exc, _CONNECTION_ERRORS) and not self._current(delivery):
                     return  # a publish it awaited failed with its connection: the broker redelivers it
-                log.exception(
-                    "worker.task_failed", queue=self._handler.queue.name, message_id=delivery.properties.message_id
-                )
+                log.exception("worker.task_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
                 try:
-                    settlement = self._handler.on_error(delivery, exc)
+                    settlement = self._handlers[delivery.queue].on_error(delivery, exc)
                 except Exception as error:
                     settlement = Settlement([self._last_resort(delivery)])
                     log.exception("worker.on_error_failed", error=type(error).__name__)

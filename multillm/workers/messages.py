@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,13 +17,14 @@ from multillm.redact import redact_body
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A message as received. `generation` names the connection it came on; handlers never use it."""
+    """A message as received from `queue`. `generation` names the connection it came on; handlers never use it."""
 
     tag: int
     properties: pika.BasicProperties
     body: bytes
     redelivered: bool
     generation: int
+    queue: str
 
     @property
     def delivery_count(self) -> int:
@@ -108,25 +110,38 @@ def dead_letter(
     code: int,
     body: bytes | None = None,
     message_type: str | None = None,
+    *,
+    keep_whole: bool = False,
+    bare: bool = False,
 ) -> Outgoing:
     """A copy of a message (or `body` instead) for `multillm.dead`, with why it is there in headers.
 
-    The body has its api keys masked. Only our own headers go with it: a header the
-    producer sent may not even encode again (pika reads a huge double as an int it
-    cannot write back), and a copied `x-delivery-count` would make a replayed dead
-    letter look exhausted.
+    Every dead letter is built here. The body has its api keys masked, then is cut to
+    `DEAD_LETTER_MAX_BODY_BYTES` unless `keep_whole` (a record to replay); the headers
+    say whether it was cut, and the size and sha256 of the body as it came. Only our own
+    headers go with it: a header the producer sent may not even encode again (pika reads
+    a huge double as an int it cannot write back), and a copied `x-delivery-count` would
+    make a replayed dead letter look exhausted. `bare`: none of the original's properties
+    either, for when they may be what could not be encoded.
     """
-    props = delivery.properties
+    original = delivery.body if body is None else body
+    kept = redact_body(original)
+    cut = not keep_whole and len(kept) > contract.DEAD_LETTER_MAX_BODY_BYTES
+    if cut:
+        kept = _cut_utf8(kept, contract.DEAD_LETTER_MAX_BODY_BYTES)
     headers = {
         contract.HEADER_ERROR: reason[:1000],
-        contract.HEADER_ERROR_CODE: code,
+        contract.HEADER_ERROR_CODE: int(code),
         contract.HEADER_SOURCE_QUEUE: queue,
+        contract.HEADER_BODY_CUT: cut,
+        contract.HEADER_ORIGINAL_BYTES: len(original),
+        contract.HEADER_ORIGINAL_SHA256: hashlib.sha256(original).hexdigest(),
     }
-    return Outgoing(
-        exchange=contract.DEAD_EXCHANGE,
-        routing_key="",
-        body=redact_body(delivery.body if body is None else body),
-        properties=pika.BasicProperties(
+    if bare:
+        properties = pika.BasicProperties(delivery_mode=contract.PERSISTENT, headers=headers)
+    else:
+        props = delivery.properties
+        properties = pika.BasicProperties(
             content_type=props.content_type,
             delivery_mode=contract.PERSISTENT,
             message_id=props.message_id,
@@ -134,5 +149,13 @@ def dead_letter(
             reply_to=props.reply_to,
             type=message_type or props.type,
             headers=headers,
-        ),
-    )
+        )
+    return Outgoing(exchange=contract.DEAD_EXCHANGE, routing_key="", body=kept, properties=properties)
+
+
+def _cut_utf8(body: bytes, limit: int) -> bytes:
+    """The first `limit` bytes at most, not splitting a UTF-8 sequence, so the cut body still reads as text."""
+    end = limit
+    while end > 0 and body[end] & 0xC0 == 0x80:  # a continuation byte: its character began before the cut
+        end -= 1
+    return body[:end]

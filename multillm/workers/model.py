@@ -40,16 +40,20 @@ class ModelHandler:
         io.submit(delivery, partial(self._work, delivery, copy))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
+        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
+        self.give_up(delivery, io, reason, Code.INTERNAL)
+
+    def give_up(self, delivery: Delivery, io: Io, reason: str, code: int) -> None:
+        """Settle the copy for good: an error record (`code`) for its model, and a masked dead letter."""
         copy = self._decode(delivery, io)
         if copy is None:
             return
-        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
 
         async def record_and_dead_letter() -> Settlement:
-            error = ProviderError(Code.INTERNAL, reason)
+            error = ProviderError(code, reason)
             run = await self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
             return Settlement(
-                [self._dead_letter(delivery, reason, Code.INTERNAL), *run.unstored_record(delivery, self.queue.name)]
+                [self._dead_letter(delivery, reason, code), *run.unstored_record(delivery, self.queue.name)]
             )
 
         io.submit(delivery, record_and_dead_letter)

@@ -42,7 +42,9 @@ class ModelRun:
         if self.stored:
             return []
         reason = "the sink did not take this record; replay it from here"
-        return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, encode(self.record), "LLMLogRecord")]
+        record = encode(self.record)
+        # Kept whole: a cut record could not be replayed (its input was within max_body_bytes).
+        return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, record, "LLMLogRecord", keep_whole=True)]
 
 
 class ModelRunner:

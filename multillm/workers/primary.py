@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import TypeGuard
 
 import msgspec
 import pika
@@ -64,7 +65,7 @@ class PrimaryHandler:
             io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
             return
         bound = bound.bind(log_id=log_id_for(request_id, request.display_model), model=request.primary.name)
-        deadline = _deadline(props)
+        deadline = _deadline(props, now_ms())
         if deadline is not None and now_ms() > deadline:
             bound.warning("request.expired", deadline_ms=deadline)
             status = RpcStatus(
@@ -79,8 +80,12 @@ class PrimaryHandler:
         io.submit(delivery, partial(self._answer, delivery, request, request_id, others, copies, deadline))
 
     def on_give_up(self, delivery: Delivery, io: Io) -> None:
-        request_id = _request_id(delivery)
         reason = f"gave up after {delivery.delivery_count + 1} deliveries: the request kept failing or killing workers"
+        self.give_up(delivery, io, reason)
+
+    def give_up(self, delivery: Delivery, io: Io, reason: str) -> None:
+        """Settle the request for good: an error record (13) for its primary, the reply 13, a masked dead letter."""
+        request_id = _request_id(delivery)
         try:
             request = self._parse(delivery)
         except InvalidRequest as exc:
@@ -95,6 +100,15 @@ class PrimaryHandler:
             return refusal
 
         io.submit(delivery, record_and_refuse)
+
+    def expire(self, delivery: Delivery, io: Io, reason: str) -> None:
+        """A request the broker expired in its queue: the reply 4, a masked dead letter, no model and no record."""
+        log.warning("request.expired", request_id=_request_id(delivery), reason=reason)
+        io.settle(delivery, self.refuse(delivery, Code.DEADLINE_EXCEEDED, reason))
+
+    def refuse(self, delivery: Delivery, code: int, message: str) -> Settlement:
+        """The reply `code` and a masked dead letter, for a request settled outside its queue (triage)."""
+        return self._refuse(delivery, _request_id(delivery), code, message)
 
     def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
         message = f"internal error while serving the request: {type(error).__name__}"
@@ -265,7 +279,26 @@ def _request_id(delivery: Delivery) -> str:
     return request_id_for(props.message_id, props.correlation_id, delivery.body)
 
 
-def _deadline(props: pika.BasicProperties) -> int | None:
+def _deadline(props: pika.BasicProperties, received_ms: int) -> int | None:
+    """The request's deadline (epoch ms): the earliest that its header and its AMQP `expiration` give.
+
+    `expiration` counts from when the message entered the queue, which the worker cannot see:
+    from the AMQP `timestamp` when the producer set one, and from `received_ms` in any case,
+    an upper bound (the broker had not expired it yet).
+    """
+    candidates = []
     value = (props.headers or {}).get(contract.HEADER_DEADLINE)
-    # pika decodes 64-bit header integers as its own int subclass; msgspec wants a plain int.
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    if _is_int(value):
+        # pika decodes 64-bit header integers as its own int subclass; msgspec wants a plain int.
+        candidates.append(int(value))
+    expiration = props.expiration
+    if isinstance(expiration, str) and expiration.isascii() and expiration.isdigit():
+        ttl = int(expiration)
+        candidates.append(received_ms + ttl)
+        if _is_int(props.timestamp) and props.timestamp > 0:  # seconds since the epoch
+            candidates.append(int(props.timestamp) * 1000 + ttl)
+    return min(candidates, default=None)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
