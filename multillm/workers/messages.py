@@ -116,7 +116,7 @@ def dead_letter(
 ) -> Outgoing:
     """A copy of a message (or `body` instead) for `multillm.dead`, with why it is there in headers.
 
-    Every dead letter is built here. The body has its api keys masked, then is cut to
+    Every dead letter is built here. The body has its api keys masked and is cut to
     `DEAD_LETTER_MAX_BODY_BYTES` unless `keep_whole` (a record to replay); the headers
     say whether it was cut, and the size and sha256 of the body as it came. Only our own
     headers go with it: a header the producer sent may not even encode again (pika reads
@@ -125,10 +125,7 @@ def dead_letter(
     either, for when they may be what could not be encoded.
     """
     original = delivery.body if body is None else body
-    kept = redact_body(original)
-    cut = not keep_whole and len(kept) > contract.DEAD_LETTER_MAX_BODY_BYTES
-    if cut:
-        kept = _cut_utf8(kept, contract.DEAD_LETTER_MAX_BODY_BYTES)
+    kept, cut = (redact_body(original), False) if keep_whole else _masked_within(original)
     headers = {
         contract.HEADER_ERROR: reason[:1000],
         contract.HEADER_ERROR_CODE: int(code),
@@ -151,6 +148,21 @@ def dead_letter(
             headers=headers,
         )
     return Outgoing(exchange=contract.DEAD_EXCHANGE, routing_key="", body=kept, properties=properties)
+
+
+def _masked_within(body: bytes, limit: int = contract.DEAD_LETTER_MAX_BODY_BYTES) -> tuple[bytes, bool]:
+    """`body` with its api keys masked and cut to `limit` bytes, and whether it was cut.
+
+    Cut before masking too: masking reads every byte, seconds for a 10 MB body on the
+    worker's event loop, and it reads a key cut off by the end as a key (redact.py), so
+    what is kept is masked all the same. Cut after masking again: a key shorter than the
+    mask makes the body longer.
+    """
+    cut = len(body) > limit
+    masked = redact_body(_cut_utf8(body, limit) if cut else body)
+    if len(masked) > limit:
+        return _cut_utf8(masked, limit), True
+    return masked, cut
 
 
 def _cut_utf8(body: bytes, limit: int) -> bytes:
