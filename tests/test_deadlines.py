@@ -183,7 +183,7 @@ def test_a_request_the_broker_gave_up_on_gets_13_a_record_and_a_masked_dead_lett
     [reply] = collect_replies(broker_url, REPLIES, 1, idle_timeout=15)
     assert reply.request_id == "gone-1"
     assert reply.status is not None and reply.status.code == Code.INTERNAL
-    assert reply.status.details == [{"logId": log_id_for("r-gone", 0)}]
+    assert reply.status.log_id == log_id_for("r-gone", 0)
     [record] = wait_for_records(sink, "r-gone", 1)
     assert record.status == "error" and record.error_code == Code.INTERNAL and reason in (record.error_message or "")
     assert mock_control.calls() == []
