@@ -6,8 +6,12 @@ Requests here come from "another producer": raw pika, which sets AMQP properties
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,6 +19,7 @@ import pika
 import pytest
 
 from multillm import contract
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import Code
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, ReplyQueue, make_request
@@ -190,8 +195,16 @@ def test_a_request_the_broker_gave_up_on_gets_13_a_record_and_a_masked_dead_lett
     _assert_masked_dead_letter(broker_url, reason)
 
 
-def test_a_copy_the_broker_gave_up_on_gets_its_error_record_and_a_masked_dead_letter(
-    start_worker: StartWorker, broker_url: str, channel: Any, sink: Sink, mock_control: MockControl
+@pytest.mark.parametrize(("how", "reason", "code"), [("reject", "delivery_limit", 13), ("expire", "expired", 4)])
+def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead_letter(
+    start_worker: StartWorker,
+    broker_url: str,
+    channel: Any,
+    sink: Sink,
+    mock_control: MockControl,
+    how: str,
+    reason: str,
+    code: int,
 ) -> None:
     spec = contract.model_queue_spec("mock/b")
     channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
@@ -202,14 +215,37 @@ def test_a_copy_the_broker_gave_up_on_gets_its_error_record_and_a_masked_dead_le
         contract.MODEL_EXCHANGE,
         "mock/b",
         encode(copy),
-        pika.BasicProperties(content_type=contract.CONTENT_TYPE, delivery_mode=2, type=contract.TYPE_FANOUT),
+        pika.BasicProperties(
+            content_type=contract.CONTENT_TYPE,
+            delivery_mode=2,
+            type=contract.TYPE_FANOUT,
+            expiration="1" if how == "expire" else None,
+        ),
     )
-    _reject_until_dead_lettered(channel, spec.name, requeue=True)
+    if how == "reject":
+        _reject_until_dead_lettered(channel, spec.name, requeue=True)
 
     start_worker("primary")  # the primary worker triages what the broker dead-lettered from any work queue
 
     [record] = wait_for_records(sink, "r-copy", 1)
-    assert (record.model_name, record.status, record.error_code) == ("mock/b", "error", Code.INTERNAL)
-    assert "delivery_limit" in (record.error_message or "")
+    assert (record.model_name, record.status, record.error_code) == ("mock/b", "error", code)
+    assert reason in (record.error_message or "") and record.attempts == 0
     assert mock_control.calls() == []
-    _assert_masked_dead_letter(broker_url, "delivery_limit")
+    _assert_masked_dead_letter(broker_url, reason)
+
+
+def test_a_work_queue_declared_by_an_earlier_version_stops_the_worker_with_what_to_do(
+    config_path: Path, broker_url: str, channel: Any
+) -> None:
+    spec = contract.requests_queue()
+    earlier = {**spec.arguments, "x-dead-letter-exchange": contract.DEAD_EXCHANGE}
+    channel.queue_delete(spec.name)  # as the `topology` fixture made it; an earlier version's instead:
+    channel.queue_declare(spec.name, durable=True, arguments=earlier)
+
+    env = {**os.environ, ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "multillm", "worker", "primary"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "x-dead-letter-exchange" in done.stderr and "multillm.requests" in done.stderr
+    assert "delete that queue" in done.stderr
