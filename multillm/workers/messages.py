@@ -168,6 +168,8 @@ def _masked_within(body: bytes, limit: int = contract.DEAD_LETTER_MAX_BODY_BYTES
 def _cut_utf8(body: bytes, limit: int) -> bytes:
     """The first `limit` bytes at most, not splitting a UTF-8 sequence, so the cut body still reads as text."""
     end = limit
-    while end > 0 and body[end] & 0xC0 == 0x80:  # a continuation byte: its character began before the cut
+    # A continuation byte: its character began before the cut. A UTF-8 character has at most
+    # three; a body that is not UTF-8 at all is cut at most three bytes short.
+    while end > limit - 3 and body[end] & 0xC0 == 0x80:
         end -= 1
     return body[:end]
