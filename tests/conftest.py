@@ -12,7 +12,9 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import pika
 import psycopg
 import pytest
 from psycopg import sql
@@ -157,6 +159,17 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
     yield start
     unclean = [(w.args, code) for w in started if (code := w.stop()) != 0 and not w.killed]
     assert not unclean, f"workers did not exit 0 on SIGTERM: {unclean}"
+
+
+@pytest.fixture
+def raw_channel(broker_url: str) -> Iterator[Any]:
+    """A raw pika channel with publisher confirms on the test's vhost: another producer, written
+    against the contract only."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    opened = connection.channel()
+    opened.confirm_delivery()
+    yield opened
+    connection.close()
 
 
 @pytest.fixture

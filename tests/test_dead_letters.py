@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import pika
@@ -29,15 +28,6 @@ def reply_queue(broker_url: str) -> None:
     queue.close()
 
 
-@pytest.fixture
-def channel(broker_url: str) -> Iterator[Any]:
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    opened = connection.channel()
-    opened.confirm_delivery()
-    yield opened
-    connection.close()
-
-
 def _huge_request() -> bytes:
     """About 10 MB of valid JSON, its api key near the start; a cut at LIMIT, masked or not, splits a character."""
     valid = encode(make_request([V1Model(name="mock/a", api_key=KEY)], "big"))
@@ -51,11 +41,11 @@ def _huge_request() -> bytes:
 
 @pytest.mark.parametrize("size", ["10 MB", "small"])
 def test_a_dead_letter_is_masked_cut_to_the_limit_and_says_what_it_was(
-    start_worker: StartWorker, broker_url: str, channel: Any, size: str
+    start_worker: StartWorker, broker_url: str, raw_channel: Any, size: str
 ) -> None:
     start_worker("primary")
     body = _huge_request() if size == "10 MB" else encode(make_request([V1Model(name="bogus/a", api_key=KEY)], "x"))
-    channel.basic_publish(
+    raw_channel.basic_publish(
         contract.REQUEST_EXCHANGE,
         contract.REQUEST_ROUTING_KEY,
         body,

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,6 @@ def topology(broker_url: str) -> None:
     queue = ReplyQueue(broker_url, REPLIES)
     queue.declare()
     queue.close()
-
-
-@pytest.fixture
-def channel(broker_url: str) -> Iterator[Any]:
-    """A raw pika channel with publisher confirms: another producer, written against the contract only."""
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    opened = connection.channel()
-    opened.confirm_delivery()
-    yield opened
-    connection.close()
 
 
 def _publish(channel: Any, body: bytes, **properties: Any) -> None:
@@ -88,9 +77,9 @@ def _assert_masked_dead_letter(broker_url: str, reason: str) -> None:
 
 
 def test_a_request_the_broker_expired_in_the_queue_is_answered_4_and_dead_lettered_masked(
-    start_worker: StartWorker, broker_url: str, channel: Any, mock_control: MockControl
+    start_worker: StartWorker, broker_url: str, raw_channel: Any, mock_control: MockControl
 ) -> None:
-    _publish(channel, _request("mock/a", "mock/b"), expiration="1", correlation_id="exp-1", message_id="r-exp-1")
+    _publish(raw_channel, _request("mock/a", "mock/b"), expiration="1", correlation_id="exp-1", message_id="r-exp-1")
 
     start_worker("primary")
 
@@ -103,7 +92,7 @@ def test_a_request_the_broker_expired_in_the_queue_is_answered_4_and_dead_letter
 
 
 def test_a_request_whose_expiration_passes_while_a_worker_holds_it_reaches_no_model(
-    start_worker: StartWorker, client: Client, broker_url: str, sink: Sink, mock_control: MockControl, channel: Any
+    start_worker: StartWorker, client: Client, broker_url: str, sink: Sink, mock_control: MockControl, raw_channel: Any
 ) -> None:
     mock_control.set_fault("slow", latency_ms=3000)
     start_worker("primary", concurrency=1)
@@ -112,7 +101,7 @@ def test_a_request_whose_expiration_passes_while_a_worker_holds_it_reaches_no_mo
         time.sleep(0.02)
     # Prefetched at once (the prefetch is twice the concurrency), so the broker no longer
     # expires it: it waits for the slot in the worker, past its second.
-    _publish(channel, _request("mock/held"), expiration="1000", correlation_id="held-1", message_id="r-held")
+    _publish(raw_channel, _request("mock/held"), expiration="1000", correlation_id="held-1", message_id="r-held")
 
     replies = {r.request_id: r for r in collect_replies(broker_url, REPLIES, 2, idle_timeout=15)}
     assert replies[first].result().text == "slow says: hold the only slot"
@@ -125,21 +114,26 @@ def test_a_request_whose_expiration_passes_while_a_worker_holds_it_reaches_no_mo
 
 @pytest.mark.parametrize("header_offset_ms", [None, 300_000, 900_000])
 def test_the_copies_carry_the_earliest_of_expiration_and_header_deadline(
-    start_worker: StartWorker, broker_url: str, channel: Any, header_offset_ms: int | None
+    start_worker: StartWorker, broker_url: str, raw_channel: Any, header_offset_ms: int | None
 ) -> None:
     spec = contract.model_queue_spec("mock/b")
-    channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
-    channel.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
+    raw_channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    raw_channel.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
     sent_at = int(time.time())  # the AMQP timestamp: seconds since the epoch
     headers = {} if header_offset_ms is None else {contract.HEADER_DEADLINE: sent_at * 1000 + header_offset_ms}
     _publish(
-        channel, _request("mock/a", "mock/b"), expiration="600000", timestamp=sent_at, headers=headers, message_id="r-c"
+        raw_channel,
+        _request("mock/a", "mock/b"),
+        expiration="600000",
+        timestamp=sent_at,
+        headers=headers,
+        message_id="r-c",
     )
     start_worker("primary")
 
     [reply] = collect_replies(broker_url, REPLIES, 1)
     assert reply.result().text == "a says: are we late?"
-    method, _, body = channel.basic_get(spec.name, auto_ack=True)
+    method, _, body = raw_channel.basic_get(spec.name, auto_ack=True)
     assert method is not None
     copy = msgspec.json.decode(body, type=FanOutCopy)
     assert copy.deadline_ms == sent_at * 1000 + min(600_000, header_offset_ms or 600_000)
@@ -147,11 +141,11 @@ def test_the_copies_carry_the_earliest_of_expiration_and_header_deadline(
 
 
 def test_a_header_deadline_still_expires_a_request_without_expiration(
-    start_worker: StartWorker, broker_url: str, channel: Any, mock_control: MockControl
+    start_worker: StartWorker, broker_url: str, raw_channel: Any, mock_control: MockControl
 ) -> None:
     start_worker("primary")
     past = int(time.time() * 1000) - 1000
-    _publish(channel, _request("mock/a"), headers={contract.HEADER_DEADLINE: past}, correlation_id="late-h")
+    _publish(raw_channel, _request("mock/a"), headers={contract.HEADER_DEADLINE: past}, correlation_id="late-h")
     [reply] = collect_replies(broker_url, REPLIES, 1)
     assert reply.request_id == "late-h"
     assert reply.status is not None and reply.status.code == Code.DEADLINE_EXCEEDED
@@ -174,14 +168,14 @@ def _reject_until_dead_lettered(channel: Any, queue: str, requeue: bool) -> None
 def test_a_request_the_broker_gave_up_on_gets_13_a_record_and_a_masked_dead_letter(
     start_worker: StartWorker,
     broker_url: str,
-    channel: Any,
+    raw_channel: Any,
     sink: Sink,
     mock_control: MockControl,
     requeue: bool,
     reason: str,
 ) -> None:
-    _publish(channel, _request("mock/a"), correlation_id="gone-1", message_id="r-gone")
-    _reject_until_dead_lettered(channel, contract.REQUEST_QUEUE, requeue)
+    _publish(raw_channel, _request("mock/a"), correlation_id="gone-1", message_id="r-gone")
+    _reject_until_dead_lettered(raw_channel, contract.REQUEST_QUEUE, requeue)
 
     start_worker("primary")
 
@@ -199,7 +193,7 @@ def test_a_request_the_broker_gave_up_on_gets_13_a_record_and_a_masked_dead_lett
 def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead_letter(
     start_worker: StartWorker,
     broker_url: str,
-    channel: Any,
+    raw_channel: Any,
     sink: Sink,
     mock_control: MockControl,
     how: str,
@@ -207,11 +201,11 @@ def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead
     code: int,
 ) -> None:
     spec = contract.model_queue_spec("mock/b")
-    channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
-    channel.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
+    raw_channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    raw_channel.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
     request = make_request([V1Model(name="mock/a"), V1Model(name="mock/b", api_key=KEY)], "are we late?")
     copy = FanOutCopy(request_id="r-copy", model_index=1, request=request)
-    channel.basic_publish(
+    raw_channel.basic_publish(
         contract.MODEL_EXCHANGE,
         "mock/b",
         encode(copy),
@@ -223,7 +217,7 @@ def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead
         ),
     )
     if how == "reject":
-        _reject_until_dead_lettered(channel, spec.name, requeue=True)
+        _reject_until_dead_lettered(raw_channel, spec.name, requeue=True)
 
     start_worker("primary")  # the primary worker triages what the broker dead-lettered from any work queue
 
@@ -235,12 +229,12 @@ def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead
 
 
 def test_a_work_queue_declared_by_an_earlier_version_stops_the_worker_with_what_to_do(
-    config_path: Path, broker_url: str, channel: Any
+    config_path: Path, broker_url: str, raw_channel: Any
 ) -> None:
     spec = contract.requests_queue()
     earlier = {**spec.arguments, "x-dead-letter-exchange": contract.DEAD_EXCHANGE}
-    channel.queue_delete(spec.name)  # as the `topology` fixture made it; an earlier version's instead:
-    channel.queue_declare(spec.name, durable=True, arguments=earlier)
+    raw_channel.queue_delete(spec.name)  # as the `topology` fixture made it; an earlier version's instead:
+    raw_channel.queue_declare(spec.name, durable=True, arguments=earlier)
 
     env = {**os.environ, ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
     done = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -223,13 +225,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _stopped_by_sigterm(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """`proc`, which must exit 0 on the SIGTERM it gets at the end (killed if the test failed first)."""
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_main_in_another_process_stops_on_sigterm() -> None:
     port = _free_port()
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     code = f"from multillm.mock_llm import main; main(port={port}, latency_ms=1)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
-    try:
+    with _stopped_by_sigterm(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)):
         control = MockControl(f"http://127.0.0.1:{port}/v1")
         control.wait_ready(timeout=15)
         control.set_fault("echo", statuses=[503])
@@ -238,12 +252,6 @@ def test_main_in_another_process_stops_on_sigterm() -> None:
         assert c.chat("echo", "hi")[0] == 200
         c.conn.close()
         assert [call.status for call in control.calls()] == [503, 200]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_random_errors_follow_the_rate_and_the_seed(mock_llm: MockLLM, mock_control: MockControl) -> None:
@@ -266,7 +274,7 @@ def test_multillm_mock_llm_by_hand_takes_150_ms_and_the_help_example_works() -> 
     )
     [example] = re.findall(r"curl -X POST http://127\.0\.0\.1:8089(/\S+) -d '(.+)'", helped.stdout)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with _stopped_by_sigterm(proc):
         assert proc.stderr is not None
         listening = json.loads(proc.stderr.readline())  # the first line it logs, once it serves
         assert listening["event"] == "mock_llm.listening"
@@ -276,9 +284,3 @@ def test_multillm_mock_llm_by_hand_takes_150_ms_and_the_help_example_works() -> 
         assert c.post(path, body.encode())[0] == 200
         assert [c.chat("echo", "hi")[0] for _ in range(3)] == [503, 429, 200]  # the faults the example sets
         c.conn.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
