@@ -10,9 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY multillm /src/multillm
-RUN pip install '/src[postgres]' && rm -rf /src
+RUN pip install -c /src/constraints.txt '/src[postgres]' && rm -rf /src
 
 # A non-root user; its home is the working folder (a sqlite:/// or jsonl:/// sink with a
 # relative path lands there).
