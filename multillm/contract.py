@@ -19,14 +19,14 @@ REQUEST_QUEUE: Final = "multillm.requests"
 MODEL_EXCHANGE: Final = "multillm.models"
 MODEL_QUEUE_PREFIX: Final = "multillm.model."
 
+# The work queues' dead-letter exchange (`x-dead-letter-exchange`), as in every version. It
+# feeds `multillm.triage`, not `multillm.dead`: the broker's own dead letters (expired,
+# delivery limit, rejected) copy the body as sent, api keys and all, and answer nobody. The
+# primary worker consumes the triage queue, answers and records what is owed, and puts each
+# message into `multillm.dead` masked (workers/triage.py). Workers put the dead letters they
+# make straight into `multillm.dead`, through the default exchange.
 DEAD_EXCHANGE: Final = "multillm.dead"
 DEAD_QUEUE: Final = "multillm.dead"
-
-# Where the work queues dead-letter, instead of straight into `multillm.dead`: the broker's
-# own dead letters (expired, delivery limit, rejected) copy the body as sent, api keys and
-# all, and answer nobody. The primary worker consumes this queue, answers and records what
-# is owed, and forwards each message to `multillm.dead` masked (workers/triage.py).
-TRIAGE_EXCHANGE: Final = "multillm.triage"
 TRIAGE_QUEUE: Final = "multillm.triage"
 
 # The table of log records in SQL sinks (columns: the fields of schemas.LLMLogRecord).
@@ -103,7 +103,6 @@ DEAD_LETTER_MAX_BODY_BYTES: Final = 64 * 1024
 EXCHANGES: Final = {
     REQUEST_EXCHANGE: "direct",
     MODEL_EXCHANGE: "direct",
-    TRIAGE_EXCHANGE: "fanout",
     DEAD_EXCHANGE: "fanout",
 }
 
@@ -118,13 +117,13 @@ class QueueSpec:
     arguments: dict[str, object] = field(default_factory=dict)
 
 
-def _work_queue_arguments(dead_letter_exchange: str = TRIAGE_EXCHANGE) -> dict[str, object]:
+def _work_queue_arguments() -> dict[str, object]:
     # Quorum queues are replicated and count deliveries; at-least-once
     # dead-lettering needs `reject-publish` overflow.
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": DELIVERY_LIMIT,
-        "x-dead-letter-exchange": dead_letter_exchange,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
@@ -142,14 +141,27 @@ def triage_queue() -> QueueSpec:
     """Whoever declares a work queue declares this one too: at-least-once dead-lettering
     keeps a message in its work queue until a queue takes its dead letter.
 
-    It dead-letters to `multillm.dead` itself, which only a message that kills the primary
-    worker at every one of its deliveries here would reach, unmasked.
+    It dead-letters into `multillm.dead` itself (by the default exchange), which only a
+    message that kills the primary worker at every one of its deliveries here would reach,
+    unmasked.
     """
-    return QueueSpec(TRIAGE_QUEUE, TRIAGE_EXCHANGE, "", _work_queue_arguments(DEAD_EXCHANGE))
+    arguments = {
+        **_work_queue_arguments(),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": DEAD_QUEUE,
+    }
+    return QueueSpec(TRIAGE_QUEUE, DEAD_EXCHANGE, "", arguments)
 
 
 def dead_queue() -> QueueSpec:
-    return QueueSpec(DEAD_QUEUE, DEAD_EXCHANGE, "", {"x-queue-type": "quorum"})
+    """Fed by the default exchange only (see DEAD_EXCHANGE)."""
+    return QueueSpec(DEAD_QUEUE, "", DEAD_QUEUE, {"x-queue-type": "quorum"})
+
+
+# Bindings that earlier versions made and this one removes wherever it declares (queue, exchange,
+# routing key): with it, the broker's dead letters would reach `multillm.dead` unmasked. Removing
+# them in place keeps every queue's arguments as they were, so an upgrade needs no queue deleted.
+OBSOLETE_BINDINGS: Final = ((DEAD_QUEUE, DEAD_EXCHANGE, ""),)
 
 
 def named_reply_queue(name: str) -> QueueSpec:

@@ -174,20 +174,21 @@ class WorkerMetrics:
     def published(self, message: Outgoing, result: str) -> None:
         """The broker answered a publish: `ok`, `unroutable` (no queue took it) or `refused` (nacked)."""
         exchange = message.exchange
+        dead = exchange == "" and message.routing_key == contract.DEAD_QUEUE
         if exchange == contract.MODEL_EXCHANGE:
             self._fanout(message.routing_key, "published" if result == "ok" else result).inc()
         elif result != "ok":
-            target = "reply" if exchange == "" else "dead_letter" if exchange == contract.DEAD_EXCHANGE else "other"
+            target = "dead_letter" if dead else "reply" if exchange == "" else "other"
             self._publish_failures(target, result).inc()
+        elif dead:
+            headers = message.properties.headers or {}
+            queue = str(headers.get(contract.HEADER_SOURCE_QUEUE, ""))
+            self._dead_letters(queue, code_name(headers.get(contract.HEADER_ERROR_CODE))).inc()
         elif exchange == "":
             if message.properties.type == contract.TYPE_ERROR:
                 self._replies("error", _reply_code(message.body)).inc()
             else:
                 self._replies("ok", "OK").inc()
-        elif exchange == contract.DEAD_EXCHANGE:
-            headers = message.properties.headers or {}
-            queue = str(headers.get(contract.HEADER_SOURCE_QUEUE, ""))
-            self._dead_letters(queue, code_name(headers.get(contract.HEADER_ERROR_CODE))).inc()
 
     # --- model calls ------------------------------------------------------------
 

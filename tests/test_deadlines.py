@@ -6,11 +6,7 @@ Requests here come from "another producer": raw pika, which sets AMQP properties
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -18,7 +14,6 @@ import pika
 import pytest
 
 from multillm import contract
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import Code
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, ReplyQueue, make_request
@@ -228,18 +223,36 @@ def test_a_copy_the_broker_dead_lettered_gets_its_error_record_and_a_masked_dead
     _assert_masked_dead_letter(broker_url, reason)
 
 
-def test_a_work_queue_declared_by_an_earlier_version_stops_the_worker_with_what_to_do(
-    config_path: Path, broker_url: str, raw_channel: Any
+def test_an_earlier_versions_topology_is_upgraded_in_place(
+    start_worker: StartWorker, broker_url: str, raw_channel: Any, mock_control: MockControl
 ) -> None:
-    spec = contract.requests_queue()
-    earlier = {**spec.arguments, "x-dead-letter-exchange": contract.DEAD_EXCHANGE}
-    raw_channel.queue_delete(spec.name)  # as the `topology` fixture made it; an earlier version's instead:
-    raw_channel.queue_declare(spec.name, durable=True, arguments=earlier)
+    # Earlier versions bound `multillm.dead` to the work queues' dead-letter exchange, so the
+    # broker's own dead letters landed there unmasked. The queues keep their arguments; the
+    # first worker to start moves the binding, and nothing needs deleting.
+    raw_channel.queue_bind(contract.DEAD_QUEUE, "multillm.dead", routing_key="")
+    assert start_worker("primary").stop() == 0
 
-    env = {**os.environ, ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "multillm", "worker", "primary"], env=env, capture_output=True, text=True, timeout=60
+    _publish(raw_channel, _request("mock/a"), expiration="1", correlation_id="exp-up", message_id="r-exp-up")
+    _wait_until_gone(raw_channel, contract.REQUEST_QUEUE)
+    start_worker("primary")
+
+    [reply] = collect_replies(broker_url, REPLIES, 1, idle_timeout=15)
+    assert reply.status is not None and reply.status.code == Code.DEADLINE_EXCEEDED
+    assert mock_control.calls() == []
+    _assert_masked_dead_letter(broker_url, "expired")
+    assert read_dead_letters(broker_url, 1, timeout=1) == []  # and no unmasked copy beside it
+
+
+def test_a_dead_letter_of_an_earlier_worker_reaches_multillm_dead_as_it_was(
+    start_worker: StartWorker, broker_url: str, raw_channel: Any
+) -> None:
+    # A worker of an earlier version, still running during an upgrade, publishes its (masked)
+    # dead letters to the exchange, which now feeds the triage queue.
+    start_worker("primary")
+    headers = {contract.HEADER_ERROR: "invalid request: from an earlier worker", contract.HEADER_ERROR_CODE: 3}
+    raw_channel.basic_publish(
+        "multillm.dead", "", b'{"models": "?"}', pika.BasicProperties(headers=headers, type="X"), mandatory=True
     )
-    assert done.returncode == 2, done.stderr
-    assert "x-dead-letter-exchange" in done.stderr and "multillm.requests" in done.stderr
-    assert "delete that queue" in done.stderr
+    [dead] = read_dead_letters(broker_url, 1)
+    assert dead.body == b'{"models": "?"}'
+    assert dead.headers[contract.HEADER_ERROR] == "invalid request: from an earlier worker"

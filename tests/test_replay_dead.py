@@ -31,8 +31,8 @@ def publish_dead(broker_url: str, letters: list[tuple[bytes, str | None]]) -> No
             properties = {"type": kind} if kind else {}
             producer.publish(
                 body,
-                exchange=contract.DEAD_EXCHANGE,
-                routing_key="",
+                exchange="",
+                routing_key=contract.DEAD_QUEUE,
                 content_type=contract.CONTENT_TYPE,
                 content_encoding="utf-8",
                 headers={contract.HEADER_ERROR: "the sink did not take this record; replay it from here"},

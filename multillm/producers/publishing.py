@@ -80,12 +80,17 @@ def kombu_queue(spec: QueueSpec) -> kombu.Queue:
 
 
 def declare_queues(connection: kombu.Connection, *specs: QueueSpec) -> None:
-    """Declare exchanges, queues and bindings, idempotently (same arguments as the workers')."""
+    """Declare exchanges, queues and bindings, and remove the obsolete bindings of these queues,
+    idempotently (as the workers do: `workers.consumer.declare`)."""
     channel = connection.default_channel
     for name, kind in contract.EXCHANGES.items():
         kombu.Exchange(name, kind, durable=True)(channel).declare()
     for spec in specs:
         kombu_queue(spec)(channel).declare()
+    declared = {spec.name for spec in specs}
+    for queue, exchange, routing_key in contract.OBSOLETE_BINDINGS:
+        if queue in declared:
+            channel.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key)
 
 
 def new_request_id() -> str:

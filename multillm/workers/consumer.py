@@ -435,7 +435,8 @@ def _retrieve(future: asyncio.Future[list[bool]]) -> None:
 
 
 async def declare(session: AmqpSession, queues: tuple[QueueSpec, ...]) -> None:
-    """Declare every exchange, then these queues and their bindings; idempotent, so every start may."""
+    """Declare every exchange, then these queues and their bindings, and remove the obsolete bindings
+    of these queues; idempotent, so every start may."""
     channel = session.channel
     assert channel is not None
     for exchange, kind in contract.EXCHANGES.items():
@@ -444,3 +445,7 @@ async def declare(session: AmqpSession, queues: tuple[QueueSpec, ...]) -> None:
         await session.call(channel.queue_declare, spec.name, durable=True, arguments=spec.arguments)
         if spec.exchange:
             await session.call(channel.queue_bind, spec.name, spec.exchange, routing_key=spec.routing_key)
+    declared = {spec.name for spec in queues}
+    for queue, exchange, routing_key in contract.OBSOLETE_BINDINGS:
+        if queue in declared:
+            await session.call(channel.queue_unbind, queue, exchange, routing_key=routing_key)

@@ -147,7 +147,7 @@ def dead_letter(
             type=message_type or props.type,
             headers=headers,
         )
-    return Outgoing(exchange=contract.DEAD_EXCHANGE, routing_key="", body=kept, properties=properties)
+    return Outgoing(exchange="", routing_key=contract.DEAD_QUEUE, body=kept, properties=properties)
 
 
 def _masked_within(body: bytes, limit: int = contract.DEAD_LETTER_MAX_BODY_BYTES) -> tuple[bytes, bool]:

@@ -24,7 +24,7 @@ import structlog
 
 from multillm import contract
 from multillm.errors import Code
-from multillm.workers.messages import Delivery, Io, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
@@ -66,6 +66,12 @@ class TriageHandler:
 
     def on_delivery(self, delivery: Delivery, io: Io) -> None:
         death = broker_death(delivery.properties)
+        if death is None and contract.HEADER_ERROR in (delivery.properties.headers or {}):
+            # A dead letter that a worker of an earlier version made (masked) and published to the
+            # exchange, which now feeds this queue: on into `multillm.dead` as it is.
+            passed_on = Outgoing("", contract.DEAD_QUEUE, delivery.body, delivery.properties)
+            io.settle(delivery, Settlement([passed_on]))
+            return
         if death is None:
             reason = (
                 f"in {self.queue.name} without the broker's {contract.HEADER_DEATH} header: not a broker dead letter"
