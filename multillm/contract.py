@@ -43,6 +43,8 @@ TYPE_REQUEST: Final = "V1CreateMultiLLMChatCompletionRequest"
 TYPE_REPLY: Final = "V1MultiLLMChatCompletion"
 TYPE_ERROR: Final = "RpcStatus"
 TYPE_FANOUT: Final = "MultiLLMFanOutCopy"
+# A record the sink would not take, in `multillm.dead` to be replayed.
+TYPE_RECORD: Final = "LLMLogRecord"
 
 # Headers we add. `x-multillm-deadline` is absolute (epoch ms) because AMQP's
 # `expiration` is relative to when the message entered a queue and cannot be

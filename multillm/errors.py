@@ -78,7 +78,7 @@ class DeadlineExceeded(RpcError):
 
 
 class NotFound(RpcError):
-    """5: the provider does not know the model."""
+    """5: not in replies today (a provider's 404 is 3); dead letters of replies whose queue did not exist carry it."""
 
 
 class PermissionDenied(RpcError):

@@ -12,6 +12,7 @@ names the offending field (e.g. "Expected `int`, got `str` - at `$.displayModel`
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -25,12 +26,24 @@ RecordStatus = Literal["ok", "error"]
 
 MAX_MODEL_NAME_CHARS: Final = 200
 _PROVIDER: Final = re.compile(r"[A-Za-z0-9_.\-]+\Z")
-# Characters a name may not hold: controls (C0, DEL, C1; NUL cannot even be stored by PostgreSQL),
-# whitespace, and the invisible and bidirectional formatting characters that make a name look like
-# another one in a log or a queue list (U+202E turns the rest of a line around).
-_FORBIDDEN_IN_NAME: Final = re.compile(
-    "[\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff\ufff9-\ufffb]"
-)
+# Characters a name may not hold: controls (NUL cannot even be stored by PostgreSQL), whitespace,
+# private use, and the invisible and bidirectional formatting characters that make a name look
+# like another one in a log or a queue list (U+202E turns the rest of a line around): every
+# character of these Unicode categories, and the blank fillers that are letters to Unicode.
+_FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Co", "Cs", "Zs", "Zl", "Zp"})
+_BLANK_LETTERS: Final = frozenset("\u034f\u115f\u1160\u3164\uffa0")
+_ASCII_FORBIDDEN: Final = re.compile("[\x00-\x20\x7f]")
+
+
+def _forbidden_in_name(name: str) -> tuple[int, str] | None:
+    """The first character a model name may not hold, with its index, or None."""
+    if name.isascii():  # the usual case, ten times faster: only controls and the space to look for
+        ascii_bad = _ASCII_FORBIDDEN.search(name)
+        return (ascii_bad.start(), ascii_bad.group()) if ascii_bad else None
+    for index, char in enumerate(name):
+        if char in _BLANK_LETTERS or unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+            return index, char
+    return None
 
 
 def model_name_problem(name: str) -> str | None:
@@ -43,9 +56,10 @@ def model_name_problem(name: str) -> str | None:
     provider, slash, model = name.partition("/")
     if not slash or not model or not _PROVIDER.match(provider):
         return f"model name {_shown(name)} must be `provider/model`, the provider of letters, digits, '_', '.', '-'"
-    if bad := _FORBIDDEN_IN_NAME.search(name):
+    if bad := _forbidden_in_name(name):
+        index, char = bad
         return (
-            f"model name {_shown(name)} contains U+{ord(bad.group()):04X} at character {bad.start()}:"
+            f"model name {_shown(name)} contains U+{ord(char):04X} at character {index}:"
             " no whitespace, control or invisible formatting characters"
         )
     if len(name) > MAX_MODEL_NAME_CHARS:
@@ -61,7 +75,7 @@ def model_name_problem(name: str) -> str | None:
 
 def _shown(name: str) -> str:
     """`name` quoted with its invisible characters escaped, and cut when long."""
-    text = ascii(name) if _FORBIDDEN_IN_NAME.search(name) else repr(name)
+    text = ascii(name) if _forbidden_in_name(name) else repr(name)
     return text if len(text) <= 80 else text[:60] + "..." + text[-15:]
 
 
@@ -130,12 +144,12 @@ class V1Model(_Wire, frozen=True):
         return msgspec.structs.replace(self, api_key=None)
 
 
-class ToolCallFunction(_Wire, frozen=True):
+class ToolCallFunction(_Reply, frozen=True):
     name: str
     arguments: str = ""
 
 
-class ToolCall(_Wire, frozen=True):
+class ToolCall(_Reply, frozen=True):
     id: str
     type: str = "function"
     function: ToolCallFunction | None = None

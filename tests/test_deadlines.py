@@ -243,16 +243,23 @@ def test_an_earlier_versions_topology_is_upgraded_in_place(
     assert read_dead_letters(broker_url, 1, timeout=1) == []  # and no unmasked copy beside it
 
 
-def test_a_dead_letter_of_an_earlier_worker_reaches_multillm_dead_as_it_was(
+def test_a_dead_letter_of_an_earlier_worker_reaches_multillm_dead_with_its_reason_masked(
     start_worker: StartWorker, broker_url: str, raw_channel: Any
 ) -> None:
-    # A worker of an earlier version, still running during an upgrade, publishes its (masked)
-    # dead letters to the exchange, which now feeds the triage queue.
+    # A worker of an earlier version, still running during an upgrade, publishes its dead
+    # letters to the exchange, which now feeds the triage queue.
     start_worker("primary")
-    headers = {contract.HEADER_ERROR: "invalid request: from an earlier worker", contract.HEADER_ERROR_CODE: 3}
-    raw_channel.basic_publish(
-        "multillm.dead", "", b'{"models": "?"}', pika.BasicProperties(headers=headers, type="X"), mandatory=True
-    )
+    headers = {
+        contract.HEADER_ERROR: "invalid request: from an earlier worker",
+        contract.HEADER_ERROR_CODE: 3,
+        contract.HEADER_SOURCE_QUEUE: "multillm.requests",
+        "x-delivery-count": 2,  # would make a replayed dead letter look exhausted: not kept
+    }
+    body = b'{"models": [{"name": "mock/a", "apiKey": "sk-old-worker-0123"}]}'
+    raw_channel.basic_publish("multillm.dead", "", body, pika.BasicProperties(headers=headers), mandatory=True)
     [dead] = read_dead_letters(broker_url, 1)
-    assert dead.body == b'{"models": "?"}'
+    assert b"sk-old-worker" not in dead.body and b'"apiKey": "***"' in dead.body
     assert dead.headers[contract.HEADER_ERROR] == "invalid request: from an earlier worker"
+    assert dead.headers[contract.HEADER_ERROR_CODE] == 3
+    assert dead.headers[contract.HEADER_SOURCE_QUEUE] == "multillm.requests"
+    assert dead.headers.get("x-delivery-count", 0) == 0  # the broker's count of this queue, not the one sent

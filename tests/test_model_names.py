@@ -27,6 +27,8 @@ assert len(LONGEST.encode()) == 240
         ("mock/" + "\u4e2d" * 190, "is 575 bytes in UTF-8, over 240"),
         ("mock/a b", "contains U+0020 at character 6"),
         ("mock/gpt\u202e4o", "contains U+202E at character 8"),
+        ("mock/gpt\u061c4o", "contains U+061C at character 8"),  # Arabic letter mark, a bidi control
+        ("mock/gpt\u00ad4o", "contains U+00AD at character 8"),  # soft hyphen, invisible
     ],
 )
 def test_a_model_worker_refuses_a_name_no_request_may_use(config_path: Path, name: str, expected: str) -> None:

@@ -190,3 +190,30 @@ def test_read_only_open_of_a_missing_file_is_a_config_error(tmp_path: Path) -> N
         with pytest.raises(ConfigError, match="the file does not exist"):
             open_sink(url, read_only=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_password_in_the_query_string_is_masked_in_the_error() -> None:
+    # libpq quotes the value it cannot read; the URL's masking covers the query, the cause must too.
+    with pytest.raises(ConfigError) as refused:
+        open_sink("postgresql://u@127.0.0.1:1/db?password=s3cr%zzet", read_only=True)
+    assert "s3cr" not in str(refused.value) and "password=***" in str(refused.value)
+
+
+def test_a_read_only_postgres_sink_keeps_the_urls_own_options(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = empty_sink_url("postgres", tmp_path, request)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS elsewhere CASCADE")
+        conn.execute("CREATE SCHEMA elsewhere")
+    in_schema = f"{url}?options=-csearch_path%3Delsewhere"
+    writer = open_sink(in_schema)
+    try:
+        writer.write(small_record(1))
+    finally:
+        writer.close()
+    reader = open_sink(in_schema, read_only=True)  # finds llm_logs through the URL's search_path
+    try:
+        assert [r.log_id for r in reader.records()] == [small_record(1).log_id]
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            reader.write(small_record(2))
+    finally:
+        reader.close()

@@ -154,6 +154,7 @@ class Bench:
             declare_queues(
                 connection,
                 contract.requests_queue(),
+                contract.triage_queue(),
                 contract.dead_queue(),
                 *(contract.model_queue_spec(m) for m in models),
             )

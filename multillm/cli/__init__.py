@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
+from multillm import contract
 from multillm.bench import SCENARIOS
 from multillm.cli import commands
 from multillm.config import (
@@ -197,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     replay = _command(
         logs_sub,
         "replay-dead",
-        "write the records in multillm.dead to the sink; leave every other dead letter there",
+        f"write the records in {contract.DEAD_QUEUE} to the sink; leave every other dead letter there",
         _BOTH,
     )
     for p in (listing, show, stats, report, replay):

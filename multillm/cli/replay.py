@@ -21,12 +21,12 @@ import msgspec
 from multillm import contract
 from multillm.cli.commands import CommandError
 from multillm.producers.publishing import connect, declare_queues
-from multillm.schemas import LLMLogRecord, decode_record
+from multillm.schemas import decode_record
 from multillm.sinks import Sink
 from multillm.urls import mask_url
 
 # The AMQP `type` of a record's dead letter (set where the worker dead-letters it).
-RECORD_TYPE: Final = LLMLogRecord.__name__
+RECORD_TYPE: Final = contract.TYPE_RECORD
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 
 

@@ -143,8 +143,9 @@ class RequestPublisher:
             correlation_id: echoed on the reply; the request id when None.
             timeout: seconds the caller will wait: becomes an absolute deadline header, so a
                 worker never calls a model for it late and answers it with DEADLINE_EXCEEDED.
-                Not an AMQP `expiration`: the broker would drop an expired request without a
-                reply, and copy its api keys to the dead-letter queue as they are.
+                Not an AMQP `expiration`, which counts from when the request entered the queue
+                (the worker cannot read it back as a point in time) and, once it passes there,
+                sends the request the long way round (through `multillm.triage`) to its reply 4.
 
         Raises:
             Unavailable: no queue is bound to the requests exchange.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from multillm.errors import ConfigError
 from multillm.redact import scrub
@@ -70,9 +70,12 @@ def cannot_open(url: str, exc: BaseException) -> str:
     the URL is scrubbed from it, in case a driver quotes its connection string.
     """
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        passwords = [parts.password, *parse_qs(parts.query).get("password", [])]
+        # parse_qs unquotes; a driver may quote the value as written in the URL, too.
+        passwords += re.findall(r"(?:^|&)password=([^&]*)", parts.query)
     except ValueError:
-        password = None
-    secrets = [password, unquote(password)] if password else []
+        passwords = []
+    secrets = [form for p in passwords if p for form in (p, unquote(p))]
     cause = " ".join(scrub(str(exc), secrets).split()) or type(exc).__name__
     return f"cannot open sink {mask_url(url)}: {cause}"

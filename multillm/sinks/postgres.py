@@ -113,7 +113,7 @@ class PostgresSink(SqlReader):
         self._psycopg = _psycopg()
         self._url = url
         # The server refuses any write in a read-only transaction: reading cannot change the sink.
-        self._options = "-c default_transaction_read_only=on" if read_only else None
+        self._read_only = read_only
         self._lock = threading.Lock()
         self._conn = self._connect()
         if read_only:
@@ -146,8 +146,12 @@ class PostgresSink(SqlReader):
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] = self._psycopg.connect(
-            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS, options=self._options
+            self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
         )
+        if self._read_only:
+            # Set here, not as the connection's `options`, which would replace the URL's own
+            # (a search_path, say) and PGOPTIONS.
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
         return conn
 
     def _connection(self) -> psycopg.Connection[Any]:

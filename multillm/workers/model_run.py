@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from multillm import contract
 from multillm.errors import Code
 from multillm.metrics import WorkerMetrics
 from multillm.providers import ModelResult, ProviderError, Providers
@@ -44,7 +45,7 @@ class ModelRun:
         reason = "the sink did not take this record; replay it from here"
         record = encode(self.record)
         # Kept whole: a cut record could not be replayed (its input was within max_body_bytes).
-        return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, record, "LLMLogRecord", keep_whole=True)]
+        return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, record, contract.TYPE_RECORD, keep_whole=True)]
 
 
 class ModelRunner:

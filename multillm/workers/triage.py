@@ -24,7 +24,7 @@ import structlog
 
 from multillm import contract
 from multillm.errors import Code
-from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter
+from multillm.workers.messages import Delivery, Io, Settlement, dead_letter
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
@@ -66,10 +66,18 @@ class TriageHandler:
 
     def on_delivery(self, delivery: Delivery, io: Io) -> None:
         death = broker_death(delivery.properties)
-        if death is None and contract.HEADER_ERROR in (delivery.properties.headers or {}):
-            # A dead letter that a worker of an earlier version made (masked) and published to the
-            # exchange, which now feeds this queue: on into `multillm.dead` as it is.
-            passed_on = Outgoing("", contract.DEAD_QUEUE, delivery.body, delivery.properties)
+        headers = delivery.properties.headers or {}
+        if death is None and contract.HEADER_ERROR in headers:
+            # A dead letter that a worker of an earlier version made and published to the exchange,
+            # which now feeds this queue: on into `multillm.dead` with its reason, code and source,
+            # built (masked, cut) as every dead letter is.
+            code = headers.get(contract.HEADER_ERROR_CODE)
+            passed_on = dead_letter(
+                delivery,
+                str(headers.get(contract.HEADER_SOURCE_QUEUE) or self.queue.name),
+                str(headers[contract.HEADER_ERROR]),
+                code if isinstance(code, int) and not isinstance(code, bool) else Code.INTERNAL,
+            )
             io.settle(delivery, Settlement([passed_on]))
             return
         if death is None:
