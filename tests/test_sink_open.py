@@ -205,15 +205,19 @@ def test_a_read_only_postgres_sink_keeps_the_urls_own_options(tmp_path: Path, re
         conn.execute("DROP SCHEMA IF EXISTS elsewhere CASCADE")
         conn.execute("CREATE SCHEMA elsewhere")
     in_schema = f"{url}?options=-csearch_path%3Delsewhere"
-    writer = open_sink(in_schema)
     try:
-        writer.write(small_record(1))
-    finally:
-        writer.close()
-    reader = open_sink(in_schema, read_only=True)  # finds llm_logs through the URL's search_path
-    try:
-        assert [r.log_id for r in reader.records()] == [small_record(1).log_id]
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-            reader.write(small_record(2))
-    finally:
-        reader.close()
+        writer = open_sink(in_schema)
+        try:
+            writer.write(small_record(1))
+        finally:
+            writer.close()
+        reader = open_sink(in_schema, read_only=True)  # finds llm_logs through the URL's search_path
+        try:
+            assert [r.log_id for r in reader.records()] == [small_record(1).log_id]
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                reader.write(small_record(2))
+        finally:
+            reader.close()
+    finally:  # the database is the run's: leave no second llm_logs for the other tests to find
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA elsewhere CASCADE")

@@ -393,9 +393,14 @@ def test_postgres_schema_matches_the_record(pg_database: str) -> None:
         open_sink(pg_database).close()  # a second open finds the table and keeps it
         columns = conn.execute(
             "SELECT column_name, data_type FROM information_schema.columns"
-            " WHERE table_name = 'llm_logs' ORDER BY ordinal_position"
+            " WHERE table_schema = current_schema() AND table_name = 'llm_logs' ORDER BY ordinal_position"
         ).fetchall()
-        indexdefs = [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'llm_logs'")]
+        indexdefs = [
+            r[0]
+            for r in conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'llm_logs'"
+            )
+        ]
     assert [c[0] for c in columns] == [f.name for f in FIELDS]
     types: dict[str, str] = {c[0]: c[1] for c in columns}
     # JSON, not JSONB: JSONB refuses the escape \u0000 (test_sink_text.py).
