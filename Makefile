@@ -51,7 +51,9 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
 
+# pip check: every installed package's own requirements are met (a bound too loose shows here first).
 test: $(VENV)/.installed services lint typecheck
+	$(PY) -m pip check
 	$(PY) -m pytest -q
 
 clean:

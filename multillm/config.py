@@ -27,6 +27,8 @@ DEFAULT_MOCK_LATENCY_MS: Final = 150.0
 ENV_BROKER_URL: Final = "MULTILLM_BROKER_URL"
 ENV_SINK_URL: Final = "MULTILLM_SINK_URL"
 ENV_CONFIG: Final = "MULTILLM_CONFIG"
+# Read by the CLI only (`--log-level`'s default): a library leaves logging to its application.
+ENV_LOG_LEVEL: Final = "MULTILLM_LOG_LEVEL"
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 

@@ -33,6 +33,8 @@ TRIAGE_QUEUE: Final = "multillm.triage"
 LOG_TABLE: Final = "llm_logs"
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+# Queue names the broker keeps for itself (direct reply-to among them): never declared by us.
+RESERVED_QUEUE_PREFIX: Final = "amq."
 CLIENT_REPLY_QUEUE_PREFIX: Final = "multillm.reply."
 
 CONTENT_TYPE: Final = "application/json"

@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from multillm.cli import ENV_LOG_LEVEL, _parser, main
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from multillm.cli import _parser, main
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, ENV_SINK_URL
 from multillm.mock_llm import Fault
 from tests.conftest import StartWorker
 

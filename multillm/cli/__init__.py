@@ -17,6 +17,7 @@ from multillm.config import (
     DEFAULT_SINK_URL,
     ENV_BROKER_URL,
     ENV_CONFIG,
+    ENV_LOG_LEVEL,
     ENV_SINK_URL,
 )
 from multillm.errors import ConfigError
@@ -26,7 +27,6 @@ from multillm.sinks.query import parse_bound
 
 __all__ = ["main"]
 
-ENV_LOG_LEVEL = "MULTILLM_LOG_LEVEL"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # What each variable does, for the `--help` of every command that reads it.

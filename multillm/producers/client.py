@@ -153,7 +153,7 @@ class Client:
         Returns:
             the request id, which the reply carries as its correlation id.
         """
-        if not reply_to.startswith("amq."):
+        if not reply_to.startswith(contract.RESERVED_QUEUE_PREFIX):
             self._publisher.declare_once(contract.named_reply_queue(reply_to))
         return self._publisher.publish(request, reply_to=reply_to, request_id=request_id, timeout=timeout)
 

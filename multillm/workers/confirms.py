@@ -134,9 +134,13 @@ class PipelinedConfirms:
         """Ack a delivery."""
         self._channel.basic_ack(delivery_tag)
 
-    def nack(self, delivery_tag: int) -> None:
-        """Reject a delivery back to its queue (the queue's delivery limit bounds how often)."""
-        self._channel.basic_nack(delivery_tag, requeue=True)
+    def requeue(self, delivery_tag: int) -> None:
+        """Reject a delivery back to its queue (the queue's delivery limit bounds how often).
+
+        `basic.reject`, not `basic.nack`: from RabbitMQ 4.3 a quorum queue no longer counts a
+        nack with requeue toward `x-delivery-limit`, and the message could come back for ever.
+        """
+        self._channel.basic_reject(delivery_tag, requeue=True)
 
     # --- pika's callbacks, inside its frame handling: record only ---------------
 

@@ -382,7 +382,7 @@ class Consumer:
         if all(taken):
             self._confirms.ack(delivery.tag)
         else:
-            self._confirms.nack(delivery.tag)
+            self._confirms.requeue(delivery.tag)
         self._in_flight.discard(delivery.tag)
 
     def _last_resort(self, delivery: Delivery) -> Outgoing:
