@@ -66,7 +66,6 @@ def test_an_idle_loop_does_not_warn() -> None:
     lag = LoopLag(lags.append, concurrency=4, interval=0.01, window=5, late=0.5, late_share=0.5)
     with capture_logs() as logs:
         asyncio.run(_idle(lag, lags, ticks=20))
-    assert all(seconds >= 0 for seconds in lags)
     assert not [entry for entry in logs if entry["event"] == "worker.saturated"]
 
 

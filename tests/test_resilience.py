@@ -31,7 +31,8 @@ def test_a_slow_model_call_does_not_starve_heartbeats(
     start_worker: StartWorker, client: Client, broker_url: str, mock_control: MockControl
 ) -> None:
     # With a 1 s heartbeat the broker drops a connection whose thread is blocked for ~3 s;
-    # the model call below takes 4 s, so this passes only if it runs off the I/O thread.
+    # the model call below takes 4 s, so this passes only if the call never blocks the event loop
+    # that runs pika's connection (heartbeats included).
     worker = start_worker("primary", env={ENV_BROKER_URL: broker_url + "?heartbeat=1"})
     mock_control.set_fault("slow", latency_ms=4000)
 
