@@ -441,8 +441,10 @@ def test_a_malformed_http_answer_is_retried_then_unavailable(calls: LoopThread) 
                 return
             with conn:
                 conn.recv(65536)
-                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+                # Counted before answering: once the client has its last answer it may finish (and
+                # the test read the count) before this thread runs again.
                 answered += 1
+                conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
 
     threading.Thread(target=serve, daemon=True).start()
     try:
