@@ -60,9 +60,11 @@ ERROR_INFO_TYPE: Final = "type.googleapis.com/google.rpc.ErrorInfo"
 ERROR_DOMAIN: Final = "multillm"
 DETAIL_LOG_ID: Final = "logId"
 DETAIL_ATTEMPTS: Final = "attempts"
-# ErrorInfo reasons: the primary model's call failed; the request was given up after too many deliveries.
+# ErrorInfo reasons: the primary model's call failed; the request was given up after too many
+# deliveries; a bug in the worker broke the serving of it.
 REASON_MODEL_CALL_FAILED: Final = "MODEL_CALL_FAILED"
 REASON_GIVEN_UP: Final = "GIVEN_UP"
+REASON_INTERNAL_ERROR: Final = "INTERNAL_ERROR"
 # Set by quorum queues on a redelivery: how many deliveries came before.
 HEADER_DELIVERY_COUNT: Final = "x-delivery-count"
 # On every dead letter we write: whether its body was cut to DEAD_LETTER_MAX_BODY_BYTES, and

@@ -69,6 +69,32 @@ class RpcError(MultiLLMError):
         return self.to_status().log_id
 
 
+class ProviderError(RpcError):
+    """A model call that failed for good; `message` is safe to log, store and reply with.
+
+    Attributes:
+        code: the RpcStatus code (`Code`).
+        message: what went wrong, with every api key scrubbed out.
+        attempts: how many tries were made (0 when none could be made).
+        latency_ms: wall time of all tries and waits.
+    """
+
+    def __init__(self, code: int, message: str, *, attempts: int = 0, latency_ms: float = 0.0) -> None:
+        super().__init__(code, message)
+        self.attempts = attempts
+        self.latency_ms = latency_ms
+
+    @property
+    def retryable(self) -> bool:
+        """The failure is transient (rate limit, provider down): the same call may succeed later."""
+        return self.code in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
+
+
+class ConnectionLost(MultiLLMError, ConnectionError):
+    """A worker gave its broker connection up (the broker cancelled its consumer, or settling failed):
+    it reconnects, and the broker redelivers what was not settled."""
+
+
 class InvalidArgument(RpcError):
     """3: the request is invalid (bad JSON, an unknown provider, too large)."""
 

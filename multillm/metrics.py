@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from enum import StrEnum
+from typing import Final, Generic, TypeVar
 
-import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-from multillm import contract
 from multillm.errors import ConfigError, code_name
 from multillm.schemas import LLMLogRecord
-
-if TYPE_CHECKING:
-    from multillm.workers.messages import Outgoing
 
 log = structlog.get_logger(__name__)
 
@@ -64,19 +60,12 @@ LOOP_LAG: Final = "multillm_event_loop_lag_seconds"
 M = TypeVar("M", bound=MetricWrapperBase)
 
 
-class _StatusCode(msgspec.Struct):
-    code: int
+class Published(StrEnum):
+    """What a worker publishes, as its builder knows it (the metrics never read a body back)."""
 
-
-_status_decoder: Final = msgspec.json.Decoder(_StatusCode)
-
-
-def _reply_code(body: bytes) -> str:
-    # Error replies are rare: reading the code back from the body keeps `Outgoing` as it is.
-    try:
-        return code_name(_status_decoder.decode(body).code)
-    except msgspec.DecodeError:  # (ValidationError is one) never let counting break a settlement
-        return "unknown"
+    REPLY = "reply"
+    FANOUT = "fanout"
+    DEAD_LETTER = "dead_letter"
 
 
 class _Children(Generic[M]):
@@ -171,24 +160,22 @@ class WorkerMetrics:
         if given_up:
             self._given_up(queue).inc()
 
-    def published(self, message: Outgoing, result: str) -> None:
-        """The broker answered a publish: `ok`, `unroutable` (no queue took it) or `refused` (nacked)."""
-        exchange = message.exchange
-        dead = exchange == "" and message.routing_key == contract.DEAD_QUEUE
-        if exchange == contract.MODEL_EXCHANGE:
-            self._fanout(message.routing_key, "published" if result == "ok" else result).inc()
+    def published(self, kind: Published, about: str, code: int, result: str) -> None:
+        """The broker answered a publish: `ok`, `unroutable` (no queue took it) or `refused` (nacked).
+
+        `about`: the model of a fan-out copy, the source queue of a dead letter; `code`: the
+        status of a reply or dead letter (0 for a completion).
+        """
+        if kind is Published.FANOUT:
+            self._fanout(about, "published" if result == "ok" else result).inc()
         elif result != "ok":
-            target = "dead_letter" if dead else "reply" if exchange == "" else "other"
-            self._publish_failures(target, result).inc()
-        elif dead:
-            headers = message.properties.headers or {}
-            queue = str(headers.get(contract.HEADER_SOURCE_QUEUE, ""))
-            self._dead_letters(queue, code_name(headers.get(contract.HEADER_ERROR_CODE))).inc()
-        elif exchange == "":
-            if message.properties.type == contract.TYPE_ERROR:
-                self._replies("error", _reply_code(message.body)).inc()
-            else:
-                self._replies("ok", "OK").inc()
+            self._publish_failures(kind.value, result).inc()
+        elif kind is Published.DEAD_LETTER:
+            self._dead_letters(about, code_name(code)).inc()
+        elif code:
+            self._replies("error", code_name(code)).inc()
+        else:
+            self._replies("ok", "OK").inc()
 
     # --- model calls ------------------------------------------------------------
 

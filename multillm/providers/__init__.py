@@ -17,10 +17,9 @@ import httpx2
 import openai
 
 from multillm.config import ProviderConfig, RetryConfig
-from multillm.errors import Code, ConfigError
+from multillm.errors import Code, ConfigError, ProviderError
 from multillm.metrics import WorkerMetrics
 from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
-from multillm.providers.retry import ProviderError
 from multillm.redact import scrub
 from multillm.schemas import ChatMessage, V1Model
 

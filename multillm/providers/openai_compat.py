@@ -33,9 +33,9 @@ import structlog
 from msgspec import Meta, Struct
 
 from multillm.config import ProviderConfig, RetryConfig
-from multillm.errors import Code
+from multillm.errors import Code, ProviderError
 from multillm.metrics import WorkerMetrics
-from multillm.providers.retry import ProviderError, call_with_retry
+from multillm.providers.retry import call_with_retry
 from multillm.schemas import ChatMessage, ToolCall, V1ChatCompletionMessage, V1Choice, V1Usage
 
 log = structlog.get_logger(__name__)

@@ -24,9 +24,8 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from multillm.config import RetryConfig
-from multillm.errors import Code, MultiLLMError, code_name
+from multillm.errors import Code, ProviderError
 from multillm.redact import scrub
-from multillm.schemas import RpcStatus
 
 T = TypeVar("T")
 
@@ -35,33 +34,6 @@ log = structlog.get_logger(__name__)
 _RETRYABLE_STATUSES = frozenset({408, 409, 429})
 # The shortest try worth starting: no retry starts with less of the budget left.
 _MIN_TRY_TIMEOUT = 0.05
-
-
-class ProviderError(MultiLLMError):
-    """A model call that failed for good; `message` is safe to log, store and reply with.
-
-    Attributes:
-        code: the RpcStatus code (`multillm.errors.Code`).
-        message: what went wrong, with every api key scrubbed out.
-        attempts: how many tries were made (0 when none could be made).
-        latency_ms: wall time of all tries and waits.
-    """
-
-    def __init__(self, code: int, message: str, *, attempts: int = 0, latency_ms: float = 0.0) -> None:
-        super().__init__(f"[{code_name(code)}] {message}")
-        self.code = code
-        self.message = message
-        self.attempts = attempts
-        self.latency_ms = latency_ms
-
-    @property
-    def retryable(self) -> bool:
-        """The failure is transient (rate limit, provider down): the same call may succeed later."""
-        return self.code in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
-
-    def to_status(self) -> RpcStatus:
-        """The error reply for this failure."""
-        return RpcStatus(code=self.code, message=self.message)
 
 
 def is_retryable(exc: BaseException) -> bool:

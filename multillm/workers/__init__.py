@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import structlog
 
 from multillm.config import Settings
 from multillm.errors import ConfigError
@@ -22,6 +26,8 @@ from multillm.workers.triage import TriageHandler
 
 __all__ = ["run_model_worker", "run_primary_worker"]
 
+log = structlog.get_logger(__name__)
+
 
 # Threads for the sink's blocking calls: one writes a batch at a time (sinks/group_commit.py),
 # another may look up the records of a redelivered message. Not the loop's default executor:
@@ -32,6 +38,7 @@ SINK_THREADS = 2
 def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
     providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
     sink_threads = ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink")
+    # The runner owns the sink and its threads from here on, and closes them (`ModelRunner.close`).
     return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics, sink_threads)
 
 
@@ -59,14 +66,29 @@ def _tune_gc() -> None:
 def _serve(
     settings: Settings,
     handlers: list[Handler],
+    runner: ModelRunner,
     providers: Providers,
     concurrency: int,
     metrics: WorkerMetrics,
     serves: list[str] | None = None,
 ) -> int:
-    """Consume `handlers`' queues on an event loop until SIGTERM, once start-up is done; returns the exit code.
+    """Consume `handlers`' queues on an event loop until SIGTERM or SIGINT; returns the exit code.
 
     `serves`: the providers whose clients to build before consuming (all configured: None).
+
+    The first signal stops the worker, in this order, each step once the one before is done:
+
+    1. cancel the consumers: no new deliveries (`Consumer`);
+    2. requeue the deliveries that have not begun (waiting for a call slot), for other workers;
+    3. drain: the calls in flight finish, each is settled, its publishes confirmed and its ack
+       sent, for up to `shutdown_grace_seconds`;
+    4. close the connection: the broker redelivers whatever is still unsettled;
+    5. cancel the calls still running past the grace period (their messages are redelivered);
+    6. close the providers' HTTP connections;
+    7. close the sink and its threads, once no call is left to write a record.
+
+    A second signal skips what is left of step 3 (exit code 1). Exiting the process is the
+    caller's business (the CLI's), with the code returned here.
     """
 
     async def serve() -> int:
@@ -77,18 +99,53 @@ def _serve(
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
         )
+        _on_signals(consumer)
         lag = LoopLag(metrics.loop_lag, concurrency)
         try:
             providers.open(serves)
             lag.start()
-            return await consumer.serve()
+            return await consumer.serve()  # steps 1-4
         finally:
             lag.stop()
-            # Every call has ended (a worker with calls left past the grace period exits in `serve`).
-            await providers.aclose()
+            await _cancel_the_rest()  # step 5
+            await providers.aclose()  # step 6
 
     _tune_gc()
-    return asyncio.run(serve())
+    try:
+        return asyncio.run(serve())
+    finally:
+        runner.close()  # step 7
+
+
+def _on_signals(consumer: Consumer) -> None:
+    """SIGTERM or SIGINT stops `consumer`; a second one aborts it (in the main thread only: tests may
+    run a worker in another)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            log.info("worker.stopping", signal=signum.name, in_flight=consumer.in_flight)
+            consumer.stop()
+        else:
+            # A second signal means now: what was not acked is redelivered by the broker.
+            log.warning("worker.killed", signal=signum.name, unacked=consumer.in_flight)
+            consumer.abort()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel the tasks still running (calls past the grace period) and wait for them to end."""
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
@@ -101,7 +158,7 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     providers, runner = _runner(settings, metrics, concurrency)
     primary = PrimaryHandler(providers, runner, settings.max_body_bytes)
     triage = TriageHandler(primary, runner, settings.max_body_bytes)
-    return _serve(settings, [primary, triage], providers, concurrency, metrics)
+    return _serve(settings, [primary, triage], runner, providers, concurrency, metrics)
 
 
 def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
@@ -114,13 +171,13 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
     if problem := model_name_problem(model):
         # Checked before anything starts: no request may name it, and its queue could not be declared.
         raise ConfigError(problem)
-    metrics = _metrics("model", metrics_port)
-    providers, runner = _runner(settings, metrics, concurrency)
     provider = model.split("/", 1)[0]
-    if not providers.has(provider):
+    if provider not in settings.providers:
         raise ConfigError(
             f"model {model!r} names provider {provider!r}, which is not configured"
-            f" (configured: {', '.join(providers.names()) or 'none'})"
+            f" (configured: {', '.join(sorted(settings.providers)) or 'none'})"
         )
+    metrics = _metrics("model", metrics_port)
+    providers, runner = _runner(settings, metrics, concurrency)
     handler = ModelHandler(model, runner, settings.max_body_bytes)
-    return _serve(settings, [handler], providers, concurrency, metrics, serves=[provider])
+    return _serve(settings, [handler], runner, providers, concurrency, metrics, serves=[provider])

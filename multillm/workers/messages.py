@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,8 @@ import pika
 
 from multillm import contract
 from multillm.contract import QueueSpec
+from multillm.errors import Code
+from multillm.metrics import Published
 from multillm.redact import redact_body
 
 
@@ -41,12 +42,20 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message to publish, mandatory and with a confirm."""
+    """A message to publish, mandatory and with a confirm.
+
+    `kind`, `about` and `code` say what it is, for the metrics, by whoever builds it:
+    `about` is the model of a fan-out copy or the source queue of a dead letter, and
+    `code` the status of a reply or a dead letter (0: a completion).
+    """
 
     exchange: str
     routing_key: str
     body: bytes
     properties: pika.BasicProperties
+    kind: Published
+    about: str = ""
+    code: int = 0
     # A reply whose queue is gone is dead-lettered with this reason instead of being dropped.
     dead_letter_reason: str | None = None
 
@@ -63,38 +72,49 @@ class Settlement:
     requeue: bool = False
 
 
-class Io(Protocol):
-    """What a handler may ask of the consumer, on the worker's event loop."""
+# Whether each message published at once was taken by a queue, in order (see `Work`).
+Taken = Awaitable[list[bool]]
 
-    def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
-        """Publish with confirms, now, without waiting. The future gets, per message, whether a queue
-        took it (False: unroutable, or refused by the broker); it fails with the reason if the
-        connection is lost first (the delivery is redelivered then)."""
-        ...
 
-    def settle(self, delivery: Delivery, settlement: Settlement) -> None: ...
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A model call to run in a call slot, at most `concurrency` at once; `run` returns the Settlement.
 
-    def submit(self, delivery: Delivery, work: Callable[[], Awaitable[Settlement]]) -> None:
-        """Run `work()` as a task, at most `concurrency` at once; the consumer settles what it returns."""
-        ...
+    `publish_first` goes out as soon as the delivery is taken, before the work waits for
+    a slot (the primary's fan-out copies, so that the other models run meanwhile); `run`
+    gets whether a queue took each of them. A lost connection fails that wait: the
+    delivery is redelivered.
+    """
+
+    run: Callable[[Taken], Awaitable[Settlement]]
+    publish_first: Sequence[Outgoing] = ()
+
+
+# What a handler decides for a delivery: settle it now, or after some work.
+Decision = Settlement | Work
 
 
 class Handler(Protocol):
-    """A worker's part of a message's life; the consumer loop does the rest."""
+    """A worker's part of a message's life: it decides, the consumer carries it out.
+
+    Every method runs on the worker's event loop, must not block, and returns what should
+    happen; none publishes, acks or rejects itself.
+    """
 
     queue: QueueSpec
 
-    def on_delivery(self, delivery: Delivery, io: Io) -> None:
-        """Called in pika's delivery callback on the event loop; must not block (start work with `io.submit`)."""
+    def on_delivery(self, delivery: Delivery) -> Decision:
+        """What to do with a message taken from `queue`."""
         ...
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
-        """What is owed when handling failed unexpectedly (a bug): never a silent drop."""
-        ...
-
-    def on_give_up(self, delivery: Delivery, io: Io) -> None:
+    def on_give_up(self, delivery: Delivery) -> Decision:
         """The message was delivered too often (it keeps failing or killing workers):
         settle it for good, with its reply or record and a dead letter."""
+        ...
+
+    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+        """What is owed when handling failed unexpectedly (a bug): never a silent drop, and
+        a record for every model the message names that would otherwise have none."""
         ...
 
 
@@ -147,7 +167,22 @@ def dead_letter(
             type=message_type or props.type,
             headers=headers,
         )
-    return Outgoing(exchange="", routing_key=contract.DEAD_QUEUE, body=kept, properties=properties)
+    return Outgoing(
+        exchange="",
+        routing_key=contract.DEAD_QUEUE,
+        body=kept,
+        properties=properties,
+        kind=Published.DEAD_LETTER,
+        about=queue,
+        code=int(code),
+    )
+
+
+def last_resort(delivery: Delivery) -> Settlement:
+    """When even the handler's `on_error` failed: the message dead-lettered with none of its properties
+    (they may be what failed), so that it is not lost."""
+    reason = "could not settle this message (see the worker's log)"
+    return Settlement([dead_letter(delivery, delivery.queue, reason, Code.INTERNAL, bare=True)])
 
 
 def _masked_within(body: bytes, limit: int = contract.DEAD_LETTER_MAX_BODY_BYTES) -> tuple[bytes, bool]:

@@ -106,6 +106,12 @@ class ModelRunner:
                 self._metrics.call_ended(model.name)
         return await self._record(request, request_id, model_index, outcome, created_at)
 
+    def close(self) -> None:
+        """Close the sink and its threads; once no call is left that could write a record."""
+        if self._sink_threads is not None:
+            self._sink_threads.shutdown(wait=True, cancel_futures=True)
+        self._sink.close()
+
     async def _lookup(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._sink_threads, self._existing, request_id, model_index)

@@ -1,16 +1,16 @@
-"""The primary worker's part of a request's life: validate, fan out, call, record, reply.
+"""The primary worker's part of a request's life: decode, fan out, call, record, reply.
 
-In pika's delivery callback: decode and validate the request, then publish the
-fan-out copies, so the other models run at the same time as the primary. In a
-task: call the primary model while the copies' confirms come in, write its
-record, then wait for those confirms (a copy no queue took becomes an error
-record) and build the reply. The consumer then publishes the reply (confirmed)
-and only then acks the request. All of it runs on the worker's event loop.
+`on_delivery` decodes and validates the request and returns `Work` whose
+`publish_first` are the fan-out copies, so that the other models run at the same time
+as the primary. The work calls the primary model while the copies' confirms come in,
+writes its record, then reads those confirms (a copy that no queue took becomes an
+error record) and returns the reply to publish. The consumer publishes it (confirmed)
+and only then acks the request.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable
 from functools import partial
 from typing import TypeGuard
 
@@ -19,8 +19,9 @@ import pika
 import structlog
 
 from multillm import contract
-from multillm.errors import Code
-from multillm.providers import ProviderError, Providers
+from multillm.errors import Code, InvalidArgument, ProviderError
+from multillm.metrics import Published
+from multillm.providers import Providers
 from multillm.records import log_id_for, request_id_for
 from multillm.schemas import (
     ErrorInfo,
@@ -32,7 +33,7 @@ from multillm.schemas import (
     decode_request,
     encode,
 )
-from multillm.workers.messages import Delivery, Io, Outgoing, Settlement, dead_letter, too_large
+from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
 from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
 
 log = structlog.get_logger(__name__)
@@ -40,10 +41,6 @@ log = structlog.get_logger(__name__)
 _UTF8 = {"utf-8", "utf8"}
 # kombu labels a bytes body "binary"; the others say the body is the JSON as is.
 _ACCEPTED_ENCODINGS = {"", "identity", "binary", *_UTF8}
-
-
-class InvalidRequest(Exception):
-    """The request cannot be served as sent; the text says why and goes into the RpcStatus."""
 
 
 class PrimaryHandler:
@@ -54,16 +51,17 @@ class PrimaryHandler:
         self._runner = runner
         self._max_body_bytes = max_body_bytes
 
-    def on_delivery(self, delivery: Delivery, io: Io) -> None:
+    # --- the life of a request ------------------------------------------------
+
+    def on_delivery(self, delivery: Delivery) -> Decision:
         props = delivery.properties
         request_id = _request_id(delivery)
         bound = log.bind(request_id=request_id)
         try:
             request = self._parse(delivery)
-        except InvalidRequest as exc:
-            bound.warning("request.invalid", error=str(exc), reply_to=props.reply_to)
-            io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
-            return
+        except InvalidArgument as exc:
+            bound.warning("request.invalid", error=exc.message, reply_to=props.reply_to)
+            return self._refuse(delivery, request_id, exc.code, exc.message)
         bound = bound.bind(log_id=log_id_for(request_id, request.display_model), model=request.primary.name)
         deadline = _deadline(props, now_ms())
         if deadline is not None and now_ms() > deadline:
@@ -71,83 +69,14 @@ class PrimaryHandler:
             status = RpcStatus(
                 code=Code.DEADLINE_EXCEEDED, message="the request's deadline passed before it was served"
             )
-            io.settle(delivery, Settlement(self._reply(delivery, request_id, status)))
-            return
+            return Settlement(self._reply(delivery, request_id, status))
         others = [index for index in range(len(request.models)) if index != request.display_model]
-        copies = io.publish([_fanout(request, request_id, index, deadline, delivery.redelivered) for index in others])
         # One line a request on the hot path: debug.
         bound.debug("request.accepted", models=request.model_names())
-        io.submit(delivery, partial(self._answer, delivery, request, request_id, others, copies, deadline))
-
-    def on_give_up(self, delivery: Delivery, io: Io) -> None:
-        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the request kept failing or killing workers"
-        self.give_up(delivery, io, reason)
-
-    def give_up(self, delivery: Delivery, io: Io, reason: str) -> None:
-        """Settle the request for good: an error record (13) for its primary, the reply 13, a masked dead letter."""
-        request_id = _request_id(delivery)
-        try:
-            request = self._parse(delivery)
-        except InvalidRequest as exc:
-            io.settle(delivery, self._refuse(delivery, request_id, Code.INVALID_ARGUMENT, str(exc)))
-            return
-
-        async def record_and_refuse() -> Settlement:
-            error = ProviderError(Code.INTERNAL, reason)
-            run = await self._runner.record_failure(request, request_id, request.display_model, error)
-            refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, log_id=run.record.log_id)
-            refusal.publishes += run.unstored_record(delivery, self.queue.name)
-            return refusal
-
-        io.submit(delivery, record_and_refuse)
-
-    def expire(self, delivery: Delivery, io: Io, reason: str) -> None:
-        """A request the broker expired in its queue: the reply 4, a masked dead letter, no model and no record."""
-        log.warning("request.expired", request_id=_request_id(delivery), reason=reason)
-        io.settle(delivery, self.refuse(delivery, Code.DEADLINE_EXCEEDED, reason))
-
-    def refuse(self, delivery: Delivery, code: int, message: str) -> Settlement:
-        """The reply `code` and a masked dead letter, for a request settled outside its queue (triage)."""
-        return self._refuse(delivery, _request_id(delivery), code, message)
-
-    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
-        message = f"internal error while serving the request: {type(error).__name__}"
-        return self._refuse(delivery, _request_id(delivery), Code.INTERNAL, message)
-
-    def _refuse(
-        self, delivery: Delivery, request_id: str, code: int, message: str, log_id: str | None = None
-    ) -> Settlement:
-        """An RpcStatus reply, and the request in the dead-letter queue with its keys masked."""
-        details = (
-            [ErrorInfo(reason=contract.REASON_GIVEN_UP, metadata={contract.DETAIL_LOG_ID: log_id})] if log_id else []
+        return Work(
+            partial(self._answer, delivery, request, request_id, others, deadline),
+            publish_first=[_fanout(request, request_id, index, deadline, delivery.redelivered) for index in others],
         )
-        status = RpcStatus(code=code, message=message, details=details)
-        dead = dead_letter(delivery, self.queue.name, message, code)
-        return Settlement([*self._reply(delivery, request_id, status), dead])
-
-    def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
-        props, body = delivery.properties, delivery.body
-        if reason := too_large(body, self._max_body_bytes):
-            raise InvalidRequest(f"request {reason}")
-        media_type, _, params = (props.content_type or contract.CONTENT_TYPE).partition(";")
-        charset = params.strip().lower().removeprefix("charset=") if params.strip() else "utf-8"
-        if media_type.strip().lower() != contract.CONTENT_TYPE or charset not in _UTF8:
-            raise InvalidRequest(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r} in UTF-8")
-        if (props.content_encoding or "").lower() not in _ACCEPTED_ENCODINGS:
-            raise InvalidRequest(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
-        try:
-            request = decode_request(body)
-        except msgspec.DecodeError as exc:  # a ValidationError is one too
-            raise InvalidRequest(f"invalid request: {exc}") from None
-        for model in request.models:
-            if not self._providers.has(model.provider):
-                raise InvalidRequest(
-                    f"unknown provider {model.provider!r} in model {model.name!r}"
-                    f" (configured: {', '.join(self._providers.names()) or 'none'})"
-                )
-        return request
-
-    # --- on the event loop ------------------------------------------------
 
     async def _answer(
         self,
@@ -155,25 +84,31 @@ class PrimaryHandler:
         request: V1CreateMultiLLMChatCompletionRequest,
         request_id: str,
         others: list[int],
-        copies: asyncio.Future[list[bool]],
         deadline: int | None,
+        copies: Awaitable[list[bool]],
     ) -> Settlement:
-        try:
-            run = await self._runner.run(
-                request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
-            )
-        except Exception:
-            await asyncio.wait([copies])  # a bug's settlement (on_error) acks too: not before the copies
-            raise
-        # The copies' confirms came in while the primary model answered. Awaited before the
-        # settlement all the same: an ack never loses a copy, and a copy that no queue took
-        # becomes an error record. A lost connection fails this wait (the request is redelivered).
+        run = await self._runner.run(
+            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
+        )
+        # The copies' confirms came in while the primary model answered. A lost connection
+        # fails this wait (the request is redelivered).
         unrouted = [index for index, taken in zip(others, await copies, strict=True) if not taken]
+        unstored = await self._record_unrouted(delivery, request, request_id, unrouted)
+        reply = self._reply(delivery, request_id, _reply_body(request, run))
+        return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
+
+    async def _record_unrouted(
+        self,
+        delivery: Delivery,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        unrouted: list[int],
+    ) -> list[Outgoing]:
+        """An error record for each model whose copy no queue took; those the sink refused, as dead letters."""
         if unrouted:
             log.warning(
                 "request.unrouted",
                 request_id=request_id,
-                log_id=run.record.log_id,
                 model=request.primary.name,
                 models=[request.models[i].name for i in unrouted],
             )
@@ -187,8 +122,75 @@ class PrimaryHandler:
             )
             failed = await self._runner.record_failure(request, request_id, index, error)
             unstored += failed.unstored_record(delivery, self.queue.name)
-        reply = self._reply(delivery, request_id, _reply_body(request, run))
-        return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
+        return unstored
+
+    # --- settled for good -------------------------------------------------------
+
+    def on_give_up(self, delivery: Delivery) -> Decision:
+        reason = f"gave up after {delivery.delivery_count + 1} deliveries: the request kept failing or killing workers"
+        return self.give_up(delivery, reason)
+
+    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+        # The copies went out before the work could fail, or never (a bug in `on_delivery`): the
+        # model workers record theirs; the primary's record is ours.
+        reason = f"internal error while serving the request: {type(error).__name__}"
+        return self.give_up(delivery, reason, contract.REASON_INTERNAL_ERROR)
+
+    def give_up(self, delivery: Delivery, reason: str, why: str = contract.REASON_GIVEN_UP) -> Decision:
+        """Settle the request for good: an error record (13) for its primary, the reply 13, a masked dead letter.
+
+        `why`: the ErrorInfo reason of the reply.
+        """
+        request_id = _request_id(delivery)
+        try:
+            request = self._parse(delivery)
+        except InvalidArgument as exc:
+            return self._refuse(delivery, request_id, exc.code, exc.message)
+
+        async def record_and_refuse(_: Awaitable[list[bool]]) -> Settlement:
+            error = ProviderError(Code.INTERNAL, reason)
+            run = await self._runner.record_failure(request, request_id, request.display_model, error)
+            detail = ErrorInfo(reason=why, metadata={contract.DETAIL_LOG_ID: run.record.log_id})
+            refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, detail)
+            refusal.publishes += run.unstored_record(delivery, self.queue.name)
+            return refusal
+
+        return Work(record_and_refuse)
+
+    def expire(self, delivery: Delivery, reason: str) -> Settlement:
+        """A request the broker expired in its queue: the reply 4, a masked dead letter, no model and no record."""
+        log.warning("request.expired", request_id=_request_id(delivery), reason=reason)
+        return self._refuse(delivery, _request_id(delivery), Code.DEADLINE_EXCEEDED, reason)
+
+    def _refuse(
+        self, delivery: Delivery, request_id: str, code: int, message: str, detail: ErrorInfo | None = None
+    ) -> Settlement:
+        """An RpcStatus reply, and the request in the dead-letter queue with its keys masked."""
+        status = RpcStatus(code=code, message=message, details=[detail] if detail else [])
+        dead = dead_letter(delivery, self.queue.name, message, code)
+        return Settlement([*self._reply(delivery, request_id, status), dead])
+
+    def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
+        props, body = delivery.properties, delivery.body
+        if reason := too_large(body, self._max_body_bytes):
+            raise _invalid(f"request {reason}")
+        media_type, _, params = (props.content_type or contract.CONTENT_TYPE).partition(";")
+        charset = params.strip().lower().removeprefix("charset=") if params.strip() else "utf-8"
+        if media_type.strip().lower() != contract.CONTENT_TYPE or charset not in _UTF8:
+            raise _invalid(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r} in UTF-8")
+        if (props.content_encoding or "").lower() not in _ACCEPTED_ENCODINGS:
+            raise _invalid(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
+        try:
+            request = decode_request(body)
+        except msgspec.DecodeError as exc:  # a ValidationError is one too
+            raise _invalid(f"invalid request: {exc}") from None
+        for model in request.models:
+            if not self._providers.has(model.provider):
+                raise _invalid(
+                    f"unknown provider {model.provider!r} in model {model.name!r}"
+                    f" (configured: {', '.join(self._providers.names()) or 'none'})"
+                )
+        return request
 
     def _reply(
         self, delivery: Delivery, request_id: str, reply: V1MultiLLMChatCompletion | RpcStatus
@@ -209,6 +211,8 @@ class PrimaryHandler:
                     message_id=request_id,
                     type=kind,
                 ),
+                kind=Published.REPLY,
+                code=reply.code if isinstance(reply, RpcStatus) else 0,
                 dead_letter_reason="reply could not be delivered",
             )
         ]
@@ -271,7 +275,13 @@ def _fanout(
             message_id=log_id_for(request_id, index),
             type=contract.TYPE_FANOUT,
         ),
+        kind=Published.FANOUT,
+        about=request.models[index].name,
     )
+
+
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(Code.INVALID_ARGUMENT, message)
 
 
 def _request_id(delivery: Delivery) -> str:

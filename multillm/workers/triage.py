@@ -24,7 +24,7 @@ import structlog
 
 from multillm import contract
 from multillm.errors import Code
-from multillm.workers.messages import Delivery, Io, Settlement, dead_letter
+from multillm.workers.messages import Decision, Delivery, Settlement, dead_letter
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
@@ -64,7 +64,7 @@ class TriageHandler:
         self._runner = runner
         self._max_body_bytes = max_body_bytes
 
-    def on_delivery(self, delivery: Delivery, io: Io) -> None:
+    def on_delivery(self, delivery: Delivery) -> Decision:
         death = broker_death(delivery.properties)
         headers = delivery.properties.headers or {}
         if death is None and contract.HEADER_ERROR in headers:
@@ -78,43 +78,42 @@ class TriageHandler:
                 str(headers[contract.HEADER_ERROR]),
                 code if isinstance(code, int) and not isinstance(code, bool) else Code.INTERNAL,
             )
-            io.settle(delivery, Settlement([passed_on]))
-            return
+            return Settlement([passed_on])
         if death is None:
             reason = (
                 f"in {self.queue.name} without the broker's {contract.HEADER_DEATH} header: not a broker dead letter"
             )
             log.warning("triage.not_dead_lettered", message_id=delivery.properties.message_id)
-            io.settle(delivery, Settlement([dead_letter(delivery, self.queue.name, reason, Code.INVALID_ARGUMENT)]))
-            return
-        reason = death.describe()
+            return Settlement([dead_letter(delivery, self.queue.name, reason, Code.INVALID_ARGUMENT)])
         log.warning(
             "triage.dead_lettered", queue=death.queue, reason=death.reason, message_id=delivery.properties.message_id
         )
-        if death.queue == contract.REQUEST_QUEUE:
-            if death.reason == EXPIRED:
-                self._primary.expire(delivery, io, f"{reason}: its AMQP expiration passed before a worker took it")
-            else:
-                self._primary.give_up(delivery, io, reason)
-        elif death.queue.startswith(contract.MODEL_QUEUE_PREFIX):
-            code = Code.DEADLINE_EXCEEDED if death.reason == EXPIRED else Code.INTERNAL
-            self._model_handler(death.queue).give_up(delivery, io, reason, code)
-        else:
-            io.settle(delivery, Settlement([dead_letter(delivery, death.queue, reason, Code.INTERNAL)]))
+        if death.queue == contract.REQUEST_QUEUE and death.reason == EXPIRED:
+            return self._primary.expire(
+                delivery, f"{death.describe()}: its AMQP expiration passed before a worker took it"
+            )
+        code = Code.DEADLINE_EXCEEDED if death.reason == EXPIRED else Code.INTERNAL
+        return self._settle_as_its_worker(delivery, death, death.describe(), code)
 
-    def on_give_up(self, delivery: Delivery, io: Io) -> None:
-        # Triaging it keeps failing or killing workers: pass it on masked, with a reply if it is a request.
-        io.settle(delivery, self._settle_for_good(delivery, "triage kept failing or killing workers"))
+    def on_give_up(self, delivery: Delivery) -> Decision:
+        # Triaging it keeps failing or killing workers: settle it as its worker would, for good.
+        return self._for_good(delivery, "triage kept failing or killing workers")
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Settlement:
-        return self._settle_for_good(delivery, f"internal error while triaging: {type(error).__name__}")
+    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+        return self._for_good(delivery, f"internal error while triaging: {type(error).__name__}")
 
-    def _settle_for_good(self, delivery: Delivery, reason: str) -> Settlement:
+    def _for_good(self, delivery: Delivery, reason: str) -> Decision:
         death = broker_death(delivery.properties)
-        if death is not None and death.queue == contract.REQUEST_QUEUE:
-            return self._primary.refuse(delivery, Code.INTERNAL, reason)
-        source = death.queue if death is not None else self.queue.name
-        return Settlement([dead_letter(delivery, source, reason, Code.INTERNAL)])
+        if death is None:
+            return Settlement([dead_letter(delivery, self.queue.name, reason, Code.INTERNAL)])
+        return self._settle_as_its_worker(delivery, death, reason, Code.INTERNAL)
 
-    def _model_handler(self, queue: str) -> ModelHandler:
-        return ModelHandler(queue.removeprefix(contract.MODEL_QUEUE_PREFIX), self._runner, self._max_body_bytes)
+    def _settle_as_its_worker(self, delivery: Delivery, death: BrokerDeath, reason: str, code: int) -> Decision:
+        """What the worker of the queue it left gives up with: an error record for its model, a reply
+        for a request, and a masked dead letter."""
+        if death.queue == contract.REQUEST_QUEUE:
+            return self._primary.give_up(delivery, reason)
+        if death.queue.startswith(contract.MODEL_QUEUE_PREFIX):
+            model = death.queue.removeprefix(contract.MODEL_QUEUE_PREFIX)
+            return ModelHandler(model, self._runner, self._max_body_bytes).give_up(delivery, reason, code)
+        return Settlement([dead_letter(delivery, death.queue, reason, Code.INTERNAL)])
