@@ -66,6 +66,41 @@ class RetryConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     budget_seconds: PositiveFloat = 60.0
 
 
+class PublishRetryPolicy(Struct, frozen=True, kw_only=True):
+    """kombu's reconnect-and-retry loop around one publish or declaration of the client library.
+
+    kombu waits `interval_start` seconds before the first retry, `interval_step` more before
+    each next one, never more than `interval_max`; after `max_retries` it raises. The fields
+    are the keys of kombu's `retry_policy` (`Producer.publish`, `Connection.ensure`).
+    """
+
+    max_retries: int
+    interval_start: float
+    interval_step: float
+    interval_max: float
+
+    def kombu(self, within: float | None = None) -> dict[str, float]:
+        """The `retry_policy` mapping; with `within` (a caller's timeout, in seconds), at most one
+        retry per `interval_max` seconds of it, and at least one, so that retrying ends about then."""
+        policy: dict[str, float] = msgspec.structs.asdict(self)
+        if within is not None:
+            policy["max_retries"] = max(1, min(self.max_retries, int(within // self.interval_max)))
+        return policy
+
+
+# Not a setting (no key in the file): a broker restart or a failover takes seconds, so kombu
+# retries a publish ten times, 16 s of waits (0.2, 0.7, 1.2, 1.7 s, then 2 s apart) and about
+# 20 s with the tries, before `Client` raises BrokerUnavailable: the caller then knows the
+# request was not sent. A caller's shorter timeout allows fewer retries (`kombu(within=...)`).
+PUBLISH_RETRY: Final = PublishRetryPolicy(max_retries=10, interval_start=0.2, interval_step=0.5, interval_max=2.0)
+
+# The waits, in seconds, before a worker's second, third and fourth try at writing a record
+# the sink refused. A brief outage (a database restart) is waited out, keeping the model's
+# answer instead of calling the model again; past the last one (4.2 s in all, while the call
+# slot stays taken) the record goes to `multillm.dead` to be replayed (`multillm logs replay-dead`).
+SINK_RETRY_WAITS: Final = (0.2, 1.0, 3.0)
+
+
 class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     broker_url: str = DEFAULT_BROKER_URL
     sink_url: str = DEFAULT_SINK_URL

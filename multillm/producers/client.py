@@ -96,7 +96,9 @@ class Client:
         """Publish `request` and wait for its reply.
 
         Raises:
-            RpcError: (a subclass per code) the pipeline answered with an RpcStatus.
+            RpcError: (a subclass per code) the pipeline answered with an RpcStatus; also
+                `Unavailable` when no queue is bound to the requests exchange.
+            BrokerUnavailable: the broker did not confirm the publish, even after reconnecting.
             RequestTimeout: no reply within `timeout` seconds (default: the client's).
         """
         timeout = self.timeout if timeout is None else timeout
@@ -124,7 +126,11 @@ class Client:
         """Publish `request` and return at once; the future completes with the reply.
 
         Its result raises like `create`, except that the caller applies the
-        timeout (`future.result(timeout)`) and then calls `forget(future)`.
+        timeout (`future.result(timeout)`) and then calls `forget(future)`; or
+        `wait(future)` does both.
+
+        Raises:
+            BrokerUnavailable, Unavailable: as `create`, when the publish fails.
         """
         timeout = self.timeout if timeout is None else timeout
         future = PendingReply(new_request_id())
@@ -147,11 +153,16 @@ class Client:
     ) -> str:
         """Publish without waiting; the reply goes to the named durable queue `reply_to`.
 
-        The queue is declared (durable, quorum) so that no reply is lost before
-        its consumer starts; read it with `ReplyQueue(broker_url, reply_to)`.
+        The queue is declared (durable, quorum), once per client, so that no reply is lost
+        before its consumer starts; read it with `ReplyQueue(broker_url, reply_to)`. A name
+        the broker keeps for itself (`amq.`, direct reply-to among them) is not declared.
 
         Returns:
             the request id, which the reply carries as its correlation id.
+
+        Raises:
+            BrokerUnavailable: the broker could not declare the queue or did not confirm the publish.
+            Unavailable: no queue is bound to the requests exchange.
         """
         if not reply_to.startswith(contract.RESERVED_QUEUE_PREFIX):
             self._publisher.declare_once(contract.named_reply_queue(reply_to))

@@ -21,6 +21,7 @@ import kombu.exceptions
 import kombu.pools
 
 from multillm import contract
+from multillm.config import PUBLISH_RETRY
 from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
 from multillm.logging_setup import get_logger
@@ -29,8 +30,6 @@ from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
 log = get_logger(__name__)
 
 _TICK_SECONDS: Final = 0.5
-# kombu's own reconnect loop around a publish (about 20 s in all): a broker restart takes seconds.
-RETRY_POLICY: Final = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 # The longest wait for one confirm. Without it a publish into a blocked broker
 # (memory or disk alarm) or a half-open connection would wait for ever.
 CONFIRM_TIMEOUT_SECONDS: Final = 15.0
@@ -119,7 +118,7 @@ class RequestPublisher:
             return
         try:
             with self._pool.connections.acquire(block=True) as connection:
-                connection.ensure(connection, lambda: declare_queues(connection, spec), **RETRY_POLICY)()
+                connection.ensure(connection, lambda: declare_queues(connection, spec), **PUBLISH_RETRY.kombu())()
         except Exception as exc:
             raise BrokerUnavailable(f"cannot declare queue {spec.name!r}: {exc}") from exc
         with self._lock:
@@ -177,9 +176,6 @@ class RequestPublisher:
     ) -> None:
         # The caller's timeout bounds the whole publish too, reconnects included.
         confirm = CONFIRM_TIMEOUT_SECONDS if timeout is None else max(0.5, min(CONFIRM_TIMEOUT_SECONDS, timeout))
-        policy = (
-            RETRY_POLICY if timeout is None else {**RETRY_POLICY, "max_retries": max(1, min(10, int(timeout // 2)))}
-        )
         with self._pool.acquire(block=True, timeout=confirm) as producer:
             producer.publish(
                 body,
@@ -195,7 +191,7 @@ class RequestPublisher:
                 headers=headers,
                 mandatory=True,
                 retry=True,
-                retry_policy=policy,
+                retry_policy=PUBLISH_RETRY.kombu(within=timeout),
                 timeout=confirm,
                 confirm_timeout=confirm,
             )

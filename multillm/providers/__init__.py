@@ -48,7 +48,9 @@ class Provider(Protocol):
 class Providers:
     """The providers named in the settings, by name.
 
-    `has` and `names` are safe from any thread; `open`, `complete` and `aclose` belong to one event loop.
+    A worker uses it from its one event loop only. `has`, `names` and `get` are safe from any
+    thread as well, for a program that embeds it with threads (`get` builds each provider once);
+    `open`, `complete` and `aclose` belong to one event loop, the one whose calls use the clients.
 
     Args:
         providers: each provider's endpoint and key, by the name used in model names.
@@ -96,7 +98,8 @@ class Providers:
             known = ", ".join(sorted(self._configs)) or "none"
             raise ProviderError(Code.INVALID_ARGUMENT, f"unknown provider {provider_name!r} (configured: {known})")
         with self._lock:
-            # Another thread may have built it while this one waited.
+            # A worker's loop never waits here; a caller on another thread (see the class
+            # docstring) may have built it while this one waited.
             provider = self._built.get(provider_name)
             if provider is None:
                 provider = OpenAICompatProvider(

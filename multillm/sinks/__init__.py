@@ -76,7 +76,8 @@ def open_sink(url: str, *, read_only: bool = False) -> Sink:
     `jsonl:///relative/path` and `sqlite:///relative.db` are relative to the working
     folder, `jsonl:////absolute/path` and `sqlite:////absolute.db` are absolute (as
     SQLAlchemy reads them); `sqlite://` is an in-memory database. `postgresql://...`
-    and `postgres://...` are libpq URLs.
+    and `postgres://...` are libpq URLs, and so is `postgresql+psycopg://...` (SQLAlchemy's
+    spelling) once its `+psycopg` is dropped.
 
     Raises:
         ConfigError: the URL is malformed or its scheme unknown, psycopg is missing for a
