@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import pytest
 
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import Sink, group_commit
-from multillm.sinks.group_commit import GroupCommit
+from multillm.sinks import Sink
+from multillm.workers import group_commit
+from multillm.workers.group_commit import GroupCommit
 from tests.test_logs_sinks import every_sink, record
 
 

@@ -29,7 +29,7 @@ __all__ = ["run_model_worker", "run_primary_worker"]
 log = structlog.get_logger(__name__)
 
 
-# Threads for the sink's blocking calls: one writes a batch at a time (sinks/group_commit.py),
+# Threads for the sink's blocking calls: one writes a batch at a time (workers/group_commit.py),
 # another may look up the records of a redelivered message. Not the loop's default executor:
 # pika and aiohttp resolve names there, and a hung database must not stop a reconnect.
 SINK_THREADS = 2

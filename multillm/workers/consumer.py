@@ -17,7 +17,7 @@ A message's life, top to bottom:
 All of it runs on one thread and one asyncio event loop, pika's `AsyncioConnection`
 included: with a thread per call, 512 calls in flight spent a third of the worker's CPU
 passing the GIL around (docs/benchmarks.md). What blocks, the sink's writes, goes to the
-sink's own threads (`sinks/group_commit.py`).
+sink's own threads (`workers/group_commit.py`).
 
 `stop()` ends `serve()` in the order that `workers.serve` documents.
 """
@@ -191,7 +191,7 @@ class Consumer:
                 decision = handler.on_delivery(delivery)
         except Exception as exc:
             log.exception("worker.handler_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
-            decision = _on_error(handler, delivery, exc)
+            decision = _on_error(handler, delivery, exc, None)
         if isinstance(decision, Settlement):
             link.settle(delivery, decision)
             return
@@ -224,7 +224,10 @@ async def _run(
         if isinstance(exc, CONNECTION_ERRORS) and not link.owns(delivery):
             return None  # a publish it awaited failed with its connection: the broker redelivers it
         log.exception("worker.task_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
-        decision = _on_error(handler, delivery, exc)
+        await asyncio.wait([taken])
+        if taken.exception() is not None:
+            return None  # lost with its connection: the broker redelivers it
+        decision = _on_error(handler, delivery, exc, taken.result())
     if isinstance(decision, Settlement):
         return decision
     try:
@@ -234,9 +237,9 @@ async def _run(
         return last_resort(delivery)
 
 
-def _on_error(handler: Handler, delivery: Delivery, error: Exception) -> Decision:
+def _on_error(handler: Handler, delivery: Delivery, error: Exception, taken: list[bool] | None) -> Decision:
     try:
-        return handler.on_error(delivery, error)
+        return handler.on_error(delivery, error, taken)
     except Exception:
         log.exception("worker.on_error_failed", queue=delivery.queue)
         return last_resort(delivery)

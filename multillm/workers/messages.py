@@ -112,9 +112,12 @@ class Handler(Protocol):
         settle it for good, with its reply or record and a dead letter."""
         ...
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+    def on_error(self, delivery: Delivery, error: Exception, taken: Sequence[bool] | None) -> Decision:
         """What is owed when handling failed unexpectedly (a bug): never a silent drop, and
-        a record for every model the message names that would otherwise have none."""
+        a record for every model the message names that would otherwise have none.
+
+        `taken`: whether a queue took each message of the work's `publish_first`; None when
+        they never went out (the bug was in `on_delivery`)."""
         ...
 
 

@@ -7,7 +7,7 @@ is not paid for again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from functools import partial
 
 import msgspec
@@ -50,7 +50,7 @@ class ModelHandler:
         reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
         return self.give_up(delivery, reason, Code.INTERNAL)
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+    def on_error(self, delivery: Delivery, error: Exception, taken: Sequence[bool] | None) -> Decision:
         # An error record unless the model's record was written before the bug (the sink keeps the first).
         return self.give_up(delivery, f"internal error while serving the copy: {type(error).__name__}", Code.INTERNAL)
 

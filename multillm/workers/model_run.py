@@ -11,20 +11,17 @@ import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from multillm import contract
+from multillm.config import SINK_RETRY_WAITS
 from multillm.errors import Code
 from multillm.metrics import WorkerMetrics
 from multillm.providers import ModelResult, ProviderError, Providers
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.sinks import Sink
-from multillm.sinks.group_commit import GroupCommit
+from multillm.workers.group_commit import GroupCommit
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
-
-# A brief sink outage (a database restart) is waited out, keeping the model's answer;
-# a longer one sends the record to the dead letters to replay.
-_SINK_RETRY_WAITS = (0.2, 1.0, 3.0)
 
 
 def now_ms() -> int:
@@ -150,7 +147,7 @@ class ModelRunner:
         record = build_record(request, request_id, model_index, outcome, created_at, utc_now())
         self._metrics.recorded(record)
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
-        for wait in (*_SINK_RETRY_WAITS, None):
+        for wait in (*SINK_RETRY_WAITS, None):
             try:
                 written = await self._writer.write(record)
                 break

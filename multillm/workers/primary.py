@@ -10,9 +10,8 @@ and only then acks the request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from functools import partial
-from typing import TypeGuard
 
 import msgspec
 import pika
@@ -22,7 +21,7 @@ from multillm import contract
 from multillm.errors import Code, InvalidArgument, ProviderError
 from multillm.metrics import Published
 from multillm.providers import Providers
-from multillm.records import log_id_for, request_id_for
+from multillm.records import log_id_for
 from multillm.schemas import (
     ErrorInfo,
     FanOutCopy,
@@ -30,17 +29,13 @@ from multillm.schemas import (
     V1ChatCompletion,
     V1CreateMultiLLMChatCompletionRequest,
     V1MultiLLMChatCompletion,
-    decode_request,
     encode,
 )
-from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
+from multillm.workers.incoming import deadline_of, read_request, request_id_of
+from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter
 from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
 
 log = structlog.get_logger(__name__)
-
-_UTF8 = {"utf-8", "utf8"}
-# kombu labels a bytes body "binary"; the others say the body is the JSON as is.
-_ACCEPTED_ENCODINGS = {"", "identity", "binary", *_UTF8}
 
 
 class PrimaryHandler:
@@ -55,7 +50,7 @@ class PrimaryHandler:
 
     def on_delivery(self, delivery: Delivery) -> Decision:
         props = delivery.properties
-        request_id = _request_id(delivery)
+        request_id = request_id_of(delivery)
         bound = log.bind(request_id=request_id)
         try:
             request = self._parse(delivery)
@@ -63,7 +58,7 @@ class PrimaryHandler:
             bound.warning("request.invalid", error=exc.message, reply_to=props.reply_to)
             return self._refuse(delivery, request_id, exc.code, exc.message)
         bound = bound.bind(log_id=log_id_for(request_id, request.display_model), model=request.primary.name)
-        deadline = _deadline(props, now_ms())
+        deadline = deadline_of(props, now_ms())
         if deadline is not None and now_ms() > deadline:
             bound.warning("request.expired", deadline_ms=deadline)
             status = RpcStatus(
@@ -130,37 +125,54 @@ class PrimaryHandler:
         reason = f"gave up after {delivery.delivery_count + 1} deliveries: the request kept failing or killing workers"
         return self.give_up(delivery, reason)
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
-        # The copies went out before the work could fail, or never (a bug in `on_delivery`): the
-        # model workers record theirs; the primary's record is ours.
+    def on_error(self, delivery: Delivery, error: Exception, taken: Sequence[bool] | None) -> Decision:
+        # The model workers record the models whose copies a queue took; the others are ours.
         reason = f"internal error while serving the request: {type(error).__name__}"
-        return self.give_up(delivery, reason, contract.REASON_INTERNAL_ERROR)
+        return self.give_up(delivery, reason, contract.REASON_INTERNAL_ERROR, copies_taken=taken)
 
-    def give_up(self, delivery: Delivery, reason: str, why: str = contract.REASON_GIVEN_UP) -> Decision:
+    def give_up(
+        self,
+        delivery: Delivery,
+        reason: str,
+        why: str = contract.REASON_GIVEN_UP,
+        *,
+        copies_taken: Sequence[bool] | None = (),
+    ) -> Decision:
         """Settle the request for good: an error record (13) for its primary, the reply 13, a masked dead letter.
 
-        `why`: the ErrorInfo reason of the reply.
+        `why`: the ErrorInfo reason of the reply. `copies_taken`: whether a queue took each
+        fan-out copy (None: they never went out), so that the models of copies not taken get
+        an error record too; by default the copies went out on an earlier delivery.
         """
-        request_id = _request_id(delivery)
+        request_id = request_id_of(delivery)
         try:
             request = self._parse(delivery)
         except InvalidArgument as exc:
             return self._refuse(delivery, request_id, exc.code, exc.message)
+        others = [index for index in range(len(request.models)) if index != request.display_model]
+        if copies_taken is None:
+            not_taken = others
+        else:
+            not_taken = [index for index, ok in zip(others, copies_taken, strict=False) if not ok]
 
         async def record_and_refuse(_: Awaitable[list[bool]]) -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
             run = await self._runner.record_failure(request, request_id, request.display_model, error)
+            unstored = run.unstored_record(delivery, self.queue.name)
+            for index in not_taken:
+                failed = await self._runner.record_failure(request, request_id, index, error)
+                unstored += failed.unstored_record(delivery, self.queue.name)
             detail = ErrorInfo(reason=why, metadata={contract.DETAIL_LOG_ID: run.record.log_id})
             refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, detail)
-            refusal.publishes += run.unstored_record(delivery, self.queue.name)
+            refusal.publishes += unstored
             return refusal
 
         return Work(record_and_refuse)
 
     def expire(self, delivery: Delivery, reason: str) -> Settlement:
         """A request the broker expired in its queue: the reply 4, a masked dead letter, no model and no record."""
-        log.warning("request.expired", request_id=_request_id(delivery), reason=reason)
-        return self._refuse(delivery, _request_id(delivery), Code.DEADLINE_EXCEEDED, reason)
+        log.warning("request.expired", request_id=request_id_of(delivery), reason=reason)
+        return self._refuse(delivery, request_id_of(delivery), Code.DEADLINE_EXCEEDED, reason)
 
     def _refuse(
         self, delivery: Delivery, request_id: str, code: int, message: str, detail: ErrorInfo | None = None
@@ -171,26 +183,7 @@ class PrimaryHandler:
         return Settlement([*self._reply(delivery, request_id, status), dead])
 
     def _parse(self, delivery: Delivery) -> V1CreateMultiLLMChatCompletionRequest:
-        props, body = delivery.properties, delivery.body
-        if reason := too_large(body, self._max_body_bytes):
-            raise _invalid(f"request {reason}")
-        media_type, _, params = (props.content_type or contract.CONTENT_TYPE).partition(";")
-        charset = params.strip().lower().removeprefix("charset=") if params.strip() else "utf-8"
-        if media_type.strip().lower() != contract.CONTENT_TYPE or charset not in _UTF8:
-            raise _invalid(f"content_type {props.content_type!r} is not {contract.CONTENT_TYPE!r} in UTF-8")
-        if (props.content_encoding or "").lower() not in _ACCEPTED_ENCODINGS:
-            raise _invalid(f"content_encoding {props.content_encoding!r} is not supported; send UTF-8 JSON")
-        try:
-            request = decode_request(body)
-        except msgspec.DecodeError as exc:  # a ValidationError is one too
-            raise _invalid(f"invalid request: {exc}") from None
-        for model in request.models:
-            if not self._providers.has(model.provider):
-                raise _invalid(
-                    f"unknown provider {model.provider!r} in model {model.name!r}"
-                    f" (configured: {', '.join(self._providers.names()) or 'none'})"
-                )
-        return request
+        return read_request(delivery, self._providers, self._max_body_bytes)
 
     def _reply(
         self, delivery: Delivery, request_id: str, reply: V1MultiLLMChatCompletion | RpcStatus
@@ -278,37 +271,3 @@ def _fanout(
         kind=Published.FANOUT,
         about=request.models[index].name,
     )
-
-
-def _invalid(message: str) -> InvalidArgument:
-    return InvalidArgument(Code.INVALID_ARGUMENT, message)
-
-
-def _request_id(delivery: Delivery) -> str:
-    props = delivery.properties
-    return request_id_for(props.message_id, props.correlation_id, delivery.body)
-
-
-def _deadline(props: pika.BasicProperties, received_ms: int) -> int | None:
-    """The request's deadline (epoch ms): the earliest that its header and its AMQP `expiration` give.
-
-    `expiration` counts from when the message entered the queue, which the worker cannot see:
-    from the AMQP `timestamp` when the producer set one, and from `received_ms` in any case,
-    an upper bound (the broker had not expired it yet).
-    """
-    candidates = []
-    value = (props.headers or {}).get(contract.HEADER_DEADLINE)
-    if _is_int(value):
-        # pika decodes 64-bit header integers as its own int subclass; msgspec wants a plain int.
-        candidates.append(int(value))
-    expiration = props.expiration
-    if isinstance(expiration, str) and expiration.isascii() and expiration.isdigit():
-        ttl = int(expiration)
-        candidates.append(received_ms + ttl)
-        if _is_int(props.timestamp) and props.timestamp > 0:  # seconds since the epoch
-            candidates.append(int(props.timestamp) * 1000 + ttl)
-    return min(candidates, default=None)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -17,6 +17,7 @@ expired, 13 otherwise). Each ends in `multillm.dead` masked, with the broker's r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pika
@@ -99,7 +100,7 @@ class TriageHandler:
         # Triaging it keeps failing or killing workers: settle it as its worker would, for good.
         return self._for_good(delivery, "triage kept failing or killing workers")
 
-    def on_error(self, delivery: Delivery, error: Exception) -> Decision:
+    def on_error(self, delivery: Delivery, error: Exception, taken: Sequence[bool] | None) -> Decision:
         return self._for_good(delivery, f"internal error while triaging: {type(error).__name__}")
 
     def _for_good(self, delivery: Delivery, reason: str) -> Decision:
