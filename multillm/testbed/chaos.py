@@ -22,14 +22,15 @@ from pathlib import Path
 import msgspec
 
 from multillm import contract
-from multillm.cli.processes import WorkerProcess, wait_for_consumers
-from multillm.cli.progress import progress
-from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, Reply, ReplyQueue, make_request
+from multillm.producers.publishing import queue_counts
+from multillm.progress import progress
 from multillm.sinks import open_sink
+from multillm.testbed.processes import WorkerProcess, wait_for_consumers
+from multillm.testbed.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
 
 MODELS = ("mock/alpha", "mock/beta", "mock/gamma")
 REPLIES = "chaos.replies"
