@@ -20,13 +20,13 @@ import pytest
 from psycopg import sql
 
 from multillm import contract
-from multillm.cli.processes import WorkerProcess, wait_for_consumers
-from multillm.cli.rabbitmq import scratch_vhost
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.mock_llm import MockControl, MockLLM
 from multillm.producers import Client
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import Sink, open_sink
+from multillm.testbed.processes import WorkerProcess, wait_for_consumers
+from multillm.testbed.rabbitmq import scratch_vhost
 
 API_KEY_IN_CONFIG = "sk-config-0123456789abcdef"
 

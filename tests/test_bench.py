@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
 from multillm.bench import SCENARIOS
 from multillm.bench.harness import CpuShares, histogram_quantile
-from multillm.cli.rabbitmq import rabbitmqctl
 from multillm.metrics import WorkerMetrics, serve
+from multillm.testbed.rabbitmq import rabbitmqctl
 from tests.conftest import ADMIN_URL
 
 HAND_WRITTEN = (

@@ -15,13 +15,13 @@ import msgspec
 import pytest
 
 from multillm import contract
-from multillm.cli.rabbitmq import rabbitmqctl
 from multillm.errors import Code
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, ReplyQueue, make_request
 from multillm.records import log_id_for
 from multillm.schemas import FanOutCopy, V1Model, encode
 from multillm.sinks import Sink
+from multillm.testbed.rabbitmq import rabbitmqctl
 from tests.broker_tools import collect_replies, publish_copy, publish_raw, read_dead_letters
 from tests.conftest import API_KEY_IN_CONFIG, StartWorker, wait_for_log, wait_for_records
 

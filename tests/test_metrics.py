@@ -15,7 +15,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from multillm.bench.harness import scrape as scrape_metrics
-from multillm.cli.processes import WorkerProcess
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import InvalidArgument, Unavailable
 from multillm.metrics import MAX_SERIES, WorkerMetrics
@@ -23,6 +22,7 @@ from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
 from multillm.schemas import V1Model
 from multillm.sinks import Sink
+from multillm.testbed.processes import WorkerProcess
 from tests.conftest import API_KEY_IN_CONFIG, StartWorker, wait_for_log, wait_for_records
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

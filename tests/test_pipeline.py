@@ -13,14 +13,14 @@ import pytest
 from amqp.exceptions import MessageNacked
 
 from multillm import contract
-from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, vhost_of
 from multillm.errors import Code, InvalidArgument, Unavailable
 from multillm.mock_llm import MockControl
 from multillm.producers import AsyncClient, Client, ReplyQueue, make_request
-from multillm.producers.publishing import connect, declare_queues
+from multillm.producers.publishing import connect, declare_queues, queue_counts
 from multillm.records import log_id_for
 from multillm.schemas import V1Model, V1Tracing, encode
 from multillm.sinks import Sink
+from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 from tests.broker_tools import publish_copy, publish_raw, read_dead_letters
 from tests.conftest import StartWorker, wait_for_records
 

@@ -13,9 +13,8 @@ import msgspec
 import pytest
 
 from multillm import contract
-from multillm.cli.rabbitmq import queue_counts
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
-from multillm.producers.publishing import connect, declare_queues
+from multillm.producers.publishing import connect, declare_queues, queue_counts
 from multillm.schemas import encode
 from multillm.sinks import open_sink
 from tests.broker_tools import read_dead_letters

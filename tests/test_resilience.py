@@ -6,11 +6,12 @@ import signal
 import time
 
 from multillm import contract
-from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, vhost_of
 from multillm.config import ENV_BROKER_URL
 from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
+from multillm.producers.publishing import queue_counts
 from multillm.sinks import Sink
+from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 from tests.conftest import StartWorker, wait_for_log, wait_for_records
 
 

@@ -20,4 +20,9 @@ SCENARIOS: Final[dict[str, str]] = {
     "scale": "1, 2, 4 worker processes on one queue",
 }
 
-__all__ = ["SCENARIOS"]
+# Where the Celery peer finds the broker and the mock: `celery worker` starts it as a module,
+# so it reads them from its environment at import (the bare baselines take arguments instead).
+ENV_BENCH_BROKER: Final = "MULTILLM_BENCH_BROKER"
+ENV_BENCH_MOCK: Final = "MULTILLM_BENCH_MOCK"
+
+__all__ = ["ENV_BENCH_BROKER", "ENV_BENCH_MOCK", "SCENARIOS"]

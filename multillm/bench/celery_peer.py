@@ -13,10 +13,12 @@ from typing import Any
 import openai
 from celery import Celery
 
+from multillm.bench import ENV_BENCH_BROKER, ENV_BENCH_MOCK
+
 QUEUE = "multillm-bench.celery"
 MODELS_QUEUE = "multillm-bench.celery-models"
 
-app = Celery("multillm_bench", broker=os.environ.get("MULTILLM_BENCH_BROKER"), backend="rpc://")
+app = Celery("multillm_bench", broker=os.environ.get(ENV_BENCH_BROKER), backend="rpc://")
 app.conf.update(
     task_default_queue=QUEUE,
     task_routes={"multillm_bench.other_model": {"queue": MODELS_QUEUE}},
@@ -30,7 +32,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 
-_sdk = openai.OpenAI(base_url=os.environ.get("MULTILLM_BENCH_MOCK", ""), api_key="unused", max_retries=0)
+_sdk = openai.OpenAI(base_url=os.environ.get(ENV_BENCH_MOCK, ""), api_key="unused", max_retries=0)
 
 
 @app.task(name="multillm_bench.complete")

@@ -9,7 +9,7 @@ from typing import Final
 import msgspec
 
 from multillm.bench.harness import Bench
-from multillm.cli.processes import WorkerProcess
+from multillm.testbed.processes import WorkerProcess
 
 ONE: Final = ["mock/echo"]
 THREE: Final = ["mock/echo", "mock/upper", "mock/reverse"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 
-from multillm.cli.summaries import nearest_rank
 from multillm.producers import Client, make_request
+from multillm.quantiles import nearest_rank
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest
 
 PROMPT = "Say something short about message queues."

@@ -21,11 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from multillm import contract
-from multillm.cli.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
-from multillm.cli.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
+from multillm.bench import ENV_BENCH_BROKER, ENV_BENCH_MOCK
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
 from multillm.mock_llm import MockControl
 from multillm.producers.publishing import connect, declare_queues
+from multillm.testbed.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
+from multillm.testbed.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -195,7 +196,7 @@ class Bench:
         """A baseline process, once it consumes `queue`."""
         process = ChildProcess(
             args,
-            env={"MULTILLM_BENCH_BROKER": self.broker_url, "MULTILLM_BENCH_MOCK": self.mock_url},
+            env={ENV_BENCH_BROKER: self.broker_url, ENV_BENCH_MOCK: self.mock_url},
             log_path=self.log_path,
         )
         try:

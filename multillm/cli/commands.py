@@ -9,10 +9,10 @@ import kombu.exceptions
 import msgspec
 
 from multillm import contract
-from multillm.cli.rabbitmq import queue_counts
 from multillm.config import Settings, load_settings
 from multillm.errors import MultiLLMError, RpcError
 from multillm.producers import Client, PendingReply, make_request
+from multillm.producers.publishing import queue_counts
 from multillm.schemas import ChatMessage, encode
 
 
@@ -36,7 +36,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(settings, requests=args.requests, latency_ms=args.latency_ms)
     if args.command == "chaos":
-        from multillm.cli.chaos import run_chaos
+        from multillm.testbed.chaos import run_chaos
 
         return run_chaos(settings, requests=args.requests, duration=args.duration, seed=args.seed)
     if args.command == "bench":

@@ -16,14 +16,14 @@ from pathlib import Path
 from multillm import contract
 from multillm.cli.commands import CommandError, connect_client
 from multillm.cli.logs import side_by_side
-from multillm.cli.processes import WorkerProcess, wait_for_consumers, write_worker_config
-from multillm.cli.progress import progress
 from multillm.config import DEFAULT_MOCK_LATENCY_MS, ENV_CONFIG, Settings
 from multillm.errors import MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
+from multillm.progress import progress
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import Sink, open_sink
+from multillm.testbed.processes import WorkerProcess, wait_for_consumers, write_worker_config
 
 # The mock answers `echo` as asked, `upper` in capitals and `reverse` word by word,
 # so the three columns of each request differ visibly.

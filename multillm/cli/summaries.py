@@ -6,7 +6,6 @@ The Structs here are the `--json` output: their field names are part of the comm
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from collections import defaultdict
@@ -15,6 +14,7 @@ from typing import Final
 
 import msgspec
 
+from multillm.quantiles import nearest_rank
 from multillm.schemas import LLMLogRecord, Mode
 
 # C0/C1 controls other than newline and tab: model output could otherwise drive the terminal (ESC sequences).
@@ -134,12 +134,6 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
             )
         )
     return stats
-
-
-def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
-    """The nearest-rank `q` quantile (0..1): a value that was actually observed, never an
-    interpolation. `sorted_values` must not be empty."""
-    return sorted_values[max(1, math.ceil(q * len(sorted_values))) - 1]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:

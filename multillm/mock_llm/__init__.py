@@ -15,7 +15,7 @@ under one lock.
 from __future__ import annotations
 
 from multillm.mock_llm.control import MockControl
-from multillm.mock_llm.protocol import DROP, Fault, MockCall
+from multillm.mock_llm.protocol import DROP, MAX_LOGGED_CALLS, Fault, MockCall
 from multillm.mock_llm.server import MockLLM, main
 
-__all__ = ["DROP", "Fault", "MockCall", "MockControl", "MockLLM", "main"]
+__all__ = ["DROP", "MAX_LOGGED_CALLS", "Fault", "MockCall", "MockControl", "MockLLM", "main"]

@@ -8,7 +8,8 @@ import msgspec
 from msgspec import Meta, Struct
 
 DROP: Final = 0
-_MAX_CALLS: Final = 100_000
+# How many calls `/_mock/calls` keeps, the latest.
+MAX_LOGGED_CALLS: Final = 100_000
 Status = Annotated[int, Meta(ge=0, le=599)]
 
 

@@ -24,8 +24,8 @@ from multillm.logging_setup import get_logger
 from multillm.mock_llm.control import MockControl
 from multillm.mock_llm.protocol import (
     _ERROR_TYPES,
-    _MAX_CALLS,
     DROP,
+    MAX_LOGGED_CALLS,
     Fault,
     MockCall,
     _answer,
@@ -66,7 +66,7 @@ class _State:
         self.lock = threading.Lock()
         self.faults: dict[str, _ModelFault] = {}
         # Bounded: a mock that serves a long benchmark must not grow without limit.
-        self.calls: deque[MockCall] = deque(maxlen=_MAX_CALLS)
+        self.calls: deque[MockCall] = deque(maxlen=MAX_LOGGED_CALLS)
 
     def plan(self, model: str) -> tuple[int, float, Fault | None]:
         """The status (0 = drop) and latency of the next call of `model`."""

@@ -92,6 +92,16 @@ def declare_queues(connection: kombu.Connection, *specs: QueueSpec) -> None:
             channel.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key)
 
 
+def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of `queue` now; (0, 0) when it does not exist yet."""
+    with connect(broker_url) as connection:
+        try:
+            _, messages, consumers = connection.default_channel.queue_declare(queue, passive=True)
+        except kombu.exceptions.ChannelError:
+            return 0, 0
+        return int(messages), int(consumers)
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 

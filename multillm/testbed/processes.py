@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from multillm.cli.rabbitmq import queue_counts
+from multillm.producers.publishing import queue_counts
 
 
 class ChildProcess:

@@ -1,4 +1,4 @@
-"""RabbitMQ administration for the chaos run and the tests: rabbitmqctl, scratch vhosts, queue figures."""
+"""RabbitMQ administration for the chaos run, the benchmark and the tests: rabbitmqctl, scratch vhosts."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
-
-import kombu.exceptions
-
-from multillm.producers.publishing import connect
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -34,13 +30,3 @@ def scratch_vhost(broker_url: str, prefix: str) -> Iterator[str]:
         yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
     finally:
         rabbitmqctl("delete_vhost", vhost)
-
-
-def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
-    """(messages ready, consumers) of `queue` now; (0, 0) when it does not exist yet."""
-    with connect(broker_url) as connection:
-        try:
-            _, messages, consumers = connection.default_channel.queue_declare(queue, passive=True)
-        except kombu.exceptions.ChannelError:
-            return 0, 0
-        return int(messages), int(consumers)

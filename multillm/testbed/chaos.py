@@ -5,7 +5,8 @@ mock LLM, sends requests at a steady pace, and meanwhile SIGKILLs and SIGTERMs
 random workers (restarting them), cuts every broker connection of the vhost, and
 makes the mock fail at random (429, 5xx, dropped connections). Then it stops the
 faults, waits for the stragglers, and counts: every confirmed request must have a
-reply, every model of every request exactly one record.
+reply, every model of every request a record that carries the mock's answer; model
+calls and duplicate record writes are counted where they happen (chaos_figures).
 """
 
 from __future__ import annotations
@@ -15,93 +16,35 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
-
 from multillm import contract
-from multillm.cli.processes import WorkerProcess, wait_for_consumers
-from multillm.cli.progress import progress
-from multillm.cli.rabbitmq import queue_counts, rabbitmqctl, scratch_vhost, vhost_of
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG, Settings
-from multillm.errors import MultiLLMError
-from multillm.mock_llm import MockLLM
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, Settings
+from multillm.errors import ConfigError, MultiLLMError
+from multillm.mock_llm import MAX_LOGGED_CALLS, MockCall, MockLLM
 from multillm.producers import Client, Reply, ReplyQueue, make_request
+from multillm.producers.publishing import queue_counts
+from multillm.progress import progress
+from multillm.schemas import LLMLogRecord
 from multillm.sinks import open_sink
+from multillm.testbed.chaos_figures import (
+    ChaosReport,
+    count_calls,
+    count_records,
+    disagreements,
+    records_without_their_answer,
+    refused_writes,
+)
+from multillm.testbed.processes import WorkerProcess, wait_for_consumers
+from multillm.testbed.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
 
 MODELS = ("mock/alpha", "mock/beta", "mock/gamma")
 REPLIES = "chaos.replies"
 # Random failures of the mock: each try fails with this probability, so with three
 # tries about one model call in a hundred fails for good (and is recorded as such).
 MOCK_ERROR_RATE = 0.2
-
-
-class ChaosReport(msgspec.Struct):
-    requests_sent: int = 0
-    publish_failures: int = 0
-    replies_received: int = 0
-    error_replies_by_code: dict[int, int] = msgspec.field(default_factory=dict)
-    duplicate_replies: int = 0
-    lost_replies: int = 0
-    records_expected: int = 0
-    records_found: int = 0
-    duplicate_records: int = 0
-    lost_records: int = 0
-    replies_disagreeing_with_records: int = 0
-    repeated_model_calls: int = 0
-    worker_kills: int = 0
-    worker_sigterms: int = 0
-    unclean_exits: int = 0
-    workers_died_on_their_own: int = 0
-    connection_cuts: int = 0
-    mock_calls_failed: int = 0
-    dead_letters: int = 0
-    seconds: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        failures = (
-            self.lost_replies,
-            self.lost_records,
-            self.duplicate_records,
-            self.replies_disagreeing_with_records,
-            self.unclean_exits,
-            self.workers_died_on_their_own,
-        )
-        return not any(failures)
-
-    def table(self) -> str:
-        codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.error_replies_by_code.items())) or "none"
-        rows = [
-            ("requests sent (confirmed)", self.requests_sent),
-            ("publishes not confirmed (caller told)", self.publish_failures),
-            ("replies received", self.replies_received),
-            ("error replies by code", codes),
-            ("duplicate replies (dropped by the client)", self.duplicate_replies),
-            ("lost replies", self.lost_replies),
-            ("records expected", self.records_expected),
-            ("records found", self.records_found),
-            ("duplicate records", self.duplicate_records),
-            ("lost records", self.lost_records),
-            ("replies disagreeing with their record", self.replies_disagreeing_with_records),
-            ("model calls repeated (redeliveries)", self.repeated_model_calls),
-            (
-                "worker restarts (SIGKILL + SIGTERM)",
-                f"{self.worker_kills + self.worker_sigterms} ({self.worker_kills} + {self.worker_sigterms})",
-            ),
-            ("SIGTERMed workers that did not exit 0", self.unclean_exits),
-            ("workers that died on their own", self.workers_died_on_their_own),
-            ("broker connection cuts", self.connection_cuts),
-            ("mock calls failed on purpose", self.mock_calls_failed),
-            ("messages in multillm.dead", self.dead_letters),
-            ("wall time", f"{self.seconds:.0f} s"),
-        ]
-        width = max(len(name) for name, _ in rows)
-        lines = [f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-        lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -174,8 +117,10 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
             "[retry]\nmax_attempts = 3\ninitial_wait = 0.05\nmax_wait = 0.5\nbudget_seconds = 10\n"
             f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 5\n'
         )
-        env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url}
-        fleet = _Fleet(env, Path(tmp) / "workers.log", primaries=2, per_model=2)
+        # Info, whatever the caller's environment says: a refused write is logged at info.
+        env = {ENV_CONFIG: str(config), ENV_BROKER_URL: broker_url, ENV_LOG_LEVEL: "info"}
+        worker_log = Path(tmp) / "workers.log"
+        fleet = _Fleet(env, worker_log, primaries=2, per_model=2)
         wait_for_consumers(broker_url, contract.REQUEST_QUEUE, 2, timeout=60)
         for model in MODELS[1:]:
             wait_for_consumers(broker_url, contract.model_queue(model), 2, timeout=60)
@@ -183,12 +128,24 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
             f"chaos in vhost {vhost_of(broker_url)}: {len(fleet.workers)} workers,"
             f" {requests} requests over ~{duration:g}s"
         )
-        sent, replies = _soak(broker_url, fleet, mock, rng, seed, requests, duration, report)
-        _wait_for(lambda: _count_records(sink_url, sent, report), report.records_expected, patience=60, what="records")
+        prompts, replies = _soak(broker_url, fleet, mock, rng, seed, requests, duration, report)
+        _wait_for(
+            lambda: count_records(report, _records(sink_url, prompts)),
+            report.records_expected,
+            patience=60,
+            what="records",
+        )
         report.workers_died_on_their_own += sum(1 for w in fleet.workers if not w.alive())
         report.unclean_exits += sum(1 for code in fleet.stop() if code != 0)
-        _count_records(sink_url, sent, report)
-        report.replies_disagreeing_with_records = _disagreements(sink_url, replies)
+        # Every worker has stopped: no call, record or log line comes after this.
+        records = _records(sink_url, prompts)
+        calls = _every_call(mock)
+        count_records(report, records)
+        count_calls(report, calls, set(prompts.values()))
+        report.replies_disagreeing_with_records = disagreements(records, replies)
+        report.records_without_their_answer = records_without_their_answer(records, prompts, calls)
+        with worker_log.open(encoding="utf-8", errors="replace") as lines:
+            report.refused_record_writes = refused_writes(lines, prompts)
         report.dead_letters = queue_counts(broker_url, contract.DEAD_QUEUE)[0]
     report.seconds = time.monotonic() - started
     print(report.table())
@@ -204,8 +161,9 @@ def _soak(
     requests: int,
     duration: float,
     report: ChaosReport,
-) -> tuple[list[str], dict[str, Reply]]:
-    """Send the requests under faults; returns the ids the broker confirmed, and the first replies."""
+) -> tuple[dict[str, str], dict[str, Reply]]:
+    """Send the requests under faults; returns the prompt of each request the broker confirmed
+    (unique, so that the mock's log tells the requests apart) by its id, and the first replies."""
     control = mock.control
     control.set_fault(
         "*", error_rate=MOCK_ERROR_RATE, error_statuses=[429, 500, 502, 503, 0], retry_after=0.05, seed=seed
@@ -221,13 +179,14 @@ def _soak(
     chaos = threading.Thread(target=_wreak, args=(vhost_of(broker_url), fleet, rng, sending, report), daemon=True)
     chaos.start()
 
-    sent: list[str] = []
+    sent: dict[str, str] = {}
     with Client(broker_url, timeout=60) as client, progress("sending under faults", requests) as sent_so_far:
         pace = duration / requests
         for i in range(requests):
-            request = make_request(list(MODELS), f"chaos request {i}", display_model=0)
+            prompt = f"chaos request {i}"
+            request = make_request(list(MODELS), prompt, display_model=0)
             try:
-                sent.append(client.publish(request, reply_to=REPLIES))
+                sent[client.publish(request, reply_to=REPLIES)] = prompt
             except MultiLLMError:
                 report.publish_failures += 1
             sent_so_far(i + 1)
@@ -245,10 +204,6 @@ def _soak(
         report.duplicate_replies = sum(n - 1 for n in replies.seen.values() if n > 1)
         report.error_replies_by_code = dict(replies.codes)
     report.lost_replies = report.requests_sent - report.replies_received
-    calls = control.calls()
-    report.mock_calls_failed = sum(1 for call in calls if call.status != 200)
-    answered = Counter((call.model, call.prompt) for call in calls if call.status == 200)
-    report.repeated_model_calls = sum(n - 1 for n in answered.values())
     report.records_expected = len(sent) * len(MODELS)
     with replies.lock:
         return sent, dict(replies.first)
@@ -308,39 +263,20 @@ def _wait_for(count: Callable[[], int], target: int, patience: float, what: str)
             time.sleep(0.5)
 
 
-def _count_records(sink_url: str, sent: list[str], report: ChaosReport) -> int:
-    """Count the records of the sent requests into `report`; returns how many were found."""
+def _records(sink_url: str, prompts: Mapping[str, str]) -> list[LLMLogRecord]:
+    """The records of the requests sent (`prompts` by request id)."""
     sink = open_sink(sink_url)
     try:
-        wanted = set(sent)
-        rows = Counter((r.request_id, r.model_index) for r in sink.records() if r.request_id in wanted)
+        return [r for r in sink.records() if r.request_id in prompts]
     finally:
         sink.close()
-    report.records_found = len(rows)
-    report.duplicate_records = sum(n - 1 for n in rows.values())
-    report.lost_records = report.records_expected - report.records_found
-    return report.records_found
 
 
-def _disagreements(sink_url: str, replies: dict[str, Reply]) -> int:
-    """Replies whose primary record says otherwise (another answer, another outcome)."""
-    sink = open_sink(sink_url)
-    try:
-        primaries = {r.request_id: r for r in sink.records() if r.is_primary and r.request_id in replies}
-    finally:
-        sink.close()
-    wrong = 0
-    for request_id, reply in replies.items():
-        record = primaries.get(request_id)
-        if record is None:
-            continue  # counted as a lost record
-        if reply.completion is not None:
-            agrees = (
-                record.status == "ok"
-                and reply.completion.id == record.log_id
-                and reply.completion.primary_external_id == record.external_id
-            )
-        else:
-            agrees = record.status == "error" and reply.status is not None and reply.status.code == record.error_code
-        wrong += not agrees
-    return wrong
+def _every_call(mock: MockLLM) -> list[MockCall]:
+    """The mock's whole log; a full one has forgotten its oldest calls, which would go uncounted."""
+    calls = mock.control.calls()
+    if len(calls) >= MAX_LOGGED_CALLS:
+        raise ConfigError(
+            f"the mock logs its last {MAX_LOGGED_CALLS} calls only: too many to count; send fewer requests"
+        )
+    return calls

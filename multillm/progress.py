@@ -1,4 +1,5 @@
-"""A progress bar for long CLI work: on a terminal only, so that logs and pipes stay plain."""
+"""A progress bar for long work of the commands (the demo, the chaos soak): on a terminal only,
+so that logs and pipes stay plain."""
 
 from __future__ import annotations
 
