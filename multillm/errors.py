@@ -35,6 +35,10 @@ class ConfigError(MultiLLMError):
     """The configuration file or environment is invalid; the message names the key."""
 
 
+class CommandError(MultiLLMError):
+    """A `multillm` command failed in a way the user can act on; printed as one line without a traceback."""
+
+
 class BrokerUnavailable(MultiLLMError, ConnectionError):
     """No broker answered at the configured URL when the client started."""
 

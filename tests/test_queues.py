@@ -9,8 +9,8 @@ it, by the producers and by real worker processes, and read back from the broker
 from __future__ import annotations
 
 from multillm import contract
-from multillm.cli.rabbitmq import rabbitmqctl, vhost_of
 from multillm.producers import Client, ReplyQueue, make_request
+from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 from tests.conftest import StartWorker
 
 NAMED_REPLIES = "my-service.replies"

@@ -20,7 +20,7 @@ from multillm.config import (
     ENV_LOG_LEVEL,
     ENV_SINK_URL,
 )
-from multillm.errors import ConfigError
+from multillm.errors import CommandError, ConfigError
 from multillm.logging_setup import configure_logging
 from multillm.schemas import Mode
 from multillm.sinks.query import parse_bound
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"multillm: configuration error: {exc}", file=sys.stderr)
         return 2
-    except commands.CommandError as exc:
+    except CommandError as exc:
         print(f"multillm: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,14 +10,10 @@ import msgspec
 
 from multillm import contract
 from multillm.config import Settings, load_settings
-from multillm.errors import MultiLLMError, RpcError
+from multillm.errors import CommandError, MultiLLMError, RpcError
 from multillm.producers import Client, PendingReply, make_request
 from multillm.producers.publishing import queue_counts
 from multillm.schemas import ChatMessage, encode
-
-
-class CommandError(Exception):
-    """A failure the user can act on, printed as one line without a traceback."""
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from multillm import contract
-from multillm.cli.commands import CommandError, connect_client
+from multillm.cli.commands import connect_client
 from multillm.cli.logs import side_by_side
 from multillm.config import DEFAULT_MOCK_LATENCY_MS, ENV_CONFIG, Settings
-from multillm.errors import MultiLLMError
+from multillm.errors import CommandError, MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
 from multillm.progress import progress

@@ -20,7 +20,6 @@ from rich.table import Table
 from rich.text import Text
 
 from multillm import contract
-from multillm.cli.commands import CommandError
 from multillm.cli.replay import replay_dead_records, summary
 from multillm.cli.report import render_report
 from multillm.cli.summaries import (
@@ -35,7 +34,7 @@ from multillm.cli.summaries import (
     summarize,
 )
 from multillm.config import ENV_SINK_URL, Settings
-from multillm.errors import ConfigError
+from multillm.errors import CommandError, ConfigError
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import RecordFilter, describe_sink, mask_url, open_sink
 

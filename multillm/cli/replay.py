@@ -19,7 +19,7 @@ import kombu.exceptions
 import msgspec
 
 from multillm import contract
-from multillm.cli.commands import CommandError
+from multillm.errors import CommandError
 from multillm.producers.publishing import connect, declare_queues
 from multillm.schemas import decode_record
 from multillm.sinks import Sink

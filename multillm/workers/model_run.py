@@ -6,6 +6,7 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
@@ -22,6 +23,10 @@ from multillm.workers.group_commit import GroupCommit
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
 
 log = structlog.get_logger(__name__)
+
+# Logged (at info) each time the sink refused a record already stored under its log id:
+# `multillm chaos` counts these lines.
+RECORD_DUPLICATE: Final = "record.duplicate"
 
 
 def now_ms() -> int:
@@ -159,7 +164,7 @@ class ModelRunner:
         # A record written ok is the normal case, one a message: debug, to keep it off a busy worker's output.
         emit = bound.info if not written else bound.debug if record.status == "ok" else bound.warning
         emit(
-            "record.written" if written else "record.duplicate",
+            "record.written" if written else RECORD_DUPLICATE,
             status=record.status,
             error_code=record.error_code,
             attempts=record.attempts,
