@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multillm import contract
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, Settings
+from multillm.config import DEFAULT_CONFIG_FILE, ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, Settings
 from multillm.errors import ConfigError, MultiLLMError
 from multillm.mock_llm import MAX_LOGGED_CALLS, MockCall, MockLLM
 from multillm.producers import Client, Reply, ReplyQueue, make_request
@@ -111,7 +111,7 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
         MockLLM(latency_ms=20) as mock,
     ):
         sink_url = f"sqlite:///{tmp}/chaos.db"
-        config = Path(tmp) / "multillm.toml"
+        config = Path(tmp) / DEFAULT_CONFIG_FILE
         config.write_text(
             f'sink_url = "{sink_url}"\nshutdown_grace_seconds = 10\n'
             "[retry]\nmax_attempts = 3\ninitial_wait = 0.05\nmax_wait = 0.5\nbudget_seconds = 10\n"

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from multillm.config import DEFAULT_CONFIG_FILE
 from multillm.producers.publishing import queue_counts
 
 
@@ -103,7 +104,7 @@ def wait_for_consumers(
 def write_worker_config(folder: Path, *, broker_url: str, sink_url: str, mock_url: str) -> Path:
     """A `multillm.toml` in `folder` for workers against the mock at `mock_url` (provider `mock`)."""
     # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
-    path = folder / "multillm.toml"
+    path = folder / DEFAULT_CONFIG_FILE
     path.write_text(
         f"broker_url = {json.dumps(broker_url)}\n"
         f"sink_url = {json.dumps(sink_url)}\n\n"
