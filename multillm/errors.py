@@ -48,7 +48,8 @@ class RequestTimeout(MultiLLMError, TimeoutError):
 
 
 class RpcError(MultiLLMError):
-    """The pipeline answered with an `RpcStatus` instead of a completion."""
+    """An error with an `RpcStatus` code: in a caller, the pipeline's answer instead of a completion
+    (a subclass per code); in a worker, as `ProviderError`, a model call that failed for good."""
 
     code: int
     message: str
@@ -74,7 +75,8 @@ class RpcError(MultiLLMError):
 
 
 class ProviderError(RpcError):
-    """A model call that failed for good; `message` is safe to log, store and reply with.
+    """A model call that failed for good, in a worker; `message` is safe to log, store and reply with,
+    and becomes the error record's and, for the primary, the reply's.
 
     Attributes:
         code: the RpcStatus code (`Code`).

@@ -112,8 +112,7 @@ def test_every_multillm_command_is_a_real_subcommand() -> None:
         command = service["command"]
         assert isinstance(command, list) and all(isinstance(a, str) for a in command), name
         args, unknown = parser.parse_known_args(command)
-        # `--metrics-port` comes from another branch; once the parser knows it, nothing is unknown.
-        assert unknown in ([], ["--metrics-port", METRICS_PORT]), f"{name}: unknown arguments {unknown}"
+        assert unknown == [], f"{name}: unknown arguments {unknown}"
         kinds.add((args.command, getattr(args, "kind", None)))
     assert kinds == {("mock-llm", None), ("worker", "primary"), ("worker", "model")}
 

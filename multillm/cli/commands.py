@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 
 import kombu.exceptions
 import msgspec
@@ -52,8 +54,18 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from multillm.workers import run_model_worker, run_primary_worker
 
     if args.kind == "primary":
-        return run_primary_worker(settings, args.concurrency, args.metrics_port)
-    return run_model_worker(settings, args.model, args.concurrency, args.metrics_port)
+        code = run_primary_worker(settings, args.concurrency, args.metrics_port)
+    else:
+        code = run_model_worker(settings, args.model, args.concurrency, args.metrics_port)
+    if stuck := [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:
+        # The worker left a sink thread stuck in a write (a database that stopped answering, see
+        # `workers._serve`): the interpreter's exit would wait for it for ever. Everything else is
+        # closed, and the record's message was not acked, so it is redelivered.
+        print(f"multillm: exiting with threads still busy: {', '.join(stuck)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _request(settings: Settings, args: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ log = structlog.get_logger(__name__)
 # another may look up the records of a redelivered message. Not the loop's default executor:
 # pika and aiohttp resolve names there, and a hung database must not stop a reconnect.
 SINK_THREADS = 2
+# How long a stopping worker waits for a record write in progress before it leaves the sink's
+# threads as they are (a database that stopped answering must not hold the exit).
+SINK_CLOSE_SECONDS = 5.0
 
 
 def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
@@ -85,11 +88,14 @@ def _serve(
     4. close the connection: the broker redelivers whatever is still unsettled;
     5. cancel the calls still running past the grace period (their messages are redelivered);
     6. close the providers' HTTP connections;
-    7. close the sink and its threads, once no call is left to write a record.
+    7. close the sink and its threads, once no call is left to write a record, waiting at
+       most `SINK_CLOSE_SECONDS` for a write in progress (none after a second signal).
 
-    A second signal skips what is left of step 3 (exit code 1). Exiting the process is the
-    caller's business (the CLI's), with the code returned here.
+    A second signal skips what is left of steps 1 and 3 (exit code 1). Exiting the process is
+    the caller's business (the CLI's), with the code returned here; a sink thread left stuck
+    in step 7 is why the CLI ends a worker with `os._exit`.
     """
+    aborted = False
 
     async def serve() -> int:
         consumer = Consumer(
@@ -106,20 +112,21 @@ def _serve(
             lag.start()
             return await consumer.serve()  # steps 1-4
         finally:
+            nonlocal aborted
+            aborted = consumer.aborted
             lag.stop()
-            await _cancel_the_rest()  # step 5
+            await consumer.cancel_running()  # step 5
             await providers.aclose()  # step 6
 
     _tune_gc()
     try:
         return asyncio.run(serve())
     finally:
-        runner.close()  # step 7
+        runner.close(0.0 if aborted else SINK_CLOSE_SECONDS)  # step 7
 
 
 def _on_signals(consumer: Consumer) -> None:
-    """SIGTERM or SIGINT stops `consumer`; a second one aborts it (in the main thread only: tests may
-    run a worker in another)."""
+    """SIGTERM or SIGINT stops `consumer`; a second one aborts it (only the main thread can handle signals)."""
     if threading.current_thread() is not threading.main_thread():
         return
     loop = asyncio.get_running_loop()
@@ -137,15 +144,6 @@ def _on_signals(consumer: Consumer) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-
-
-async def _cancel_the_rest() -> None:
-    """Cancel the tasks still running (calls past the grace period) and wait for them to end."""
-    current = asyncio.current_task()
-    rest = [task for task in asyncio.all_tasks() if task is not current]
-    for task in rest:
-        task.cancel()
-    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:

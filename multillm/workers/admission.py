@@ -52,6 +52,13 @@ class Admission:
         """The connection is gone: nothing waiting may begin (the broker redelivers it)."""
         self._waiting.clear()
 
+    async def cancel(self) -> None:
+        """Cancel every task (calls still running past the grace period) and wait for them to end."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def wait_idle(self, seconds: float) -> bool:
         """Wait up to `seconds` for every task to finish; True if they did."""
         if self._tasks:

@@ -19,7 +19,7 @@ included: with a thread per call, 512 calls in flight spent a third of the worke
 passing the GIL around (docs/benchmarks.md). What blocks, the sink's writes, goes to the
 sink's own threads (`workers/group_commit.py`).
 
-`stop()` ends `serve()` in the order that `workers.serve` documents.
+`stop()` ends `serve()` in the order that `workers._serve` documents.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import pika
 import structlog
 
 from multillm import contract
+from multillm.config import PREFETCH_PER_CALL, RECONNECT_FIRST_WAIT, RECONNECT_MAX_WAIT
 from multillm.errors import ConfigError
 from multillm.metrics import WorkerMetrics
 from multillm.workers.admission import Admission
@@ -45,13 +46,6 @@ from multillm.workers.topology import queues_for
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-# Twice the concurrency: a call slot that frees finds its next message here, instead of
-# idling through an ack and a delivery (docs/benchmarks.md: +10-15% at latency 0).
-PREFETCH_PER_CALL = 2
-# Reconnecting: the first wait, and the longest (doubling in between, with jitter).
-FIRST_BACKOFF_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 15.0
 
 
 class Consumer:
@@ -91,6 +85,14 @@ class Consumer:
         """Stop taking messages, finish those in flight (up to the grace period), then return from `serve`."""
         self._stopping.set()
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborting.is_set()
+
+    async def cancel_running(self) -> None:
+        """Cancel the calls still running (past the grace period, or after `abort`); after `serve`."""
+        await self._admission.cancel()
+
     def abort(self) -> None:
         """Stop now: calls in flight are abandoned and the broker redelivers their messages."""
         self._stopping.set()
@@ -102,13 +104,13 @@ class Consumer:
         Raises:
             ConfigError: the broker refused the topology (retrying cannot help).
         """
-        backoff = FIRST_BACKOFF_SECONDS
+        backoff = RECONNECT_FIRST_WAIT
         while not self._stopping.is_set():
             try:
                 link = await self._unless_stopped(self._connect())
                 if link is None:
                     break
-                backoff = FIRST_BACKOFF_SECONDS
+                backoff = RECONNECT_FIRST_WAIT
                 await self._consume_until_stopped(link)
             except ConfigError:
                 raise
@@ -118,7 +120,7 @@ class Consumer:
                 # Close what is left of it: a half-dead connection would keep its deliveries unacked.
                 await self._close_link()
                 await self._unless_stopped(asyncio.sleep(backoff * random.uniform(0.5, 1.5)))
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                backoff = min(backoff * 2, RECONNECT_MAX_WAIT)
         if self._link is None:
             # Stopped while disconnected: calls still running may yet write their records, which
             # their redeliveries will then find instead of paying for the call again.
@@ -130,10 +132,10 @@ class Consumer:
     async def _unless_stopped(self, awaitable: Awaitable[T]) -> T | None:
         """The result of `awaitable`, or None if a stop comes first (it is cancelled then):
         a broker that does not answer must not hold up a SIGTERM."""
-        return await _first(awaitable, self._stopping)
+        return await _unless(self._stopping, awaitable)
 
     async def _unless_aborted(self, awaitable: Awaitable[T]) -> T | None:
-        return await _first(awaitable, self._aborting)
+        return await _unless(self._aborting, awaitable)
 
     async def _connect(self) -> Link:
         self._generation += 1
@@ -159,7 +161,7 @@ class Consumer:
         gone = await self._unless_stopped(asyncio.shield(link.gone))
         if gone is not None:
             raise gone
-        await link.cancel_consumers()
+        await self._unless_aborted(link.cancel_consumers())
         for delivery in self._admission.take_waiting():
             link.settle(delivery, REQUEUE)
         with contextlib.suppress(TimeoutError):
@@ -178,6 +180,8 @@ class Consumer:
     def _on_delivery(self, link: Link, handler: Handler, delivery: Delivery) -> None:
         give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
         self._metrics.consumed(delivery.queue, delivery.redelivered, give_up)
+        # Who decides if the work fails: the handler, unless the work is already its `on_error`'s.
+        on_failure: Handler | None = handler
         try:
             if give_up:
                 log.error(
@@ -191,15 +195,23 @@ class Consumer:
                 decision = handler.on_delivery(delivery)
         except Exception as exc:
             log.exception("worker.handler_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
-            decision = _on_error(handler, delivery, exc, None)
+            decision, on_failure = _on_error(handler, delivery, exc, None), None
         if isinstance(decision, Settlement):
             link.settle(delivery, decision)
-            return
-        taken = link.publish(decision.publish_first) if decision.publish_first else _nothing_published()
-        self._admission.admit(delivery, partial(self._work, link, handler, delivery, decision, taken))
+        elif self._stopping.is_set():
+            # Came in while the consumers were being cancelled: back to the queue, nothing published.
+            link.settle(delivery, REQUEUE)
+        else:
+            taken = link.publish(decision.publish_first) if decision.publish_first else _nothing_published()
+            self._admission.admit(delivery, partial(self._in_slot, link, on_failure, delivery, decision, taken))
 
-    async def _work(
-        self, link: Link, handler: Handler, delivery: Delivery, work: Work, taken: asyncio.Future[list[bool]]
+    async def _in_slot(
+        self,
+        link: Link,
+        on_failure: Handler | None,
+        delivery: Delivery,
+        work: Work,
+        taken: asyncio.Future[list[bool]],
     ) -> None:
         """In a call slot: run the work, then settle what it returns."""
         if not link.owns(delivery):
@@ -207,34 +219,33 @@ class Consumer:
         if self._stopping.is_set():
             link.settle(delivery, REQUEUE)  # came in while the consumer was being cancelled: not begun
             return
-        settlement = await _run(link, handler, delivery, work, taken)
+        settlement = await _settlement_of(link, on_failure, delivery, work, taken)
         # Never an ack before what went out first is confirmed: an ack must not lose a fan-out copy.
         await asyncio.wait([taken])
         if settlement is not None:
             link.settle(delivery, settlement)
 
 
-async def _run(
-    link: Link, handler: Handler, delivery: Delivery, work: Work, taken: asyncio.Future[list[bool]]
+async def _settlement_of(
+    link: Link, on_failure: Handler | None, delivery: Delivery, work: Work, taken: asyncio.Future[list[bool]]
 ) -> Settlement | None:
-    """What `work` returns, or what `on_error` decides when it raises; None if its connection is gone."""
+    """What `work` returns, or what `on_failure.on_error` decides when it raises (None: the work is
+    an `on_error`'s already, and its failure leaves the last resort); None if its connection is gone."""
     try:
         return await work.run(taken)
     except Exception as exc:
         if isinstance(exc, CONNECTION_ERRORS) and not link.owns(delivery):
             return None  # a publish it awaited failed with its connection: the broker redelivers it
         log.exception("worker.task_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
+        if on_failure is None:
+            return last_resort(delivery)
         await asyncio.wait([taken])
         if taken.exception() is not None:
             return None  # lost with its connection: the broker redelivers it
-        decision = _on_error(handler, delivery, exc, taken.result())
+        decision = _on_error(on_failure, delivery, exc, taken.result())
     if isinstance(decision, Settlement):
         return decision
-    try:
-        return await decision.run(_nothing_published())
-    except Exception:
-        log.exception("worker.on_error_failed", queue=delivery.queue)
-        return last_resort(delivery)
+    return await _settlement_of(link, None, delivery, decision, _nothing_published())
 
 
 def _on_error(handler: Handler, delivery: Delivery, error: Exception, taken: list[bool] | None) -> Decision:
@@ -251,7 +262,7 @@ def _nothing_published() -> asyncio.Future[list[bool]]:
     return done
 
 
-async def _first(awaitable: Awaitable[T], event: asyncio.Event) -> T | None:
+async def _unless(event: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
     """The result of `awaitable`, or None when `event` is set first (`awaitable` is cancelled then)."""
     task = asyncio.ensure_future(awaitable)
     interrupted = asyncio.ensure_future(event.wait())

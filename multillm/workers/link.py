@@ -130,11 +130,15 @@ class Link:
         self._consumer_tags.append(channel.basic_consume(queue, on_message))
 
     async def cancel_consumers(self) -> None:
-        """Stop taking messages (those prefetched stay ours until settled)."""
+        """Stop taking messages, on every queue at once (those prefetched stay ours until settled)."""
         channel = self.session.channel
-        with contextlib.suppress(*CONNECTION_ERRORS, TimeoutError):
-            for tag in self._consumer_tags:
-                await asyncio.wait_for(self.session.call(channel.basic_cancel, tag), 5)  # type: ignore[union-attr]
+        assert channel is not None
+
+        async def cancel(tag: str) -> None:
+            with contextlib.suppress(*CONNECTION_ERRORS, TimeoutError):
+                await asyncio.wait_for(self.session.call(channel.basic_cancel, tag), 5)
+
+        await asyncio.gather(*(cancel(tag) for tag in self._consumer_tags))
 
     def owns(self, delivery: Delivery) -> bool:
         """Whether `delivery` came on this link and the link is still open, so that it may be settled."""
@@ -165,7 +169,12 @@ class Link:
         a failure ends the link, and the broker redelivers what it had not settled."""
         if not self.owns(delivery):
             # The broker redelivers it, and the sink's idempotent write keeps the record single.
-            log.warning("worker.settle_dropped", reason="connection closed; message will be redelivered")
+            log.warning(
+                "worker.settle_dropped",
+                queue=delivery.queue,
+                message_id=delivery.properties.message_id,
+                reason="connection closed; message will be redelivered",
+            )
             return
         try:
             if settlement.requeue:

@@ -117,7 +117,8 @@ class Handler(Protocol):
         a record for every model the message names that would otherwise have none.
 
         `taken`: whether a queue took each message of the work's `publish_first`; None when
-        they never went out (the bug was in `on_delivery`)."""
+        they never went out (the bug was in `on_delivery`). A `Work` it returns publishes
+        nothing first, and its own failure dead-letters the message bare (`last_resort`)."""
         ...
 
 

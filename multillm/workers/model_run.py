@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -108,11 +109,26 @@ class ModelRunner:
                 self._metrics.call_ended(model.name)
         return await self._record(request, request_id, model_index, outcome, created_at)
 
-    def close(self) -> None:
-        """Close the sink and its threads; once no call is left that could write a record."""
-        if self._sink_threads is not None:
-            self._sink_threads.shutdown(wait=True, cancel_futures=True)
-        self._sink.close()
+    def close(self, timeout: float) -> bool:
+        """Close the sink and its threads, once no call is left that could write a record; False if
+        a sink thread was still busy after `timeout` seconds (a database that stopped answering),
+        and both were left as they are.
+        """
+        closer = threading.Thread(target=self._close_now, name="sink-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.error("sink.close_abandoned", waited_seconds=timeout)
+            return False
+        return True
+
+    def _close_now(self) -> None:
+        try:
+            if self._sink_threads is not None:
+                self._sink_threads.shutdown(wait=True, cancel_futures=True)
+            self._sink.close()
+        except Exception as exc:  # the records are written or dead-lettered by now: nothing is lost
+            log.warning("sink.close_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _lookup(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         loop = asyncio.get_running_loop()

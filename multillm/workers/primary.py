@@ -141,8 +141,9 @@ class PrimaryHandler:
         """Settle the request for good: an error record (13) for its primary, the reply 13, a masked dead letter.
 
         `why`: the ErrorInfo reason of the reply. `copies_taken`: whether a queue took each
-        fan-out copy (None: they never went out), so that the models of copies not taken get
-        an error record too; by default the copies went out on an earlier delivery.
+        fan-out copy this delivery published, so that the models of those not taken get an
+        error record too; None: the copies never went out; empty: this delivery published
+        none, and they went out on an earlier one.
         """
         request_id = request_id_of(delivery)
         try:
@@ -150,10 +151,14 @@ class PrimaryHandler:
         except InvalidArgument as exc:
             return self._refuse(delivery, request_id, exc.code, exc.message)
         others = [index for index in range(len(request.models)) if index != request.display_model]
-        if copies_taken is None:
+        if copies_taken is None and not delivery.redelivered:
             not_taken = others
+        elif copies_taken:
+            not_taken = [index for index, ok in zip(others, copies_taken, strict=True) if not ok]
         else:
-            not_taken = [index for index, ok in zip(others, copies_taken, strict=False) if not ok]
+            # Published on an earlier delivery (a redelivered request published them before it
+            # got this far): their model workers write those records; ours could only race them.
+            not_taken = []
 
         async def record_and_refuse(_: Awaitable[list[bool]]) -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
