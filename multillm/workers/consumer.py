@@ -221,7 +221,8 @@ class Consumer:
             return
         settlement = await _settlement_of(link, on_failure, delivery, work, taken)
         # Never an ack before what went out first is confirmed: an ack must not lose a fan-out copy.
-        await asyncio.wait([taken])
+        if not taken.done():
+            await asyncio.wait([taken])
         if settlement is not None:
             link.settle(delivery, settlement)
 
@@ -239,7 +240,8 @@ async def _settlement_of(
         log.exception("worker.task_failed", queue=delivery.queue, message_id=delivery.properties.message_id)
         if on_failure is None:
             return last_resort(delivery)
-        await asyncio.wait([taken])
+        if not taken.done():
+            await asyncio.wait([taken])
         if taken.exception() is not None:
             return None  # lost with its connection: the broker redelivers it
         decision = _on_error(on_failure, delivery, exc, taken.result())
