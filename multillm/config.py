@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from multillm.errors import ConfigError
+from multillm.urls import broker_nodes
 
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_SINK_URL: Final = "sqlite:///multillm-logs.db"
@@ -31,11 +32,20 @@ ENV_CONFIG: Final = "MULTILLM_CONFIG"
 ENV_LOG_LEVEL: Final = "MULTILLM_LOG_LEVEL"
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
+# Where a worker starts in a list of broker nodes (workers/nodes.py); kombu's names.
+Failover = Literal["shuffle", "round-robin"]
 
 
-def default_broker_url() -> str:
-    """`$MULTILLM_BROKER_URL` if set, else `DEFAULT_BROKER_URL`: where a client given no URL connects."""
-    return os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+def client_broker_url(broker_url: str | None) -> str:
+    """Where a client connects: `broker_url`, or if None `$MULTILLM_BROKER_URL`, else `DEFAULT_BROKER_URL`.
+
+    Raises:
+        ConfigError: the URL, or an entry of its node list, is malformed (named, password masked).
+    """
+    if broker_url is None:
+        broker_url = os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+    broker_nodes(broker_url)
+    return broker_url
 
 
 class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -114,7 +124,11 @@ PREFETCH_PER_CALL: Final = 2
 
 
 class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    # One AMQP URL, or the nodes of one cluster joined by `;` (checked by `load_settings`).
     broker_url: str = DEFAULT_BROKER_URL
+    # Where a worker starts in that list: a random node, to spread a fleet over the cluster,
+    # or the first ("round-robin", kombu's name, as the clients do). See workers/nodes.py.
+    broker_failover: Failover = "shuffle"
     sink_url: str = DEFAULT_SINK_URL
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
@@ -159,8 +173,14 @@ def load_settings(path: str | Path | None = None) -> Settings:
     else:
         settings = Settings(providers=default_providers())
     overrides: dict[str, str] = {}
+    broker_source = f"{file}: broker_url"
     if broker := os.environ.get(ENV_BROKER_URL):
-        overrides["broker_url"] = broker
+        overrides["broker_url"], broker_source = broker, ENV_BROKER_URL
     if sink := os.environ.get(ENV_SINK_URL):
         overrides["sink_url"] = sink
-    return msgspec.structs.replace(settings, **overrides) if overrides else settings
+    settings = msgspec.structs.replace(settings, **overrides) if overrides else settings
+    try:
+        broker_nodes(settings.broker_url)
+    except ConfigError as exc:
+        raise ConfigError(f"{broker_source}: {exc}") from None
+    return settings

@@ -175,12 +175,21 @@ def named_reply_queue(name: str) -> QueueSpec:
     return QueueSpec(name, "", name, {"x-queue-type": "quorum"})
 
 
-def client_reply_queue(unique: str) -> QueueSpec:
+def client_reply_queue(unique: str, *, replicated: bool = False) -> QueueSpec:
     """The private reply queue of one `Client`.
 
     Durable, not exclusive, not auto-delete: it must outlive a dropped
     connection and a broker restart, so that replies arriving meanwhile wait in
     it. `x-expires` removes it once no client has used it for ten minutes.
+
+    `replicated` (the client was given the nodes of a cluster): a quorum queue, so that
+    the replies to calls in flight survive the death of the node that holds it, and the
+    client reads them from another node. Otherwise a classic queue, which lives on one
+    node: cheaper per reply, but a caller whose node dies loses those replies (its calls
+    end in `RequestTimeout`). docs/operations.md weighs the two.
     """
     name = CLIENT_REPLY_QUEUE_PREFIX + unique
-    return QueueSpec(name, "", name, {"x-expires": 10 * 60 * 1000})
+    arguments: dict[str, object] = {"x-expires": 10 * 60 * 1000}
+    if replicated:
+        arguments["x-queue-type"] = "quorum"
+    return QueueSpec(name, "", name, arguments)

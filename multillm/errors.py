@@ -31,6 +31,14 @@ class MultiLLMError(Exception):
     """Base of every error this package raises on purpose."""
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: message` for a log line or an error message; the type alone when the message is empty
+    (pika's connection errors often carry none, and a bare `AMQPConnectionError: ` says nothing)."""
+    text = str(exc) or ", ".join(repr(arg) for arg in exc.args)  # pika keeps its story in repr()
+    text = " ".join(text.split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ConfigError(MultiLLMError):
     """The configuration file or environment is invalid; the message names the key."""
 

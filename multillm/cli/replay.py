@@ -19,7 +19,7 @@ import kombu.exceptions
 import msgspec
 
 from multillm import contract
-from multillm.errors import CommandError
+from multillm.errors import CommandError, describe
 from multillm.producers.publishing import connect, declare_queues
 from multillm.schemas import decode_record
 from multillm.sinks import Sink
@@ -85,7 +85,7 @@ def _write(sink: Sink, message: Any, counts: ReplayCounts) -> str | None:
     try:
         written = sink.write(record)
     except Exception as exc:  # whatever the sink's driver raises: reported, and the record kept
-        return "the sink refused it: " + (" ".join(f"{type(exc).__name__}: {exc}".split()))
+        return "the sink refused it: " + describe(exc)
     if written:
         counts.written += 1
     else:

@@ -24,13 +24,13 @@ from typing import Final
 import kombu
 
 from multillm import contract
-from multillm.config import default_broker_url
-from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout
+from multillm.config import client_broker_url
+from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout, describe
 from multillm.logging_setup import get_logger
 from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
-from multillm.urls import mask_url
+from multillm.urls import broker_nodes, mask_url
 
 log = get_logger(__name__)
 
@@ -75,11 +75,11 @@ class Client:
             BrokerUnavailable: no broker answered within `connect_timeout` seconds. Once
                 connected, the client reconnects on its own for as long as it lives.
         """
-        broker_url = default_broker_url() if broker_url is None else broker_url
+        broker_url = client_broker_url(broker_url)
         self.timeout = timeout
         self._pending: dict[str, PendingReply] = {}
         self._lock = threading.Lock()
-        spec = contract.client_reply_queue(uuid.uuid4().hex)
+        spec = contract.client_reply_queue(uuid.uuid4().hex, replicated=len(broker_nodes(broker_url)) > 1)
         self.reply_queue = spec.name
         self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply)
         self._listener.start()
@@ -251,7 +251,7 @@ class _ReplyListener(threading.Thread):
                 self._error = exc
                 # Before the first connection, the constructor reports the failure itself.
                 level = log.warning if self._ready.is_set() else log.debug
-                level("reply_listener.reconnecting", error=f"{type(exc).__name__}: {exc}")
+                level("reply_listener.reconnecting", error=describe(exc))
                 self._stopping.wait(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 5.0)
 

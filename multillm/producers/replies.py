@@ -10,8 +10,8 @@ import kombu
 import msgspec
 
 from multillm import contract
-from multillm.config import default_broker_url
-from multillm.errors import Code, RpcError
+from multillm.config import client_broker_url
+from multillm.errors import Code, RpcError, describe
 from multillm.logging_setup import get_logger
 from multillm.producers.publishing import connect, declare_queues, drain, kombu_queue
 from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
@@ -62,7 +62,7 @@ class ReplyQueue:
         """
         if not name:
             raise ValueError("a ReplyQueue needs the name of its queue")
-        broker_url = default_broker_url() if broker_url is None else broker_url
+        broker_url = client_broker_url(broker_url)
         self.name = name
         self._spec = contract.named_reply_queue(name)
         self._broker_url = broker_url
@@ -106,7 +106,7 @@ class ReplyQueue:
                 return handled
             except self._connection.connection_errors as exc:
                 # Unacked replies go back to the queue: reconnect and carry on.
-                log.warning("reply_queue.reconnecting", queue=self.name, error=f"{type(exc).__name__}: {exc}")
+                log.warning("reply_queue.reconnecting", queue=self.name, error=describe(exc))
                 self._connection.release()
                 time.sleep(1.0)
                 self._connection = connect(self._broker_url)

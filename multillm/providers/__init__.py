@@ -17,7 +17,7 @@ import httpx2
 import openai
 
 from multillm.config import ProviderConfig, RetryConfig
-from multillm.errors import Code, ConfigError, ProviderError
+from multillm.errors import Code, ConfigError, ProviderError, describe
 from multillm.metrics import WorkerMetrics
 from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
 from multillm.redact import scrub
@@ -122,7 +122,7 @@ class Providers:
             try:
                 provider.open()
             except (OSError, ValueError, httpx2.InvalidURL, openai.OpenAIError) as exc:
-                problem = scrub(f"{type(exc).__name__}: {exc}", [self._configs[name].configured_key()])
+                problem = scrub(describe(exc), [self._configs[name].configured_key()])
                 if isinstance(exc, OSError) and (cert_file := os.environ.get("SSL_CERT_FILE")):
                     problem += f" (SSL_CERT_FILE is {cert_file!r})"  # ssl's own message names no file
                 raise ConfigError(f"provider {name!r}: cannot build its client: {problem}") from None

@@ -24,7 +24,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from multillm.config import RetryConfig
-from multillm.errors import Code, ProviderError
+from multillm.errors import Code, ProviderError, describe
 from multillm.redact import scrub
 
 T = TypeVar("T")
@@ -124,7 +124,7 @@ def classify(exc: Exception) -> tuple[Code, str]:
         # Only the kind: an aiohttp message may quote the URL (which may hold a key in a query).
         detail = _cannot_connect(exc) or f"the provider's connection failed ({type(exc).__name__})"
         return Code.UNAVAILABLE, detail
-    return Code.INTERNAL, f"{type(exc).__name__}: {exc}"
+    return Code.INTERNAL, describe(exc)
 
 
 def _cannot_connect(exc: BaseException) -> str | None:

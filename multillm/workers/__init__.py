@@ -104,6 +104,7 @@ def _serve(
             concurrency=concurrency,
             grace_seconds=settings.shutdown_grace_seconds,
             metrics=metrics,
+            failover=settings.broker_failover,
         )
         _on_signals(consumer)
         lag = LoopLag(metrics.loop_lag, concurrency)

@@ -31,16 +31,16 @@ from collections.abc import Awaitable, Sequence
 from functools import partial
 from typing import TypeVar
 
-import pika
 import structlog
 
 from multillm import contract
-from multillm.config import PREFETCH_PER_CALL, RECONNECT_FIRST_WAIT, RECONNECT_MAX_WAIT
-from multillm.errors import ConfigError
+from multillm.config import PREFETCH_PER_CALL, RECONNECT_FIRST_WAIT, RECONNECT_MAX_WAIT, Failover
+from multillm.errors import ConfigError, describe
 from multillm.metrics import WorkerMetrics
 from multillm.workers.admission import Admission
 from multillm.workers.link import CONNECTION_ERRORS, REQUEUE, Link
 from multillm.workers.messages import Decision, Delivery, Handler, Settlement, Work, last_resort
+from multillm.workers.nodes import BrokerNodes
 from multillm.workers.topology import queues_for
 
 log = structlog.get_logger(__name__)
@@ -63,9 +63,13 @@ class Consumer:
         concurrency: int = 4,
         grace_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
+        failover: Failover = "shuffle",
     ) -> None:
+        """Raises:
+        ConfigError: `broker_url` is malformed.
+        """
         self._metrics = metrics or WorkerMetrics()
-        self._params = pika.URLParameters(broker_url)
+        self._nodes = BrokerNodes(broker_url, failover)
         self._handlers = {handler.queue.name: handler for handler in handlers}
         self._queues = queues_for([handler.queue for handler in handlers])
         self._concurrency = concurrency
@@ -116,7 +120,7 @@ class Consumer:
                 raise
             except Exception as exc:  # the broker went away, or a bug: reconnect either way
                 event = "broker.connection_lost" if isinstance(exc, CONNECTION_ERRORS) else "worker.loop_failed"
-                log.warning(event, error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+                log.warning(event, node=self._nodes.current, error=describe(exc), retry_in=backoff)
                 # Close what is left of it: a half-dead connection would keep its deliveries unacked.
                 await self._close_link()
                 await self._unless_stopped(asyncio.sleep(backoff * random.uniform(0.5, 1.5)))
@@ -138,19 +142,35 @@ class Consumer:
         return await _unless(self._aborting, awaitable)
 
     async def _connect(self) -> Link:
+        """A link to the first node that answers, in `BrokerNodes` order.
+
+        Raises:
+            the last node's error, when none answered.
+        """
         self._generation += 1
-        link = await Link.open(
-            self._params,
-            self._generation,
-            prefetch=PREFETCH_PER_CALL * self._concurrency,
-            queues=self._queues,
-            metrics=self._metrics,
-        )
-        self._link = link
-        for queue, handler in self._handlers.items():
-            link.consume(queue, partial(self._on_delivery, link, handler))
-        log.info("worker.consuming", queues=list(self._handlers), concurrency=self._concurrency)
-        return link
+        failure: BaseException | None = None
+        for node, parameters in self._nodes.attempts():
+            try:
+                link = await Link.open(
+                    parameters,
+                    self._generation,
+                    prefetch=PREFETCH_PER_CALL * self._concurrency,
+                    queues=self._queues,
+                    metrics=self._metrics,
+                )
+            except CONNECTION_ERRORS as exc:
+                failure = exc
+                if len(self._nodes) > 1:
+                    log.warning("broker.node_unreachable", node=node, error=describe(exc))
+                continue
+            self._nodes.connected(node)
+            self._link = link
+            for queue, handler in self._handlers.items():
+                link.consume(queue, partial(self._on_delivery, link, handler))
+            log.info("worker.consuming", node=node, queues=list(self._handlers), concurrency=self._concurrency)
+            return link
+        assert failure is not None
+        raise failure
 
     async def _consume_until_stopped(self, link: Link) -> None:
         """Consume until a stop, then: cancel the consumers, requeue what has not begun, drain.

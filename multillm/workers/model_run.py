@@ -14,7 +14,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from multillm import contract
 from multillm.config import SINK_RETRY_WAITS
-from multillm.errors import Code
+from multillm.errors import Code, describe
 from multillm.metrics import WorkerMetrics
 from multillm.providers import ModelResult, ProviderError, Providers
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
@@ -128,7 +128,7 @@ class ModelRunner:
                 self._sink_threads.shutdown(wait=True, cancel_futures=True)
             self._sink.close()
         except Exception as exc:  # the records are written or dead-lettered by now: nothing is lost
-            log.warning("sink.close_failed", error=f"{type(exc).__name__}: {exc}")
+            log.warning("sink.close_failed", error=describe(exc))
 
     async def _lookup(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         loop = asyncio.get_running_loop()
@@ -142,7 +142,7 @@ class ModelRunner:
                 "record.lookup_failed",
                 request_id=request_id,
                 log_id=log_id_for(request_id, model_index),
-                error=f"{type(exc).__name__}: {exc}",
+                error=describe(exc),
             )
             return None
         return next((r for r in records if r.model_index == model_index), None)
@@ -173,7 +173,7 @@ class ModelRunner:
                 written = await self._writer.write(record)
                 break
             except Exception as exc:
-                bound.error("record.write_failed", error=f"{type(exc).__name__}: {exc}", retry_in=wait)
+                bound.error("record.write_failed", error=describe(exc), retry_in=wait)
                 if wait is None:
                     return ModelRun(record, outcome, stored=False)
                 await asyncio.sleep(wait)

@@ -1,0 +1,59 @@
+"""Which broker node a worker connects to: the nodes of a cluster, spread over and failed over.
+
+`broker_url` lists one node or the nodes of one cluster (`urls.broker_nodes`). A worker
+tries them in turn, starting where `broker_failover` says: at a random node ("shuffle",
+the default, so that a fleet of workers spreads its connections over the cluster), or at
+the first ("round-robin", for an operator who lists the nearest node first). A node that
+refuses costs one failed connect and the next is tried at once; only when every node has
+failed does the worker wait before the next round. Once connected, a worker stays on its
+node until that connection is lost, then starts over at the node after it: a node that
+just died is tried last.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pika
+
+from multillm.config import Failover
+from multillm.urls import broker_nodes
+
+
+class BrokerNodes:
+    """The nodes of `broker_url` and the order to try them in; on the event loop only."""
+
+    def __init__(self, broker_url: str, failover: Failover = "shuffle", rng: random.Random | None = None) -> None:
+        """Raises:
+        ConfigError: `broker_url` is malformed (the message names the entry).
+        """
+        urls = broker_nodes(broker_url)
+        self._parameters = [pika.URLParameters(url) for url in urls]
+        # host:port names a node in the logs: it identifies the node and holds no password.
+        self.names = [f"{params.host}:{params.port}" for params in self._parameters]
+        self._next = (rng or random.Random()).randrange(len(urls)) if failover == "shuffle" else 0
+        self._current: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def attempts(self) -> Iterator[tuple[str, pika.URLParameters]]:
+        """Each node once, as (name, connection parameters), in the order to try them now.
+
+        Call `connected(name)` with the node that answered.
+        """
+        for step in range(len(self._parameters)):
+            index = (self._next + step) % len(self._parameters)
+            yield self.names[index], self._parameters[index]
+
+    def connected(self, name: str) -> None:
+        """`name` answered: the next round, after this connection is lost, starts at the node after it."""
+        index = self.names.index(name)
+        self._current = index
+        self._next = (index + 1) % len(self._parameters)
+
+    @property
+    def current(self) -> str | None:
+        """The node of the connection now open (or last open)."""
+        return None if self._current is None else self.names[self._current]
