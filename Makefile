@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test chaos bench lint typecheck services clean constraints
+.PHONY: demo test chaos bench lint typecheck services cluster cluster-down clean constraints
 
 # constraints.txt pins every package to the versions last tested; pyproject.toml pins the tools
 # that judge the code (ruff, mypy, pytest) on its own.
@@ -43,6 +43,13 @@ bench: $(VENV)/.installed
 services:
 	@PY=$(PY) bash scripts/services.sh broker --install
 	@PY=$(PY) bash scripts/services.sh postgres --install
+
+# Three RabbitMQ nodes clustered beside the system's own (AMQP on 5681..5683); prints their URLs.
+cluster:
+	bash scripts/cluster.sh up --install
+
+cluster-down:
+	bash scripts/cluster.sh down
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check multillm tests

@@ -28,6 +28,8 @@ from multillm.sinks import Sink, open_sink
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers
 from multillm.testbed.rabbitmq import scratch_vhost
 
+pytest_plugins = ["tests.cluster_fixtures"]
+
 API_KEY_IN_CONFIG = "sk-config-0123456789abcdef"
 
 
