@@ -2,7 +2,9 @@
 
 No Docker engine is needed: `docker compose config` only reads the file, and the rest
 parses it with PyYAML and checks it against the CLI's own parser, the config loader and
-the README.
+the README. The `cluster` profile (three RabbitMQ nodes and workers given all three) is
+checked too: its node list, shared cookie and cluster-formation config, and that a plain
+`docker compose up` still starts what it did before the profile.
 """
 
 from __future__ import annotations
@@ -20,12 +22,24 @@ import yaml
 
 from multillm.cli import _parser
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL, load_settings
+from multillm.errors import ConfigError
+from multillm.urls import broker_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 README = ROOT / "README.md"
 README_SECTION = "## Run everything with Docker Compose"
 METRICS_PORT = "9100"
+CLUSTER_PROFILE = "cluster"
+# What a plain `docker compose up` starts (the services without a profile): the same six
+# as before the cluster profile existed.
+DEFAULT_SERVICES = {"rabbitmq", "postgres", "mock-llm", "primary", "worker-upper", "worker-reverse"}
+CLUSTER_NODE_COUNT = 3
+AMQP_PORT = 5672
+RABBITMQ_DATA_DIR = "/var/lib/rabbitmq"
+# Where the image's RabbitMQ and Erlang look for the cookie ($HOME of the rabbitmq user).
+ERLANG_COOKIE_IN_CONTAINER = RABBITMQ_DATA_DIR + "/.erlang.cookie"
+RABBITMQ_CONF_IN_CONTAINER = "/etc/rabbitmq/rabbitmq.conf"
 
 
 def compose() -> dict[str, Any]:
@@ -47,6 +61,55 @@ def multillm_services() -> dict[str, dict[str, Any]]:
 
 def workers() -> dict[str, dict[str, Any]]:
     return {name: s for name, s in multillm_services().items() if s["command"][0] == "worker"}
+
+
+def profiles(service: dict[str, Any]) -> list[str]:
+    found = service.get("profiles", [])
+    assert isinstance(found, list)
+    return found
+
+
+def in_setup(profile: str | None, found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The services of `found` in a profile, or (None) the default ones: those without a profile."""
+    return {name: s for name, s in found.items() if (profile in profiles(s) if profile else not profiles(s))}
+
+
+def cluster_nodes() -> dict[str, dict[str, Any]]:
+    """The cluster profile's RabbitMQ services."""
+    return {
+        n: s for n, s in in_setup(CLUSTER_PROFILE, services()).items() if s.get("image", "").startswith("rabbitmq:")
+    }
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each port the service publishes."""
+    found = []
+    for port in service.get("ports", []):
+        assert isinstance(port, str), f'{port!r}: quote ports as "IP:HOST:CONTAINER" strings'
+        host_ip, host_port, container_port = port.split(":")
+        found.append((host_ip, int(host_port), int(container_port)))
+    return found
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each short-syntax volume of the service: {path in the container: (source, mode)}."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        found[target] = (source, mode[0] if mode else "rw")
+    return found
+
+
+def rabbitmq_conf(path: Path) -> dict[str, str]:
+    """A rabbitmq.conf (sysctl format: `key = value` lines and # comments) as a dict."""
+    settings: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            assert sep and key.strip() not in settings, f"{path}: {line!r}"
+            settings[key.strip()] = value.strip()
+    return settings
 
 
 def readme_section() -> str:
@@ -75,30 +138,60 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_file() -> None:
+def run_compose(command: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("profile_args", [[], ["--profile", CLUSTER_PROFILE]], ids=["default", "cluster"])
+def test_docker_compose_config_accepts_the_file(profile_args: list[str]) -> None:
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` (the compose plugin) nor `docker-compose` is installed")
-    done = subprocess.run(
-        [*command, "-f", str(COMPOSE_FILE), "config", "--quiet"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_compose(command, *profile_args, "config", "--quiet")
     assert done.returncode == 0, done.stderr
 
 
+def test_a_plain_up_starts_what_it_did_and_the_profile_only_adds() -> None:
+    found = services()
+    for name, service in found.items():
+        assert profiles(service) in ([], [CLUSTER_PROFILE]), f"{name}: profiles {profiles(service)}"
+    assert set(in_setup(None, found)) == DEFAULT_SERVICES
+    assert set(in_setup(CLUSTER_PROFILE, found)), "the cluster profile has no services"
+    # A default service waiting for one of the profile's would not start without it.
+    for name, service in in_setup(None, found).items():
+        assert set(service.get("depends_on", {})) <= DEFAULT_SERVICES, name
+
+
+@pytest.mark.parametrize("profile", [None, CLUSTER_PROFILE], ids=["default", "cluster"])
+def test_compose_enables_the_services_of_the_profiles_named(profile: str | None) -> None:
+    """The same, asked of Compose itself (v2: v1's `config --services` lists every profile's)."""
+    command = compose_command()
+    if command != ["docker", "compose"]:
+        pytest.skip("needs `docker compose` (the compose plugin, v2)")
+    done = run_compose(command, *(["--profile", profile] if profile else []), "config", "--services")
+    assert done.returncode == 0, done.stderr
+    expected = DEFAULT_SERVICES | (set(in_setup(profile, services())) if profile else set())
+    assert set(done.stdout.split()) == expected
+
+
 def test_every_service_the_readme_names_is_defined_and_no_other() -> None:
-    table_rows = re.findall(r"^\|\s*`([a-z0-9-]+)`\s*\|", readme_section(), flags=re.MULTILINE)
+    """The table lists the default services; the cluster profile's are named beside it."""
+    section = readme_section()
+    table_rows = re.findall(r"^\|\s*`([a-z0-9-]+)`\s*\|", section, flags=re.MULTILINE)
     assert table_rows, "the README's compose section has no table of services"
-    assert sorted(table_rows) == sorted(services())
+    assert sorted(table_rows) == sorted(in_setup(None, services()))
+    assert f"docker compose --profile {CLUSTER_PROFILE} up" in section
+    named = set(re.findall(r"`([a-z0-9-]+)`", section))
+    assert set(in_setup(CLUSTER_PROFILE, services())) <= named
 
 
 def test_the_infrastructure_services_have_health_checks() -> None:
     found = services()
-    assert found["rabbitmq"]["image"].startswith("rabbitmq:3.13-management")
-    assert "rabbitmq-diagnostics" in found["rabbitmq"]["healthcheck"]["test"]
+    for name in ["rabbitmq", *cluster_nodes()]:
+        assert found[name]["image"].startswith("rabbitmq:3.13"), name
+        assert "rabbitmq-diagnostics" in found[name]["healthcheck"]["test"], name
     assert found["postgres"]["image"] == "postgres:16"
     assert "pg_isready" in found["postgres"]["healthcheck"]["test"]
     for name, service in found.items():
@@ -139,11 +232,15 @@ def test_workers_are_wired_by_environment_variables_multillm_reads() -> None:
         assert not unknown, f"{name} sets variables multillm never reads: {unknown}"
     for name, service in workers().items():
         env = service["environment"]
-        broker, sink = urlsplit(env[ENV_BROKER_URL]), urlsplit(env[ENV_SINK_URL])
-        assert broker.scheme == "amqp" and broker.hostname == "rabbitmq" and broker.hostname in found, name
+        brokers = [urlsplit(node) for node in broker_nodes(env[ENV_BROKER_URL])]
+        sink = urlsplit(env[ENV_SINK_URL])
+        # The default workers use the single node; the cluster's, all of its nodes.
+        expected = sorted(cluster_nodes()) if CLUSTER_PROFILE in profiles(service) else ["rabbitmq"]
+        assert sorted(b.hostname or "" for b in brokers) == expected, name
+        assert all(b.scheme == "amqp" and b.hostname in found for b in brokers), name
         assert sink.scheme == "postgresql" and sink.hostname == "postgres", name
         assert sink.path == "/" + found["postgres"]["environment"]["POSTGRES_DB"], name
-        for dependency in ("rabbitmq", "postgres"):
+        for dependency in (*expected, "postgres"):
             assert service["depends_on"][dependency]["condition"] == "service_healthy", name
         for dependency, how in service["depends_on"].items():
             if how["condition"] == "service_healthy":
@@ -164,14 +261,95 @@ def test_the_mounted_config_points_the_mock_provider_at_the_mock_service() -> No
             assert model.split("/", 1)[0] in settings.providers, f"{name}: no provider for {model}"
 
 
-def test_the_readme_request_reaches_a_worker_for_every_model() -> None:
-    """The primary worker calls the primary model; every other model needs its own worker."""
+@pytest.mark.parametrize("profile", [None, CLUSTER_PROFILE], ids=["default", "cluster"])
+def test_the_readme_request_reaches_a_worker_for_every_model(profile: str | None) -> None:
+    """The primary worker calls the primary model; every other model needs its own worker,
+    on the single node and on the cluster alike."""
     [line] = [ln for ln in readme_section().splitlines() if "multillm request" in ln]
     args = _parser().parse_args(shlex.split(line.split("multillm", 1)[1].split("#", 1)[0]))
-    served = {s["command"][s["command"].index("--model") + 1] for s in workers().values() if "--model" in s["command"]}
-    assert "primary" in services()
+    commands = [s["command"] for s in in_setup(profile, workers()).values()]
+    served = {c[c.index("--model") + 1] for c in commands if "--model" in c}
+    assert [c[1] for c in commands].count("primary") == 1
     others = [m for i, m in enumerate(args.model) if i != args.display_model]
     assert others and set(others) <= served
+
+
+def test_the_cluster_workers_run_the_default_workers_commands() -> None:
+    default = sorted(s["command"] for s in in_setup(None, workers()).values())
+    assert sorted(s["command"] for s in in_setup(CLUSTER_PROFILE, workers()).values()) == default
+
+
+def test_the_cluster_workers_broker_url_lists_the_three_nodes() -> None:
+    nodes = cluster_nodes()
+    assert len(nodes) == CLUSTER_NODE_COUNT
+    cluster_workers = in_setup(CLUSTER_PROFILE, workers())
+    assert cluster_workers
+    for name, service in cluster_workers.items():
+        try:
+            node_urls = broker_nodes(service["environment"][ENV_BROKER_URL])
+        except ConfigError as exc:
+            pytest.fail(f"{name}: {exc}")
+        parts = [urlsplit(url) for url in node_urls]
+        assert sorted(p.hostname or "" for p in parts) == sorted(nodes), f"{name}: not each node once"
+        for part in parts:
+            assert part.scheme == "amqp" and part.port == AMQP_PORT, f"{name}: {part.hostname}"
+        assert "rabbitmq" not in service["depends_on"], f"{name} waits for the single node"
+    for name, node in nodes.items():
+        assert AMQP_PORT in [container for _, _, container in published_ports(node)], f"{name}: no AMQP port"
+
+
+def test_the_cluster_nodes_share_one_cookie_and_one_formation_config() -> None:
+    nodes = cluster_nodes()
+    secrets = compose()["secrets"]
+    named_volumes = compose()["volumes"]
+    cookie_files, conf_files, data_volumes = set(), set(), set()
+    for name, node in nodes.items():
+        # The node's name is rabbit@<hostname>; its peers reach it by that name, the service's.
+        assert node["hostname"] == name
+        [secret] = node["secrets"]
+        source, target = (secret, secret) if isinstance(secret, str) else (secret["source"], secret["target"])
+        secret_path = target if target.startswith("/") else f"/run/secrets/{target}"
+        cookie_files.add(secrets[source]["file"])
+        # The entrypoint copies the secret to where Erlang reads the cookie, only the
+        # owner (rabbitmq) able to read it, then runs the image's entrypoint.
+        shell, flag, script, *_ = node["entrypoint"]
+        assert (shell, flag) == ("sh", "-c"), name
+        copy = re.search(
+            r"\binstall -m 0?[46]00 -o rabbitmq -g rabbitmq (\S+) (\S+) && exec docker-entrypoint\.sh ", script
+        )
+        assert copy and copy.groups() == (secret_path, ERLANG_COOKIE_IN_CONTAINER), f"{name}: {script}"
+        assert node["command"] == ["rabbitmq-server"], name
+        volumes = mounts(node)
+        data, _ = volumes[RABBITMQ_DATA_DIR]
+        assert data in named_volumes, name
+        data_volumes.add(data)
+        conf_source, mode = volumes[RABBITMQ_CONF_IN_CONTAINER]
+        assert mode == "ro", f"{name}: {RABBITMQ_CONF_IN_CONTAINER} is not read-only"
+        conf_files.add(conf_source)
+    assert len(cookie_files) == 1, f"the nodes' cookies differ: {cookie_files}"
+    assert len(conf_files) == 1, f"the nodes' configs differ: {conf_files}"
+    assert len(data_volumes) == len(nodes), "two nodes share a data volume"
+
+    [cookie_file] = cookie_files
+    cookie = (ROOT / cookie_file).read_text()
+    # Erlang accepts printable ASCII, a trailing newline ignored.
+    assert re.fullmatch(r"[!-~]{20,255}\n?", cookie), f"{cookie_file} is no Erlang cookie"
+
+    [conf_file] = conf_files
+    settings = rabbitmq_conf(ROOT / conf_file)
+    assert settings["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = [v for k, v in settings.items() if k.startswith("cluster_formation.classic_config.nodes.")]
+    assert sorted(listed) == sorted(f"rabbit@{node['hostname']}" for node in nodes.values())
+
+
+def test_no_two_services_publish_the_same_port_and_all_on_loopback() -> None:
+    """Every service, every profile on: the cluster's ports clash with none of the default setup's."""
+    published: dict[int, str] = {}
+    for name, service in services().items():
+        for host_ip, host_port, _ in published_ports(service):
+            assert host_ip == "127.0.0.1", f"{name} publishes {host_port} on {host_ip}"
+            assert host_port not in published, f"{name} and {published.get(host_port)} both publish {host_port}"
+            published[host_port] = name
 
 
 def test_the_image_runs_multillm_as_a_user_other_than_root() -> None:
