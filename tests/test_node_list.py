@@ -154,6 +154,15 @@ def test_after_a_lost_connection_the_node_it_was_on_is_tried_last() -> None:
     nodes.connected("b:2")
     assert nodes.current == "b:2"
     assert [name for name, _ in nodes.attempts()] == ["c:3", "a:1", "b:2"]
+    # Shuffled, a fleet that loses a node spreads over all the others, and tries that node last.
+    after_b = set()
+    for seed in range(30):
+        shuffled = BrokerNodes("amqp://a:1/;amqp://b:2/;amqp://c:3/", "shuffle", random.Random(seed))
+        shuffled.connected("b:2")
+        order = [name for name, _ in shuffled.attempts()]
+        assert order[-1] == "b:2"
+        after_b.add(order[0])
+    assert after_b == {"a:1", "c:3"}
     single = BrokerNodes("amqp://a:1/")
     single.connected("a:1")
     assert [name for name, _ in single.attempts()] == ["a:1"]

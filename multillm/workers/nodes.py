@@ -6,8 +6,9 @@ the default, so that a fleet of workers spreads its connections over the cluster
 the first ("round-robin", for an operator who lists the nearest node first). A node that
 refuses costs one failed connect and the next is tried at once; only when every node has
 failed does the worker wait before the next round. Once connected, a worker stays on its
-node until that connection is lost, then starts over at the node after it: a node that
-just died is tried last.
+node until that connection is lost; the next round then starts at another node, chosen at
+random again ("shuffle": the workers of a node that died spread over the others) or the
+one after it ("round-robin"), and tries the node it was on last.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class BrokerNodes:
         self._parameters = [pika.URLParameters(url) for url in urls]
         # host:port names a node in the logs: it identifies the node and holds no password.
         self.names = [f"{params.host}:{params.port}" for params in self._parameters]
-        self._next = (rng or random.Random()).randrange(len(urls)) if failover == "shuffle" else 0
+        self._rng = rng or random.Random()
+        self._shuffle = failover == "shuffle"
+        self._next = self._rng.randrange(len(urls)) if self._shuffle else 0
         self._current: int | None = None
 
     def __len__(self) -> int:
@@ -43,15 +46,21 @@ class BrokerNodes:
 
         Call `connected(name)` with the node that answered.
         """
-        for step in range(len(self._parameters)):
-            index = (self._next + step) % len(self._parameters)
+        count = len(self._parameters)
+        order = [(self._next + step) % count for step in range(count)]
+        if self._current is not None:  # the node it was on, which may have just died: last
+            order.remove(self._current)
+            order.append(self._current)
+        for index in order:
             yield self.names[index], self._parameters[index]
 
     def connected(self, name: str) -> None:
-        """`name` answered: the next round, after this connection is lost, starts at the node after it."""
+        """`name` answered: the next round, after this connection is lost, starts at another node."""
         index = self.names.index(name)
         self._current = index
-        self._next = (index + 1) % len(self._parameters)
+        others = len(self._parameters) - 1
+        step = 1 + self._rng.randrange(others) if self._shuffle and others else 1
+        self._next = (index + step) % len(self._parameters)
 
     @property
     def current(self) -> str | None:
