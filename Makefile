@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 services:
 	@PY=$(PY) bash scripts/services.sh broker --install
 	@PY=$(PY) bash scripts/services.sh postgres --install
+	@PY=$(PY) bash scripts/services.sh compose --install
 
 # Three RabbitMQ nodes clustered beside the system's own (AMQP on 5681..5683); prints their URLs.
 cluster:

@@ -5,6 +5,9 @@
 #                                         else say in one line how to get one (exit 1)
 #   scripts/services.sh broker --install  also install RabbitMQ from Debian's packages when missing (CI)
 #   scripts/services.sh postgres --install  the same for PostgreSQL (the tests' SQL sink)
+#   scripts/services.sh compose --install   Docker Compose, which tests/test_compose.py asks to read
+#                                         docker-compose.yml (no Docker engine needed): Debian's v1
+#                                         when neither the v2 plugin nor v1 is there
 set -euo pipefail
 what=${1:?usage: services.sh broker|postgres [--install]}
 install=${2:-}
@@ -79,6 +82,13 @@ postgres() {
   for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && return 0; sleep 1; done
   echo "PostgreSQL was started but does not answer at 127.0.0.1:5432" >&2
   exit 1
+}
+
+compose() {
+  docker compose version >/dev/null 2>&1 && return 0
+  command -v docker-compose >/dev/null && return 0
+  [ "$install" = --install ] || { echo "no Docker Compose (sudo apt-get install docker-compose)" >&2; exit 1; }
+  apt_install docker-compose
 }
 
 "$what"
