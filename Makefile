@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test chaos bench lint typecheck services cluster cluster-down clean constraints
+.PHONY: demo test chaos chaos-cluster bench lint typecheck services cluster cluster-down clean constraints
 
 # constraints.txt pins every package to the versions last tested; pyproject.toml pins the tools
 # that judge the code (ruff, mypy, pytest) on its own.
@@ -32,6 +32,12 @@ demo: $(VENV)/.installed
 chaos: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker
 	$(VENV)/bin/multillm --log-level error chaos --requests 3000 --duration 150
+
+# The same on the local three-node cluster (scripts/cluster.sh, started if down), with broker
+# nodes SIGKILLed and restarted beside the rest; its table is in docs/reliability.md too.
+chaos-cluster: $(VENV)/.installed
+	@PY=$(PY) bash scripts/services.sh broker --install
+	$(VENV)/bin/multillm --log-level error chaos --cluster --requests 3000 --duration 150
 
 # The six scenarios of docs/benchmarks.md, each against its baseline in the same run (about 10 minutes);
 # rewrites the generated part of docs/benchmarks.md and docs/benchmarks.png.

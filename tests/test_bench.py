@@ -30,7 +30,8 @@ HAND_WRITTEN = (
 # About 70 s on an idle machine, and a loaded one (or a fresh clone compiling its imports) has
 # taken over the suite's 180 s default: its own limit, under the subprocess's.
 @pytest.mark.timeout(600)
-def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path) -> None:
+def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path, rabbit_cluster: object) -> None:
+    """`rabbit_cluster`: the cluster scenario finds the run's cluster up and leaves it so."""
     before = _bench_vhosts()
     page = tmp_path / "benchmarks.md"
     page.write_text(HAND_WRITTEN)
@@ -63,12 +64,13 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     assert text.startswith("# Benchmarks\n\nAnalysis that a new run must keep.") and text.endswith("Tail.\n")
     assert "\nold\n" not in text
     tables = {block.split("\n", 1)[0]: block for block in text.split("### ")[1:]}
-    for heading in ("1. Overhead", "2. Throughput", "3. Slow models", "4. Fan-out cost", "5. Sinks", "6. Horizontal"):
+    headings = ("1. Overhead", "2. Throughput", "3. Slow models", "4. Fan-out cost", "5. Sinks", "6. Horizontal")
+    for heading in (*headings, "7. Cluster"):
         [block] = [b for title, b in tables.items() if title.startswith(heading)]
         data_rows = [line for line in block.splitlines() if line.startswith("| ")][1:]
         assert data_rows and all(any(ch.isdigit() for ch in row) for row in data_rows), block
     # Each system of the throughput scenario was measured, and each sink.
-    for name in ("multillm", "bare pika loop", "celery", "jsonl", "sqlite", "postgresql"):
+    for name in ("multillm", "bare pika loop", "celery", "jsonl", "sqlite", "postgresql", "three-node cluster"):
         assert f"| {name} |" in text, name
     # The slow-models rows say how late the worker's loop ran, read from its metrics.
     [slow] = [block for title, block in tables.items() if title.startswith("3. Slow models")]

@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -30,6 +29,7 @@ from multillm.schemas import V1MultiLLMChatCompletion
 from multillm.sinks import open_sink
 from multillm.testbed.cluster import LocalCluster
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers
+from multillm.testbed.rabbitmq import vhost_of
 from tests.test_cli import multillm
 
 PRIMARY, OTHER = "mock/echo", "mock/upper"
@@ -39,10 +39,6 @@ def rotated(cluster_url: str, first: int) -> str:
     """The same node list, starting at node `first` (0-based)."""
     nodes = cluster_url.split(";")
     return ";".join(nodes[first:] + nodes[:first])
-
-
-def vhost(cluster_url: str) -> str:
-    return unquote(urlsplit(cluster_url.split(";")[0]).path.lstrip("/"))
 
 
 class Fleet:
@@ -93,8 +89,8 @@ def fleet(tmp_path: Path, cluster_url: str, mock_llm: MockLLM) -> Iterator[Fleet
 
 def worker_ports(cluster: LocalCluster, cluster_url: str) -> list[int]:
     """The AMQP port of each worker (pika) connection of the test's vhost, as the broker lists them."""
-    columns = ["port", "client_properties", "--formatter", "json"]
-    listed = json.loads(cluster.rabbitmqctl(cluster.names[1], "list_connections", "-p", vhost(cluster_url), *columns))
+    columns = ["-p", vhost_of(cluster_url), "port", "client_properties", "--formatter", "json"]
+    listed = json.loads(cluster.rabbitmqctl(cluster.names[1], "list_connections", *columns))
     return sorted(row["port"] for row in listed if "Pika" in json.dumps(row["client_properties"]))
 
 
@@ -108,7 +104,7 @@ def test_the_node_that_leads_the_requests_dies_under_load(
     fleet.start(primaries=2, others=2)
     # The workers list the doomed node first: they connect there, and the first to declare the
     # request queue made it lead it (RabbitMQ places a new queue's leader on the declaring node).
-    assert rabbit_cluster.leader_of(contract.REQUEST_QUEUE, vhost(cluster_url)).startswith(doomed)
+    assert rabbit_cluster.leader_of(contract.REQUEST_QUEUE, vhost_of(cluster_url)).startswith(doomed)
     assert worker_ports(rabbit_cluster, cluster_url) == [doomed_port] * 4
 
     total = 300
@@ -165,9 +161,9 @@ def test_the_node_that_leads_the_requests_dies_under_load(
     # The node comes back: the cluster is whole, and serves through it.
     rabbit_cluster.restart(doomed)
     assert rabbit_cluster.running_nodes() == sorted(rabbit_cluster.names)
-    with Client(rabbit_cluster.node_urls(vhost(cluster_url))[0], timeout=60) as through_it:
+    with Client(rabbit_cluster.node_urls(vhost_of(cluster_url))[0], timeout=60) as through_it:
         assert through_it.create(make_request([PRIMARY, OTHER], "whole again")).text == "echo says: whole again"
-    online = rabbit_cluster.queue_info(contract.REQUEST_QUEUE, vhost(cluster_url), ("online",))["online"]
+    online = rabbit_cluster.queue_info(contract.REQUEST_QUEUE, vhost_of(cluster_url), ("online",))["online"]
     assert sorted(online) == sorted(rabbit_cluster.names)
 
 
@@ -196,7 +192,7 @@ def test_callers_whose_node_dies_mid_call_get_their_replies(
     """Calls in flight when the callers' node dies: a Client, an AsyncClient and a named ReplyQueue
     given the cluster get every reply; a Client given that node alone gets RequestTimeout on time."""
     doomed = rabbit_cluster.names[0]
-    vhost_name = vhost(cluster_url)
+    vhost_name = vhost_of(cluster_url)
     # The worker on the second node, with a call slot for every call; the callers start on the first.
     calls = 4
     fleet.start(primaries=1, others=0, first_node=1, concurrency=4 * calls)

@@ -18,6 +18,7 @@ SCENARIOS: Final[dict[str, str]] = {
     "fanout": "CPU per request with 1, 3 and 8 models",
     "sinks": "records/s per sink, batched and not",
     "scale": "1, 2, 4 worker processes on one queue",
+    "cluster": "one node against a three-node cluster (scripts/cluster.sh): what replication costs",
 }
 
 # Where the Celery peer finds the broker and the mock: `celery worker` starts it as a module,

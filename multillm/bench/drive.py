@@ -136,3 +136,20 @@ def windowed(submit: Callable[[int], Callable[[], object]], *, total: int, in_fl
         wait()
         latencies.append((time.perf_counter() - at) * 1000)
     return Run(requests=total, errors=0, seconds=time.perf_counter() - started, latencies_ms=latencies)
+
+
+def interleaved(
+    ours: Callable[[int], object], floor: Callable[[int], object], count: int
+) -> tuple[list[float], list[float]]:
+    """Alternate the two sample by sample (and which goes first), so drift hits both alike."""
+    for i in range(min(20, count)):  # warm connections and caches on both sides
+        ours(i)
+        floor(i)
+    timed: tuple[list[float], list[float]] = ([], [])
+    for i in range(count):
+        order = (0, 1) if i % 2 else (1, 0)
+        for side in order:
+            started = time.perf_counter()
+            (ours, floor)[side](i)
+            timed[side].append((time.perf_counter() - started) * 1000)
+    return timed

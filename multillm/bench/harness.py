@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -134,8 +134,18 @@ class CpuShares:
 class Bench:
     """The broker vhost, the mock and the folder of one benchmark run; scenarios start workers in it."""
 
-    def __init__(self, broker_url: str, mock_url: str, folder: Path, sink_url: str, mock_pid: int) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        mock_url: str,
+        folder: Path,
+        sink_url: str,
+        mock_pid: int,
+        rabbitmqctl: Callable[..., str] = rabbitmqctl,
+    ) -> None:
+        """`rabbitmqctl`: runs rabbitmqctl on the broker of `broker_url` (this machine's by default)."""
         self.broker_url = broker_url
+        self._rabbitmqctl = rabbitmqctl
         self.mock_url = mock_url
         self.mock_pid = mock_pid
         self.mock = MockControl(mock_url)
@@ -164,7 +174,9 @@ class Bench:
         """Empty every queue of the vhost between scenarios (copies nobody consumes pile up)."""
         # One rabbitmqctl to list them (each costs half a second of CPU), the purges over AMQP.
         # Exclusive queues are live callers' reply queues: another connection's, and empty between scenarios.
-        listing = rabbitmqctl("list_queues", "-p", vhost_of(self.broker_url), "name", "exclusive", "--no-table-headers")
+        listing = self._rabbitmqctl(
+            "list_queues", "-p", vhost_of(self.broker_url), "name", "exclusive", "--no-table-headers"
+        )
         names = [
             name
             for name, _, exclusive in (line.rpartition("\t") for line in listing.splitlines())

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import openai
 
 from multillm.bench import bare
 from multillm.bench.common import ONE, THREE, Section, Sizes, model_workers, ms, primary, verdict
-from multillm.bench.drive import MakeRequest, percentile, requests_for
+from multillm.bench.drive import MakeRequest, interleaved, percentile, requests_for
 from multillm.bench.harness import Bench, python_module
 from multillm.producers import Client
 from multillm.schemas import encode
@@ -39,7 +36,7 @@ def overhead(bench: Bench, sizes: Sizes) -> Section:
                     client.create(make(i))
 
                 with primary(bench, 4), model_workers(bench, models[1:]):
-                    mine, base = _interleaved(ours, floor, sizes.overhead_samples)
+                    mine, base = interleaved(ours, floor, sizes.overhead_samples)
                 label = f"{len(models)} model{'s' if len(models) > 1 else ''}"
                 p50 = percentile(mine, 0.5) / percentile(base, 0.5)
                 p99 = percentile(mine, 0.99) / percentile(base, 0.99)
@@ -70,20 +67,3 @@ def overhead(bench: Bench, sizes: Sizes) -> Section:
         ],
         samples=samples,
     )
-
-
-def _interleaved(
-    ours: Callable[[int], object], floor: Callable[[int], object], count: int
-) -> tuple[list[float], list[float]]:
-    """Alternate the two sample by sample (and which goes first), so drift hits both alike."""
-    for i in range(min(20, count)):  # warm connections and caches on both sides
-        ours(i)
-        floor(i)
-    timed: tuple[list[float], list[float]] = ([], [])
-    for i in range(count):
-        order = (0, 1) if i % 2 else (1, 0)
-        for side in order:
-            started = time.perf_counter()
-            (ours, floor)[side](i)
-            timed[side].append((time.perf_counter() - started) * 1000)
-    return timed

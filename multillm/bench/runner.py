@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from multillm.bench import SCENARIOS, overhead, scale, sink_rates, slow, throughput
+from multillm.bench import SCENARIOS, cluster, overhead, scale, sink_rates, slow, throughput
 from multillm.bench.common import Section, Sizes
 from multillm.bench.harness import Bench, bench_environment
 
@@ -27,6 +27,7 @@ def run_bench(
         "fanout": lambda b: throughput.fanout_cost(b, sizes),
         "sinks": lambda b: sink_rates.sinks(b, sizes, postgres_url),
         "scale": lambda b: scale.horizontal(b, sizes),
+        "cluster": lambda b: cluster.cluster_cost(b, sizes),
     }
     sections = []
     with bench_environment(broker_url) as bench:

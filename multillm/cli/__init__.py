@@ -166,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=150.0, help="seconds over which requests are sent (default 150)"
     )
     chaos.add_argument("--seed", type=int, default=1, help="seed of the random faults (default 1)")
+    chaos.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on the local three-node cluster (scripts/cluster.sh; started if down) and kill its nodes too",
+    )
 
     bench = _command(sub, "bench", "the benchmark: ours against the floor, a bare pika loop and Celery", _BROKER)
     bench.add_argument(

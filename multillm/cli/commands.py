@@ -36,7 +36,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "chaos":
         from multillm.testbed.chaos import run_chaos
 
-        return run_chaos(settings, requests=args.requests, duration=args.duration, seed=args.seed)
+        return run_chaos(settings, requests=args.requests, duration=args.duration, seed=args.seed, cluster=args.cluster)
     if args.command == "bench":
         from multillm.cli.bench import run_bench_command
 

@@ -3,29 +3,34 @@
 In a RabbitMQ vhost of its own it runs primary and per-model workers against the
 mock LLM, sends requests at a steady pace, and meanwhile SIGKILLs and SIGTERMs
 random workers (restarting them), cuts every broker connection of the vhost, and
-makes the mock fail at random (429, 5xx, dropped connections). Then it stops the
-faults, waits for the stragglers, and counts: every confirmed request must have a
+makes the mock fail at random (429, 5xx, dropped connections). With `cluster`, it
+runs on the local three-node cluster (scripts/cluster.sh) instead, and also SIGKILLs
+a random broker node now and then, keeps it down a few seconds and starts it again.
+Then it stops the faults, waits for the stragglers, and counts: every confirmed request must have a
 reply, every model of every request a record that carries the mock's answer; model
 calls and duplicate record writes are counted where they happen (chaos_figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import kombu
 
 from multillm import contract
 from multillm.config import DEFAULT_CONFIG_FILE, ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, Settings
 from multillm.errors import ConfigError, MultiLLMError
 from multillm.mock_llm import MAX_LOGGED_CALLS, MockCall, MockLLM
 from multillm.producers import Client, Reply, ReplyQueue, make_request
-from multillm.producers.publishing import queue_counts
+from multillm.producers.publishing import connect, queue_counts
 from multillm.progress import progress
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import open_sink
@@ -37,6 +42,7 @@ from multillm.testbed.chaos_figures import (
     records_without_their_answer,
     refused_writes,
 )
+from multillm.testbed.cluster import LocalCluster
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers
 from multillm.testbed.rabbitmq import rabbitmqctl, scratch_vhost, vhost_of
 
@@ -101,15 +107,17 @@ class _Fleet:
         return [w.stop(timeout=30) for w in self.workers]
 
 
-def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) -> int:
+def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int, cluster: bool = False) -> int:
     rng = random.Random(seed)
     report = ChaosReport()
     started = time.monotonic()
-    with (
-        scratch_vhost(settings.broker_url, "multillm-chaos") as broker_url,
-        tempfile.TemporaryDirectory(prefix="multillm-chaos-") as tmp,
-        MockLLM(latency_ms=20) as mock,
-    ):
+    with contextlib.ExitStack() as stack:
+        brokers = stack.enter_context(
+            _Brokers.on_local_cluster() if cluster else _Brokers.on_broker(settings.broker_url)
+        )
+        broker_url = brokers.broker_url
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="multillm-chaos-"))
+        mock = stack.enter_context(MockLLM(latency_ms=20))
         sink_url = f"sqlite:///{tmp}/chaos.db"
         config = Path(tmp) / DEFAULT_CONFIG_FILE
         config.write_text(
@@ -128,7 +136,7 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
             f"chaos in vhost {vhost_of(broker_url)}: {len(fleet.workers)} workers,"
             f" {requests} requests over ~{duration:g}s"
         )
-        prompts, replies = _soak(broker_url, fleet, mock, rng, seed, requests, duration, report)
+        prompts, replies = _soak(brokers, fleet, mock, rng, seed, requests, duration, report)
         _wait_for(
             lambda: count_records(report, _records(sink_url, prompts)),
             report.records_expected,
@@ -147,13 +155,14 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int) 
         with worker_log.open(encoding="utf-8", errors="replace") as lines:
             report.refused_record_writes = refused_writes(lines, prompts)
         report.dead_letters = queue_counts(broker_url, contract.DEAD_QUEUE)[0]
+        report.dead_letter_reasons = _dead_letter_reasons(broker_url)
     report.seconds = time.monotonic() - started
     print(report.table())
     return 0 if report.clean else 1
 
 
 def _soak(
-    broker_url: str,
+    brokers: _Brokers,
     fleet: _Fleet,
     mock: MockLLM,
     rng: random.Random,
@@ -164,6 +173,7 @@ def _soak(
 ) -> tuple[dict[str, str], dict[str, Reply]]:
     """Send the requests under faults; returns the prompt of each request the broker confirmed
     (unique, so that the mock's log tells the requests apart) by its id, and the first replies."""
+    broker_url = brokers.broker_url
     control = mock.control
     control.set_fault(
         "*", error_rate=MOCK_ERROR_RATE, error_statuses=[429, 500, 502, 503, 0], retry_after=0.05, seed=seed
@@ -176,8 +186,13 @@ def _soak(
     collector.start()
     sending = threading.Event()
     sending.set()
-    chaos = threading.Thread(target=_wreak, args=(vhost_of(broker_url), fleet, rng, sending, report), daemon=True)
-    chaos.start()
+    chaos = [threading.Thread(target=_wreak, args=(brokers, fleet, rng, sending, report), daemon=True)]
+    if brokers.cluster is not None:
+        # Its own random stream: the worker faults stay those of the same seed without a cluster.
+        nodes = random.Random(seed + 1)
+        chaos.append(threading.Thread(target=_kill_nodes, args=(brokers.cluster, nodes, sending, report), daemon=True))
+    for thread in chaos:
+        thread.start()
 
     sent: dict[str, str] = {}
     with Client(broker_url, timeout=60) as client, progress("sending under faults", requests) as sent_so_far:
@@ -192,7 +207,8 @@ def _soak(
             sent_so_far(i + 1)
             time.sleep(max(0.0, pace - 0.002))
     sending.clear()
-    chaos.join()
+    for thread in chaos:
+        thread.join()
     control.clear_faults()
 
     report.requests_sent = len(sent)
@@ -209,7 +225,7 @@ def _soak(
         return sent, dict(replies.first)
 
 
-def _wreak(vhost: str, fleet: _Fleet, rng: random.Random, sending: threading.Event, report: ChaosReport) -> None:
+def _wreak(brokers: _Brokers, fleet: _Fleet, rng: random.Random, sending: threading.Event, report: ChaosReport) -> None:
     """Kill or stop a random worker every few seconds; cut every connection now and then."""
     next_cut = time.monotonic() + rng.uniform(8, 15)
     while sending.wait(0) and not _sleep_while(sending, rng.uniform(2.0, 5.0)):
@@ -222,9 +238,58 @@ def _wreak(vhost: str, fleet: _Fleet, rng: random.Random, sending: threading.Eve
             report.unclean_exits += fleet.replace(index, "TERM") != 0
             report.worker_sigterms += 1
         if time.monotonic() >= next_cut:
-            rabbitmqctl("close_all_connections", "-p", vhost, "chaos")
+            brokers.cut_connections()
             report.connection_cuts += 1
             next_cut = time.monotonic() + rng.uniform(8, 15)
+
+
+def _kill_nodes(cluster: LocalCluster, rng: random.Random, sending: threading.Event, report: ChaosReport) -> None:
+    """SIGKILL a random node every 15-25 s, keep it down 5-10 s, start it again (and wait until it is back)."""
+    while not _sleep_while(sending, rng.uniform(15, 25)):
+        node = rng.choice(cluster.names)
+        cluster.kill(node)
+        report.node_kills += 1
+        _sleep_while(sending, rng.uniform(5, 10))
+        cluster.restart(node)
+
+
+class _Brokers:
+    """Where the chaos runs: a scratch vhost on this machine's broker, or on the local cluster."""
+
+    def __init__(self, broker_url: str, cluster: LocalCluster | None) -> None:
+        self.broker_url = broker_url
+        self.cluster = cluster
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_broker(cls, broker_url: str) -> Iterator[_Brokers]:
+        with scratch_vhost(broker_url, "multillm-chaos") as url:
+            yield cls(url, None)
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_local_cluster(cls) -> Iterator[_Brokers]:
+        """The local cluster, started if need be (and then stopped afterwards), whole again at the end."""
+        cluster = LocalCluster()
+        was_up = cluster.answering() == list(cluster.names)
+        cluster.start()
+        try:
+            with cluster.scratch_vhost("multillm-chaos") as urls:
+                try:
+                    yield cls(urls, cluster)
+                finally:
+                    cluster.heal()  # deleting the vhost deletes quorum queues, whose members must be up
+        finally:
+            if not was_up:
+                cluster.stop()
+
+    def cut_connections(self) -> None:
+        """Close every connection of the vhost, as a broker restart or a network blip would."""
+        args = ("close_all_connections", "-p", vhost_of(self.broker_url), "chaos")
+        if self.cluster is not None:
+            self.cluster.rabbitmqctl_any(*args)
+        else:
+            rabbitmqctl(*args)
 
 
 def _sleep_while(event: threading.Event, seconds: float) -> bool:
@@ -270,6 +335,19 @@ def _records(sink_url: str, prompts: Mapping[str, str]) -> list[LLMLogRecord]:
         return [r for r in sink.records() if r.request_id in prompts]
     finally:
         sink.close()
+
+
+def _dead_letter_reasons(broker_url: str) -> dict[str, int]:
+    """Take every message in `multillm.dead` (the vhost is deleted next) and count them by queue and reason."""
+    reasons: Counter[str] = Counter()
+    with connect(broker_url) as connection:
+        queue = kombu.Queue(contract.DEAD_QUEUE, no_declare=True)(connection.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            headers = message.headers or {}
+            source = headers.get(contract.HEADER_SOURCE_QUEUE, "?")
+            reason = " ".join(str(headers.get(contract.HEADER_ERROR, "no reason given")).split())[:100]
+            reasons[f"{source}: {reason}"] += 1
+    return dict(reasons)
 
 
 def _every_call(mock: MockLLM) -> list[MockCall]:

@@ -51,7 +51,10 @@ class ChaosReport(msgspec.Struct):
     unclean_exits: int = 0
     workers_died_on_their_own: int = 0
     connection_cuts: int = 0
+    node_kills: int = 0
     dead_letters: int = 0
+    # "source queue: reason" of each dead letter, counted, so that a run that left some says why.
+    dead_letter_reasons: dict[str, int] = msgspec.field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -97,6 +100,9 @@ class ChaosReport(msgspec.Struct):
             ("messages in multillm.dead", self.dead_letters),
             ("wall time", f"{self.seconds:.0f} s"),
         ]
+        if self.node_kills:  # a run on the cluster (`chaos --cluster`)
+            rows.insert(-2, ("broker nodes SIGKILLed (down 5-10 s, then restarted)", self.node_kills))
+        rows += [(f"  dead: {why}", n) for why, n in sorted(self.dead_letter_reasons.items())]
         width = max(len(name) for name, _ in rows)
         lines = [f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
         lines += [f"| {name:<{width}} | {value} |" for name, value in rows]

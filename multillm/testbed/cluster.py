@@ -78,10 +78,19 @@ class LocalCluster:
     def heal(self) -> list[str]:
         """Restart every node that does not answer, so that one test's kill does not become the next test's
         outage; returns their names."""
-        down = [name for name, port in zip(self.names, self.ports, strict=True) if not _answers(port)]
+        answering = self.answering()
+        down = [name for name in self.names if name not in answering]
         if down:
             self.restart(*down)
         return down
+
+    def answering(self) -> list[str]:
+        """The nodes whose AMQP port accepts a connection now."""
+        return [name for name, port in zip(self.names, self.ports, strict=True) if _answers(port)]
+
+    def rabbitmqctl_any(self, *args: str) -> str:
+        """`rabbitmqctl ARGS` on the first node that does it: for what the whole cluster answers alike."""
+        return self._any_node(None, *args)
 
     def running_nodes(self, node: str | None = None) -> list[str]:
         """The running nodes as `node` sees them (default: the first node that answers), sorted."""
@@ -121,9 +130,8 @@ class LocalCluster:
         """rabbitmqctl on `node`, or else on the answering nodes in turn until one of them does it."""
         if node is not None:
             return self.rabbitmqctl(node, *args)
-        answering = [name for name, port in zip(self.names, self.ports, strict=True) if _answers(port)]
         error = ClusterError("no node of the cluster answers")
-        for name in answering:
+        for name in self.answering():
             try:
                 return self.rabbitmqctl(name, *args)
             except ClusterError as failed:

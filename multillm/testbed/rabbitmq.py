@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from multillm.urls import broker_nodes
+
 
 def rabbitmqctl(*args: str) -> str:
     """Run `rabbitmqctl -q ARGS` on this machine's broker; returns what it printed."""
@@ -16,7 +18,8 @@ def rabbitmqctl(*args: str) -> str:
 
 
 def vhost_of(broker_url: str) -> str:
-    return unquote(urlsplit(broker_url).path.lstrip("/"))
+    """The vhost of `broker_url`, or of the first node of a list (the nodes of one cluster share it)."""
+    return unquote(urlsplit(broker_nodes(broker_url)[0]).path.lstrip("/"))
 
 
 @contextmanager
