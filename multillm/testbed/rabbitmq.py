@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from multillm.urls import broker_nodes
+from multillm.urls import NODE_SEPARATOR, broker_nodes
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -24,12 +24,14 @@ def vhost_of(broker_url: str) -> str:
 
 @contextmanager
 def scratch_vhost(broker_url: str, prefix: str) -> Iterator[str]:
-    """`broker_url` moved to a fresh vhost (the URL's user may do anything there), deleted afterwards."""
-    parts = urlsplit(broker_url)
+    """`broker_url` (one URL or a node list) moved to a fresh vhost (the URL's user may do anything
+    there), deleted afterwards. The vhost is made by this machine's rabbitmqctl."""
+    nodes = [urlsplit(node) for node in broker_nodes(broker_url)]
     vhost = f"{prefix}-{uuid.uuid4().hex[:12]}"
     rabbitmqctl("add_vhost", vhost)
     try:
-        rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
-        yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+        rabbitmqctl("set_permissions", "-p", vhost, nodes[0].username or "guest", ".*", ".*", ".*")
+        path = "/" + quote(vhost, safe="")
+        yield NODE_SEPARATOR.join(urlunsplit(node._replace(path=path)) for node in nodes)
     finally:
         rabbitmqctl("delete_vhost", vhost)
