@@ -84,11 +84,14 @@ def histogram_quantile(port: int, name: str, q: float) -> float:
 
 
 def broker_pid() -> int | None:
-    """The local RabbitMQ's Erlang VM, if it runs on this machine."""
+    """The local RabbitMQ's Erlang VM, if it runs on this machine: not a node of the local cluster
+    (scripts/cluster.sh names its nodes `multillm-N` in their environment)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().strip() == "beam.smp":
+                if (proc / "comm").read_text().strip() == "beam.smp" and (
+                    b"RABBITMQ_NODENAME=multillm-" not in (proc / "environ").read_bytes()
+                ):
                     return int(proc.name)
             except OSError:
                 continue

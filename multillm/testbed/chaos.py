@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -156,6 +157,11 @@ def run_chaos(settings: Settings, *, requests: int, duration: float, seed: int, 
             report.refused_record_writes = refused_writes(lines, prompts)
         report.dead_letters = queue_counts(broker_url, contract.DEAD_QUEUE)[0]
         report.dead_letter_reasons = _dead_letter_reasons(broker_url)
+        if not report.clean or report.dead_letters:
+            # The folder goes with the run: keep what the workers said, to find out why.
+            kept = Path(tempfile.gettempdir()) / f"multillm-chaos-{vhost_of(broker_url)}-workers.log"
+            shutil.copyfile(worker_log, kept)
+            print(f"the workers' log is kept in {kept}")
     report.seconds = time.monotonic() - started
     print(report.table())
     return 0 if report.clean else 1
