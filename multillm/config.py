@@ -15,7 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from multillm.errors import ConfigError
-from multillm.urls import broker_nodes
+from multillm.urls import NODE_SEPARATOR, broker_nodes
 
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_SINK_URL: Final = "sqlite:///multillm-logs.db"
@@ -44,8 +44,8 @@ def client_broker_url(broker_url: str | None) -> str:
     """
     if broker_url is None:
         broker_url = os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
-    broker_nodes(broker_url)
-    return broker_url
+    # Joined again from the checked entries: kombu would read the spaces around a ';' into them.
+    return NODE_SEPARATOR.join(broker_nodes(broker_url))
 
 
 class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -89,19 +89,25 @@ class PublishRetryPolicy(Struct, frozen=True, kw_only=True):
     interval_step: float
     interval_max: float
 
-    def kombu(self, within: float | None = None) -> dict[str, float]:
+    def kombu(self, within: float | None = None, nodes: int = 1) -> dict[str, float]:
         """The `retry_policy` mapping; with `within` (a caller's timeout, in seconds), at most one
-        retry per `interval_max` seconds of it, and at least one, so that retrying ends about then."""
+        retry per `interval_max` seconds of it, and at least one, so that retrying ends about then.
+
+        `nodes`: how many the broker URL lists. kombu tries the next node at once and waits only
+        after a whole round of them, so each retry here is a round: `nodes` tries.
+        """
         policy: dict[str, float] = msgspec.structs.asdict(self)
         if within is not None:
             policy["max_retries"] = max(1, min(self.max_retries, int(within // self.interval_max)))
+        policy["max_retries"] *= nodes
         return policy
 
 
 # Not a setting (no key in the file): a broker restart or a failover takes seconds, so kombu
 # retries a publish ten times, 16 s of waits (0.2, 0.7, 1.2, 1.7 s, then 2 s apart) and about
-# 20 s with the tries, before `Client` raises BrokerUnavailable: the caller then knows the
-# request was not sent. A caller's shorter timeout allows fewer retries (`kombu(within=...)`).
+# 20 s with the tries (each retry a round of every node listed), before `Client` raises
+# BrokerUnavailable: the caller then knows the request was not sent. A caller's shorter
+# timeout allows fewer retries (`kombu(within=...)`).
 PUBLISH_RETRY: Final = PublishRetryPolicy(max_retries=10, interval_start=0.2, interval_step=0.5, interval_max=2.0)
 
 # The waits, in seconds, before a worker's second, third and fourth try at writing a record

@@ -55,8 +55,8 @@ def _node_problem(node: str) -> str | None:
     try:
         parts = urlsplit(node)
         port = parts.port  # raises for a port that is not a number in range
-    except ValueError as exc:
-        return f"is not a URL: {exc}"
+    except ValueError:  # its message may quote part of the password
+        return "is not a URL (a port that is not a number from 0 to 65535?)"
     if parts.scheme not in _AMQP_SCHEMES:
         return f"must start with amqp:// or amqps://, not {parts.scheme + '://' if parts.scheme else 'nothing'}"
     if not parts.hostname:

@@ -1,7 +1,7 @@
 """Fixtures for tests against the local three-node cluster (scripts/cluster.sh).
 
 `rabbit_cluster` starts the cluster at the first test that asks for it, once a run, and stops
-it at the end of the run; runs that ask for no cluster never start one. `cluster_url` gives a
+it at the end of the run (unless it was up before); runs that ask for no cluster never start one. `cluster_url` gives a
 test a vhost of its own on it, and the cluster whole: a node an earlier test killed is
 started again first, and again before the vhost is deleted.
 """
@@ -19,11 +19,13 @@ from multillm.testbed.cluster import LocalCluster
 def rabbit_cluster() -> Iterator[LocalCluster]:
     """The cluster, up and whole: one a run, since starting it takes seconds a test should not pay."""
     cluster = LocalCluster()
+    was_up = cluster.answering() == list(cluster.names)  # `make cluster` before the run: left up
     cluster.start()
     try:
         yield cluster
     finally:
-        cluster.stop()
+        if not was_up:
+            cluster.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import RequestTimeout
 from multillm.mock_llm import MockControl, MockLLM
 from multillm.producers import AsyncClient, Client, PendingReply, Reply, ReplyQueue, make_request
-from multillm.producers.publishing import queue_counts
 from multillm.schemas import V1MultiLLMChatCompletion
 from multillm.sinks import open_sink
 from multillm.testbed.cluster import LocalCluster
@@ -52,7 +51,7 @@ class Fleet:
             f'broker_url = "{cluster_url}"\nbroker_failover = "round-robin"\nsink_url = "{self.sink_url}"\n'
             "shutdown_grace_seconds = 10\n"
             "[retry]\nmax_attempts = 4\ninitial_wait = 0.01\nmax_wait = 0.05\nbudget_seconds = 20\n"
-            f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 10\n'
+            f'[providers.mock]\nbase_url = "{mock.url}"\napi_key = "unused"\ntimeout = 30\n'
         )
         self.log = folder / "workers.log"
         self.workers: list[WorkerProcess] = []
@@ -147,7 +146,6 @@ def test_the_node_that_leads_the_requests_dies_under_load(
 
     # No worker exited; each moved to a node that lives, and says so.
     assert all(worker.alive() for worker in fleet.workers)
-    assert worker_ports(rabbit_cluster, cluster_url) != [doomed_port] * 4
     assert doomed_port not in worker_ports(rabbit_cluster, cluster_url)
     moved = [e for e in fleet.log_lines("worker.consuming") if e["node"] != f"127.0.0.1:{doomed_port}"]
     assert len(moved) >= 4, moved
@@ -189,14 +187,14 @@ def _longest_gap(times: Sequence[float], after: float) -> float:
 def test_callers_whose_node_dies_mid_call_get_their_replies(
     rabbit_cluster: LocalCluster, cluster_url: str, fleet: Fleet, mock_control: MockControl
 ) -> None:
-    """Calls in flight when the callers' node dies: a Client, an AsyncClient and a named ReplyQueue
+    """Calls in flight (10 s model) when the callers' node dies: a Client, an AsyncClient and a named ReplyQueue
     given the cluster get every reply; a Client given that node alone gets RequestTimeout on time."""
     doomed = rabbit_cluster.names[0]
     vhost_name = vhost_of(cluster_url)
     # The worker on the second node, with a call slot for every call; the callers start on the first.
     calls = 4
     fleet.start(primaries=1, others=0, first_node=1, concurrency=4 * calls)
-    mock_control.set_fault("*", latency_ms=3000)
+    mock_control.set_fault("*", latency_ms=10000)
     callers_url = cluster_url
 
     client = Client(callers_url, timeout=45)
@@ -218,9 +216,11 @@ def test_callers_whose_node_dies_mid_call_get_their_replies(
                     asyncio.ensure_future(async_client.create(make_request([PRIMARY], f"async {i}")))
                     for i in range(calls)
                 ]
-                await asyncio.to_thread(_wait_until_taken, fleet.broker_url)
+                await asyncio.to_thread(_wait_until_taken, rabbit_cluster, vhost_name, 4 * calls)
                 started = time.monotonic()
                 await asyncio.to_thread(rabbit_cluster.kill, doomed)
+                # Every call still in flight (the lone client's replies must not be in before the kill).
+                assert not any(future.done() for future in (*pending, *lone_pending, *tasks))
                 texts = [reply.text for reply in await asyncio.gather(*tasks)]
                 print(f"\nasync calls answered {time.monotonic() - started:.1f} s after the kill")
                 return texts
@@ -253,13 +253,16 @@ def _outcome(client: Client, future: PendingReply) -> str:
         return f"RequestTimeout: {str(exc).replace(f' to request {future.request_id}', '')}"
 
 
-def _wait_until_taken(broker_url: str, timeout: float = 30.0) -> None:
-    """Until no request waits in the queue: all are in the worker's hands, in a call."""
+def _wait_until_taken(cluster: LocalCluster, vhost: str, count: int, timeout: float = 60.0) -> None:
+    """Until `count` requests are in the worker's hands (it has a call slot for each): all published,
+    none waiting in the queue."""
     deadline = time.monotonic() + timeout
-    while queue_counts(broker_url, contract.REQUEST_QUEUE)[0]:
-        assert time.monotonic() < deadline, "the worker never took the requests"
-        time.sleep(0.1)
-    time.sleep(0.3)  # the last one taken is in its call too (3 s long), not only prefetched
+    keys = ("messages_ready", "messages_unacknowledged")
+    while (info := cluster.queue_info(contract.REQUEST_QUEUE, vhost, keys)) != dict(
+        name=contract.REQUEST_QUEUE, messages_ready=0, messages_unacknowledged=count
+    ):
+        assert time.monotonic() < deadline, f"the worker never took the {count} requests: {info}"
+        time.sleep(0.2)
 
 
 def _read_replies(broker_url: str, name: str, count: int) -> list[Reply]:

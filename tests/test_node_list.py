@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def test_one_url_and_a_list_of_nodes() -> None:
         (f"amqp://u:{SECRET}@a/;rabbit-2:5672", "entry 2 of 2 ('rabbit-2:5672') must start with amqp://"),
         (f"amqp://u:{SECRET}@:5672/;amqp://b", "entry 1 of 2 ('amqp://u:***@:5672/') names no host"),
         (f"amqp://u:{SECRET}@a:99999/", "the broker URL ('amqp://u:***@a:99999/') is not a URL"),
+        # A '#' in a password ends the URL's host part: urlsplit's own message would quote the rest.
+        (f"amqp://a/;amqp://u:{SECRET}#x@b/", "entry 2 of 2 ('amqp://u:***@b/') is not a URL"),
         (f"amqp://a/;amqp://u:{SECRET}@b:0/", "entry 2 of 2 ('amqp://u:***@b:0/') has port 0"),
     ],
 )
@@ -53,6 +56,12 @@ def test_a_bad_entry_is_named_and_its_password_masked(url: str, problem: str) ->
     with pytest.raises(ConfigError) as raised:
         broker_nodes(url)
     assert problem in str(raised.value)
+    assert SECRET not in str(raised.value)
+
+
+def test_a_query_pika_refuses_is_a_configuration_error_too() -> None:
+    with pytest.raises(ConfigError, match=r"entry 2 of 2 \('amqp://u:\*\*\*@b/\?heartbeat=often'\)") as raised:
+        BrokerNodes(f"amqp://a/;amqp://u:{SECRET}@b/?heartbeat=often")
     assert SECRET not in str(raised.value)
 
 
@@ -123,6 +132,20 @@ def test_a_refusing_node_does_not_stop_the_others(
     [consuming] = [line for line in log.splitlines() if "worker.consuming" in line]
     assert "127.0.0.1:5672" in consuming
     assert SECRET not in log
+
+
+def test_a_node_that_never_answers_does_not_stop_a_client(start_worker: StartWorker, broker_url: str) -> None:
+    """A listening socket that never speaks AMQP (a machine that died with its port open) listed
+    first, and spaces around the ';': the Client waits out one node's connect timeout, then
+    goes on to the broker."""
+    start_worker("primary")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        nodes = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/%2F ; {broker_url}"
+        with Client(nodes, connect_timeout=30) as client:
+            reply = client.create(make_request(["mock/echo"], "past a silent node"), timeout=30)
+    assert reply.text == "echo says: past a silent node"
 
 
 def test_a_client_given_a_cluster_keeps_its_replies_in_a_quorum_queue(broker_url: str) -> None:

@@ -26,6 +26,7 @@ from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
 from multillm.logging_setup import get_logger
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
+from multillm.urls import broker_nodes
 
 log = get_logger(__name__)
 
@@ -35,9 +36,24 @@ _TICK_SECONDS: Final = 0.5
 CONFIRM_TIMEOUT_SECONDS: Final = 15.0
 
 
+# Seconds to wait for one node to answer a connect (kombu's default).
+CONNECT_TIMEOUT_SECONDS: Final = 5.0
+
+
 def connect(broker_url: str) -> kombu.Connection:
-    """A kombu connection whose channels publish with confirms."""
-    return kombu.Connection(broker_url, transport_options={"confirm_publish": True}, heartbeat=30)
+    """A kombu connection whose channels publish with confirms.
+
+    kombu spends `connect_retries_timeout` on all the tries of one connect: a window of one
+    node's connect timeout per node listed, so that a node that never answers (a dead
+    machine, not a refusing port) still leaves time to try the next one.
+    """
+    nodes = len(broker_nodes(broker_url))
+    return kombu.Connection(
+        broker_url,
+        transport_options={"confirm_publish": True, "connect_retries_timeout": nodes * CONNECT_TIMEOUT_SECONDS},
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        heartbeat=30,
+    )
 
 
 def drain(
@@ -111,6 +127,7 @@ class RequestPublisher:
 
     def __init__(self, broker_url: str, *, pool_size: int = 8) -> None:
         self._connection = connect(broker_url)
+        self._nodes = len(broker_nodes(broker_url))
         declare_queues(self._connection, contract.requests_queue(), contract.triage_queue(), contract.dead_queue())
         self._returned: set[str] = set()
         self._declared: set[str] = set()
@@ -128,7 +145,9 @@ class RequestPublisher:
             return
         try:
             with self._pool.connections.acquire(block=True) as connection:
-                connection.ensure(connection, lambda: declare_queues(connection, spec), **PUBLISH_RETRY.kombu())()
+                connection.ensure(
+                    connection, lambda: declare_queues(connection, spec), **PUBLISH_RETRY.kombu(nodes=self._nodes)
+                )()
         except Exception as exc:
             raise BrokerUnavailable(f"cannot declare queue {spec.name!r}: {exc}") from exc
         with self._lock:
@@ -201,7 +220,7 @@ class RequestPublisher:
                 headers=headers,
                 mandatory=True,
                 retry=True,
-                retry_policy=PUBLISH_RETRY.kombu(within=timeout),
+                retry_policy=PUBLISH_RETRY.kombu(within=timeout, nodes=self._nodes),
                 timeout=confirm,
                 confirm_timeout=confirm,
             )

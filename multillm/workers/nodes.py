@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import pika
 
 from multillm.config import Failover
-from multillm.urls import broker_nodes
+from multillm.errors import ConfigError
+from multillm.urls import broker_nodes, mask_url
 
 
 class BrokerNodes:
@@ -30,7 +31,7 @@ class BrokerNodes:
         ConfigError: `broker_url` is malformed (the message names the entry).
         """
         urls = broker_nodes(broker_url)
-        self._parameters = [pika.URLParameters(url) for url in urls]
+        self._parameters = [_parameters(url, position, len(urls)) for position, url in enumerate(urls, 1)]
         # host:port names a node in the logs: it identifies the node and holds no password.
         self.names = [f"{params.host}:{params.port}" for params in self._parameters]
         self._rng = rng or random.Random()
@@ -66,3 +67,11 @@ class BrokerNodes:
     def current(self) -> str | None:
         """The node of the connection now open (or last open)."""
         return None if self._current is None else self.names[self._current]
+
+
+def _parameters(url: str, position: int, count: int) -> pika.URLParameters:
+    try:
+        return pika.URLParameters(url)
+    except ValueError as exc:  # pika's checks of the query (`?heartbeat=x`, an unknown option)
+        where = f"entry {position} of {count}" if count > 1 else "the broker URL"
+        raise ConfigError(f"{where} ({mask_url(url)!r}): {mask_url(str(exc))}") from None
