@@ -110,6 +110,12 @@ class PublishRetryPolicy(Struct, frozen=True, kw_only=True):
 # timeout allows fewer retries (`kombu(within=...)`).
 PUBLISH_RETRY: Final = PublishRetryPolicy(max_retries=10, interval_start=0.2, interval_step=0.5, interval_max=2.0)
 
+# The waits, in seconds, before a worker publishes again a message the broker refused (a
+# nack). A quorum queue may refuse while it cannot take a message just then; one that still
+# refuses after the last wait (3.4 s in all) is full, and the message counts as refused: a
+# fan-out copy becomes an error record, a reply a dead letter, anything else a requeue.
+REFUSED_PUBLISH_WAITS: Final = (0.1, 0.3, 1.0, 2.0)
+
 # The waits, in seconds, before a worker's second, third and fourth try at writing a record
 # the sink refused. A brief outage (a database restart) is waited out, keeping the model's
 # answer instead of calling the model again; past the last one (4.2 s in all, while the call

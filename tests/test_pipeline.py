@@ -22,7 +22,7 @@ from multillm.schemas import V1Model, V1Tracing, encode
 from multillm.sinks import Sink
 from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 from tests.broker_tools import publish_copy, publish_raw, read_dead_letters
-from tests.conftest import StartWorker, wait_for_records
+from tests.conftest import StartWorker, wait_for_log, wait_for_records
 
 
 @pytest.mark.parametrize("sink_url", ["sqlite", "jsonl", "postgres"], indirect=True)
@@ -274,6 +274,28 @@ def test_a_copy_the_broker_refuses_is_recorded_before_the_reply(
     assert f"multillm worker model --model {full}" in (records[full].error_message or "")
     assert served not in records  # its copy waits in its queue for a worker
     assert queue_counts(broker_url, contract.model_queue(served))[0] == 1
+
+
+def test_a_copy_refused_for_a_moment_is_published_again(
+    start_worker: StartWorker, client: Client, sink: Sink, broker_url: str
+) -> None:
+    # A queue that refuses only for a while (as a quorum queue of a cluster may): full (at most
+    # one message by policy) until the test empties it. The worker publishes the copy again
+    # after a short wait, and it is taken: no error record.
+    model = "mock/beta"
+    with connect(broker_url) as connection:
+        declare_queues(connection, contract.model_queue_spec(model))
+    pattern = f"^{re.escape(contract.model_queue(model))}$"
+    rabbitmqctl("set_policy", "-p", vhost_of(broker_url), "--apply-to", "queues", "full", pattern, '{"max-length": 1}')
+    _fill_until_refused(broker_url, model)
+    primary = start_worker("primary")
+    future = client.submit(make_request(["mock/alpha", model], "hi"))
+    wait_for_log(primary, "publish.refused")
+    with connect(broker_url) as connection:
+        connection.default_channel.queue_purge(contract.model_queue(model))
+    assert future.result(timeout=30).text
+    assert queue_counts(broker_url, contract.model_queue(model))[0] == 1  # the copy, waiting for a worker
+    assert [r.model_name for r in sink.records(future.request_id)] == ["mock/alpha"]
 
 
 def _fill_until_refused(broker_url: str, model: str) -> None:

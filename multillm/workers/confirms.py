@@ -14,6 +14,10 @@ messages but for rare duplicates (a request delivered twice at once); when a
 return matches several, all of them count as not taken: a reply dead-lettered
 twice is better than one lost.
 
+A message the broker refuses (a nack) is published again after a short wait, a few times
+(`config.REFUSED_PUBLISH_WAITS`): a quorum queue may refuse while it cannot take a message
+just then. Only then does it count as not taken.
+
 Threads: only the event loop's thread touches this, as every pika object.
 """
 
@@ -29,6 +33,7 @@ import pika.channel
 import pika.spec
 import structlog
 
+from multillm.config import REFUSED_PUBLISH_WAITS
 from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.messages import Outgoing
 
@@ -67,6 +72,7 @@ class _Unconfirmed:
     batch: _Batch
     index: int
     returned: bool = False
+    refusals: int = 0
 
 
 class PipelinedConfirms:
@@ -163,13 +169,20 @@ class PipelinedConfirms:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
         tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        loop = asyncio.get_running_loop()
         for tag in tags:
             entry = self._unconfirmed.pop(tag, None)
             if entry is None:
                 continue
             if not acked:
-                # The broker refused it (e.g. a full queue with reject-publish): not taken, like unroutable.
-                log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1])
+                retry = entry.refusals < len(REFUSED_PUBLISH_WAITS)
+                wait = REFUSED_PUBLISH_WAITS[entry.refusals] if retry else None
+                log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1], retry_in=wait)
+                if wait is not None:
+                    entry.refusals += 1
+                    loop.call_later(wait, self._publish_again, entry)
+                    continue
+                # Refused for good (e.g. a full queue with reject-publish): not taken, like unroutable.
             self._observe(entry.message, "refused" if not acked else "unroutable" if entry.returned else "ok")
             if entry.batch.resolve(entry.index, acked and not entry.returned):
                 self._done.append(entry.batch)
@@ -177,6 +190,22 @@ class PipelinedConfirms:
             # What the callbacks do (publish, ack) must not run inside pika's frame handling.
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run_done)
+
+    def _publish_again(self, entry: _Unconfirmed) -> None:
+        """Publish a refused message once more, under a new delivery tag; its batch waits for it."""
+        if not self._channel.is_open:
+            return  # the link is gone with it: whoever waits on the batch is failed by the session
+        message = entry.message
+        try:
+            self._channel.basic_publish(
+                message.exchange, message.routing_key, message.body, message.properties, mandatory=True
+            )
+        except Exception as exc:  # it went out once: only a closing channel fails here
+            self._on_failure(exc)
+            return
+        entry.returned = False
+        self._unconfirmed[self._next_tag] = entry
+        self._next_tag += 1
 
     def _run_done(self) -> None:
         self._scheduled = False
