@@ -67,6 +67,19 @@ class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
         return None
 
 
+# USD per million tokens: finite, not negative (a free model is 0).
+_PerMTok = Annotated[float, Meta(ge=0, le=1e9)]
+
+
+class PriceOverride(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """`[prices."provider/model"]`: a model's price, instead of genai-prices' table (see pricing.py)."""
+
+    input_per_mtok: _PerMTok
+    output_per_mtok: _PerMTok
+    # Prompt tokens the provider read from its cache; priced as input when not given.
+    cached_input_per_mtok: _PerMTok | None = None
+
+
 class RetryConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The one retry policy around model calls (see `multillm.providers.retry`)."""
 
@@ -144,6 +157,7 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     sink_url: str = DEFAULT_SINK_URL
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    prices: dict[str, PriceOverride] = msgspec.field(default_factory=dict)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     shutdown_grace_seconds: PositiveFloat = 30.0
     # The broker's consumer_timeout (RabbitMQ's default: 30 min). A model call and
@@ -152,6 +166,9 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     consumer_timeout_seconds: PositiveFloat = 1800.0
 
     def __post_init__(self) -> None:
+        for name in self.prices:
+            if "/" not in name.strip("/"):
+                raise ValueError(f'prices."{name}" is not a model name: write "provider/model", e.g. "openai/gpt-4o"')
         if self.retry.budget_seconds >= self.consumer_timeout_seconds / 2:
             raise ValueError(
                 f"retry.budget_seconds ({self.retry.budget_seconds:g}) must stay under half of "

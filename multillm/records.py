@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Final
 
+from multillm.pricing import Prices, TokenUsage
 from multillm.providers import ModelResult, ProviderError
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, V1Tracing, V1Usage
 
@@ -63,8 +64,10 @@ def build_record(
     outcome: ModelResult | ProviderError,
     created_at: str,
     completed_at: str,
+    prices: Prices | None = None,
 ) -> LLMLogRecord:
-    """The record of one model's call. The api key is not a field: it cannot leak here."""
+    """The record of one model's call, priced by `prices` when given. The api key is not a field:
+    it cannot leak here."""
     model = request.models[model_index]
     log_id = log_id_for(request_id, model_index)
     tracing = record_tracing(request.tracing, request_id, log_id)
@@ -99,6 +102,15 @@ def build_record(
         record.prompt_tokens = outcome.usage.prompt_tokens
         record.completion_tokens = outcome.usage.completion_tokens
         record.total_tokens = outcome.usage.total_tokens
+        record.cached_tokens = outcome.cached_tokens
+        record.reasoning_tokens = outcome.reasoning_tokens
+        if prices is not None:
+            usage = TokenUsage(
+                prompt_tokens=outcome.usage.prompt_tokens,
+                completion_tokens=outcome.usage.completion_tokens,
+                cached_tokens=outcome.cached_tokens or 0,
+            )
+            record.cost_usd = prices.cost_usd(model.name, usage)
     return record
 
 
@@ -120,4 +132,6 @@ def outcome_of(record: LLMLogRecord) -> ModelResult | ProviderError:
         ),
         attempts=record.attempts,
         latency_ms=latency_ms,
+        cached_tokens=record.cached_tokens,
+        reasoning_tokens=record.reasoning_tokens,
     )

@@ -339,6 +339,11 @@ class LLMLogRecord(Struct, kw_only=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # Parts of prompt_tokens and completion_tokens, where the provider reports them.
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    # What the call cost (multillm/pricing.py); None when the model's price is unknown.
+    cost_usd: float | None = None
     latency_ms: float | None = None
     attempts: int = 0
     session_id: str | None = None

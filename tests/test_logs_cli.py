@@ -94,6 +94,7 @@ def test_list_json_filters(filled: str, capsys: pytest.CaptureFixture[str]) -> N
         "models": ["mock/alpha", "mock/beta"],
         "statuses": ["ok", "error"],
         "primary": "mock/alpha",
+        "cost_usd": None,
     }
     cases = {
         ("--mode", "test"): ["req-2"],
@@ -139,6 +140,11 @@ def test_stats(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
         "completion_tokens": 6,
         "mean_total_tokens": 12.0,
         "mean_attempts": 1.0,
+        # These records were written without prices.
+        "priced": 0,
+        "cost_usd": None,
+        "mean_cost_usd": None,
+        "cost_per_1k_requests_usd": None,
     }
     beta = stats["mock/beta"]
     assert (beta["records"], beta["errors"], beta["error_rate"]) == (2, 1, 0.5)

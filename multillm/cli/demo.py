@@ -28,6 +28,9 @@ from multillm.testbed.processes import WorkerProcess, wait_for_consumers, write_
 # The mock answers `echo` as asked, `upper` in capitals and `reverse` word by word,
 # so the three columns of each request differ visibly.
 MODELS = ("mock/echo", "mock/upper", "mock/reverse")
+# The mock's models are priced like real ones (USD per million input and output tokens), so that
+# the demo's records show costs; genai-prices' table does not know them.
+DEMO_PRICES = {"mock/echo": (0.15, 0.6), "mock/upper": (2.5, 10.0), "mock/reverse": (1.1, 4.4)}
 PROMPTS = (
     "Summarise the plot of Hamlet in one sentence.",
     "What is a message queue good for?",
@@ -41,7 +44,7 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAU
     workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp, MockLLM(latency_ms=latency_ms) as mock:
         config = write_worker_config(
-            Path(tmp), broker_url=settings.broker_url, sink_url=settings.sink_url, mock_url=mock.url
+            Path(tmp), broker_url=settings.broker_url, sink_url=settings.sink_url, mock_url=mock.url, prices=DEMO_PRICES
         )
         env = {ENV_CONFIG: str(config)}
         logs = os.path.join(tmp, "workers.log")

@@ -26,6 +26,7 @@ from multillm.cli.summaries import (
     STATS_COLUMNS,
     ModelStats,
     RequestSummary,
+    format_usd,
     model_label,
     model_stats,
     printable,
@@ -149,19 +150,21 @@ def _list_table(summaries: Sequence[RequestSummary]) -> Table | str:
     table = Table(caption="* = primary")
     for name in ("request id", "created at", "mode", "models"):
         table.add_column(name, overflow="fold")
+    table.add_column("cost $", justify="right")
     for s in summaries:
         models = ", ".join(
             f"{m}{'*' if m == s.primary else ''}{'' if st == 'ok' else ' (error)'}"
             for m, st in zip(s.models, s.statuses, strict=True)
         )
-        table.add_row(*(Text(printable(cell)) for cell in (s.request_id, s.created_at, s.mode, models)))
+        cells = (s.request_id, s.created_at, s.mode, models, format_usd(s.cost_usd))
+        table.add_row(*(Text(printable(cell)) for cell in cells))
     return table
 
 
 def _stats_table(stats: Sequence[ModelStats]) -> Table | str:
     if not stats:
         return "no records match"
-    table = Table(caption="latencies over successful calls; tokens are totals")
+    table = Table(caption="latencies over successful calls; tokens and cost are totals; cost over priced records")
     table.add_column(STATS_COLUMNS[0], overflow="fold")
     for name in STATS_COLUMNS[1:]:
         table.add_column(name, justify="right")

@@ -6,6 +6,7 @@ The Structs here are the `--json` output: their field names are part of the comm
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -33,6 +34,8 @@ STATS_COLUMNS = (
     "tokens in",
     "tokens out",
     "tries",
+    "cost $",
+    "$ / 1k req",
 )
 
 
@@ -45,6 +48,8 @@ class RequestSummary(msgspec.Struct):
     models: list[str]
     statuses: list[str]
     primary: str
+    # The sum over its priced records; None when none is priced.
+    cost_usd: float | None = None
 
 
 class ModelStats(msgspec.Struct):
@@ -61,6 +66,12 @@ class ModelStats(msgspec.Struct):
     completion_tokens: int
     mean_total_tokens: float | None
     mean_attempts: float
+    # Over the records with a known price (`priced`); None when none has one. A record is one
+    # request to this model, so the mean per record is the mean per request.
+    priced: int = 0
+    cost_usd: float | None = None
+    mean_cost_usd: float | None = None
+    cost_per_1k_requests_usd: float | None = None
 
 
 def by_request(records: Sequence[LLMLogRecord]) -> list[list[LLMLogRecord]]:
@@ -83,9 +94,21 @@ def summarize(records: Sequence[LLMLogRecord]) -> list[RequestSummary]:
             models=[r.model_name for r in group],
             statuses=[r.status for r in group],
             primary=next((r.model_name for r in group if r.is_primary), ""),
+            cost_usd=total_cost(group),
         )
         for group in by_request(records)
     ]
+
+
+def total_cost(records: Sequence[LLMLogRecord]) -> float | None:
+    """What the priced records cost together, in USD; None when none is priced."""
+    costs = [r.cost_usd for r in records if r.cost_usd is not None]
+    return round(math.fsum(costs), 9) if costs else None
+
+
+def format_usd(value: float | None) -> str:
+    """A cost as the tables print it: enough digits for a cheap call, `-` when unknown."""
+    return "-" if value is None else f"{value:.6f}" if value < 1 else f"{value:,.2f}"
 
 
 def request_created_at(group: Sequence[LLMLogRecord]) -> str:
@@ -118,6 +141,8 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
         errors = sum(1 for r in group if r.status != "ok")
         latencies = ok_latencies(group)
         totals = [r.total_tokens for r in group if r.total_tokens is not None]
+        costs = [r.cost_usd for r in group if r.cost_usd is not None]
+        mean_cost = math.fsum(costs) / len(costs) if costs else None
         stats.append(
             ModelStats(
                 model_name=name,
@@ -131,6 +156,10 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
                 completion_tokens=sum(r.completion_tokens or 0 for r in group),
                 mean_total_tokens=round(statistics.fmean(totals), 1) if totals else None,
                 mean_attempts=round(statistics.fmean(r.attempts for r in group), 2),
+                priced=len(costs),
+                cost_usd=total_cost(group),
+                mean_cost_usd=None if mean_cost is None else round(mean_cost, 9),
+                cost_per_1k_requests_usd=None if mean_cost is None else round(mean_cost * 1000, 6),
             )
         )
     return stats
@@ -155,6 +184,7 @@ def side_by_side_rows(records: Sequence[LLMLogRecord]) -> list[tuple[str, list[s
         ("latency", ["-" if r.latency_ms is None else f"{format_ms(r.latency_ms)} ms" for r in records]),
         ("tokens in/out", [f"{r.prompt_tokens} / {r.completion_tokens}" if r.total_tokens else "-" for r in records]),
         ("attempts", [str(r.attempts) for r in records]),
+        ("cost $", [format_usd(r.cost_usd) for r in records]),
         ("external id", [r.external_id or "-" for r in records]),
         ("answer", [output_text(r) for r in records]),
     ]
@@ -181,4 +211,6 @@ def stats_cells(s: ModelStats) -> list[str]:
         str(s.prompt_tokens),
         str(s.completion_tokens),
         f"{s.mean_attempts:g}",
+        format_usd(s.cost_usd),
+        format_usd(s.cost_per_1k_requests_usd),
     ]

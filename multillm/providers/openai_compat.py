@@ -72,6 +72,10 @@ class ModelResult(Struct, frozen=True, kw_only=True):
     usage: V1Usage
     attempts: int
     latency_ms: float
+    # Where the provider reports them: prompt tokens read from its cache, and completion tokens
+    # spent on reasoning (both are parts of the totals in `usage`, as OpenAI counts them).
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 # OpenAI's response body (snake_case), only what we keep. `ToolCall`'s fields are
@@ -93,10 +97,20 @@ class _Choice(Struct):
 _TokenCount = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
+class _PromptDetails(Struct):
+    cached_tokens: _TokenCount | None = None
+
+
+class _CompletionDetails(Struct):
+    reasoning_tokens: _TokenCount | None = None
+
+
 class _Usage(Struct):
     prompt_tokens: _TokenCount = 0
     completion_tokens: _TokenCount = 0
     total_tokens: _TokenCount = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Completion(Struct):
@@ -240,6 +254,10 @@ class OpenAICompatProvider:
             ),
             attempts=attempts,
             latency_ms=latency_ms,
+            cached_tokens=usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None,
+            reasoning_tokens=(
+                usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else None
+            ),
         )
 
     async def aclose(self) -> None:

@@ -76,6 +76,18 @@ class Dialect:
         statements += [f"CREATE INDEX IF NOT EXISTS {TABLE}_{c} ON {TABLE} ({self._ordered(c)})" for c in INDEXED]
         return statements
 
+    def add_column_statements(self, existing: set[str]) -> list[str]:
+        """`ALTER TABLE` statements adding the columns a table made by an earlier version lacks.
+
+        Every column added since the first version is nullable, so the rows already there stay
+        valid and read back with None in it.
+        """
+        return [
+            f"ALTER TABLE {TABLE} ADD COLUMN {col.name} {self.types[col.kind]}"
+            for col in COLUMNS
+            if col.name not in existing
+        ]
+
     def insert_sql(self, *, returning: bool = False) -> str:
         """Insert one row, doing nothing when its `log_id` is already there; optionally return the id if taken."""
         params = ", ".join(self.json_param if c.kind is Kind.JSON else self.param for c in COLUMNS)
@@ -83,9 +95,13 @@ class Dialect:
         sql = f"INSERT INTO {TABLE} ({names}) VALUES ({params}) ON CONFLICT (log_id) DO NOTHING"
         return sql + " RETURNING log_id" if returning else sql
 
-    def select_sql(self, query: RecordFilter) -> tuple[str, list[Any]]:
-        """The rows `query` selects, in `ORDER_BY` order, and the statement's parameters."""
-        names = ", ".join(self.json_select.format(c.name) if c.kind is Kind.JSON else c.name for c in COLUMNS)
+    def select_sql(self, query: RecordFilter, missing: frozenset[str] = frozenset()) -> tuple[str, list[Any]]:
+        """The rows `query` selects, in `ORDER_BY` order, and the statement's parameters.
+
+        `missing`: columns the table lacks (a sink of an earlier version, opened read-only, which
+        must not be changed), read as NULL.
+        """
+        names = ", ".join(self._selected(c, missing) for c in COLUMNS)
         sql = f"SELECT {names} FROM {TABLE}"
         clauses, params = [], []
         for condition in query.conditions():
@@ -99,6 +115,11 @@ class Dialect:
             sql += f" LIMIT {self.param}"
             params.append(query.limit)
         return sql, params
+
+    def _selected(self, col: Column, missing: frozenset[str]) -> str:
+        if col.name in missing:
+            return f"NULL AS {col.name}"
+        return self.json_select.format(col.name) if col.kind is Kind.JSON else col.name
 
     def _where(self, condition: Condition) -> tuple[str, list[Any]]:
         # The SQL spelling of `Condition.holds`; test_logs_filters checks the two agree on every sink.
@@ -147,6 +168,7 @@ def _column(name: str, annotation: Any) -> Column:
 
 
 COLUMNS: Final = tuple(_column(f.name, f.type) for f in msgspec.structs.fields(LLMLogRecord))
+COLUMN_NAMES: Final = frozenset(c.name for c in COLUMNS)
 
 _json_encoder: Final = msgspec.json.Encoder()
 
@@ -169,6 +191,8 @@ class SqlReader:
     """`Sink.records` for the SQL sinks, which differ only in dialect and in how they reach their connection."""
 
     _dialect: Dialect
+    # Columns of `COLUMNS` the table lacks: set by a read-only sink, which cannot add them.
+    _missing: frozenset[str] = frozenset()
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """The rows of `sql`, run under the sink's lock."""
@@ -181,5 +205,5 @@ class SqlReader:
 
         `request_id` and `limit`, when given, override those of `where`.
         """
-        sql, params = self._dialect.select_sql((where or RecordFilter()).narrowed(request_id, limit))
+        sql, params = self._dialect.select_sql((where or RecordFilter()).narrowed(request_id, limit), self._missing)
         return [from_row(row) for row in self._fetch(sql, params)]

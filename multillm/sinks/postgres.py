@@ -21,7 +21,7 @@ import msgspec
 from multillm.errors import ConfigError
 from multillm.logging_setup import get_logger
 from multillm.schemas import LLMLogRecord, LogAttribute
-from multillm.sinks._rows import COLUMNS, TABLE, Dialect, Kind, SqlReader
+from multillm.sinks._rows import COLUMN_NAMES, COLUMNS, TABLE, Dialect, Kind, SqlReader
 from multillm.urls import mask_url
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ class PostgresSink(SqlReader):
             if self._conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone() == (None,):
                 self._conn.close()
                 raise ConfigError(f"no table {TABLE} in {mask_url(url)}: not a multillm sink")
+            self._missing = COLUMN_NAMES - self._columns()
             return
         with self._conn.transaction():
             # Serialise schema creation and migration: concurrent `CREATE TABLE IF NOT EXISTS` can
@@ -129,6 +130,19 @@ class PostgresSink(SqlReader):
             for statement in DIALECT.create_statements():
                 self._conn.execute(statement)
             self._migrate_jsonb()
+            added = DIALECT.add_column_statements(self._columns())
+            for statement in added:
+                self._conn.execute(statement)
+            if added:
+                _log.info("postgres_sink.migrated", table=TABLE, added=len(added))
+
+    def _columns(self) -> set[str]:
+        found = self._conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (TABLE,),
+        ).fetchall()
+        return {name for (name,) in found}
 
     def _migrate_jsonb(self) -> None:
         # Called in the schema transaction. The cast keeps every value (JSONB's text is JSON);

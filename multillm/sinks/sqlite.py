@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from multillm.errors import ConfigError
 from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import TABLE, Dialect, Kind, SqlReader
+from multillm.sinks._rows import COLUMN_NAMES, TABLE, Dialect, Kind, SqlReader
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
@@ -81,8 +81,21 @@ class SqliteSink(SqlReader):
         self._use_wal()
         # NORMAL is durable against process crashes in WAL mode; only an OS crash may lose the last commits.
         self._conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in DIALECT.create_statements():
-            self._conn.execute(statement)
+        # One transaction, so that two workers opening an old file at once do not both add a column.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in DIALECT.create_statements():
+                self._conn.execute(statement)
+            for statement in DIALECT.add_column_statements(self._columns(self._conn)):
+                self._conn.execute(statement)
+            self._conn.commit()
+        except BaseException:
+            self._conn.rollback()
+            raise
+
+    @staticmethod
+    def _columns(conn: sqlite3.Connection) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
 
     def _open_read_only(self) -> sqlite3.Connection:
         if self.path == MEMORY or not Path(self.path).is_file():
@@ -95,6 +108,7 @@ class SqliteSink(SqlReader):
         if found is None:
             conn.close()
             raise ConfigError(f"{self.path} is an SQLite file without a table {TABLE}: not a multillm sink")
+        self._missing = COLUMN_NAMES - self._columns(conn)
         return conn
 
     def _use_wal(self) -> None:

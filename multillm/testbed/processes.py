@@ -101,13 +101,24 @@ def wait_for_consumers(
     raise RuntimeError(f"queue {queue!r} did not get {count} consumer(s) within {timeout:g}s")
 
 
-def write_worker_config(folder: Path, *, broker_url: str, sink_url: str, mock_url: str) -> Path:
-    """A `multillm.toml` in `folder` for workers against the mock at `mock_url` (provider `mock`)."""
+def write_worker_config(
+    folder: Path,
+    *,
+    broker_url: str,
+    sink_url: str,
+    mock_url: str,
+    prices: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
+    """A `multillm.toml` in `folder` for workers against the mock at `mock_url` (provider `mock`),
+    with `prices` (model name: USD per million input and output tokens) as `[prices."..."]`."""
     # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
     path = folder / DEFAULT_CONFIG_FILE
-    path.write_text(
+    text = (
         f"broker_url = {json.dumps(broker_url)}\n"
         f"sink_url = {json.dumps(sink_url)}\n\n"
         f'[providers.mock]\nbase_url = {json.dumps(mock_url)}\napi_key = "unused"\n'
     )
+    for model, (per_input, per_output) in (prices or {}).items():
+        text += f"\n[prices.{json.dumps(model)}]\ninput_per_mtok = {per_input}\noutput_per_mtok = {per_output}\n"
+    path.write_text(text)
     return path

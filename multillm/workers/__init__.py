@@ -13,6 +13,7 @@ import structlog
 from multillm.config import Settings
 from multillm.errors import ConfigError
 from multillm.metrics import WorkerMetrics, serve
+from multillm.pricing import Prices
 from multillm.providers import Providers
 from multillm.schemas import model_name_problem
 from multillm.sinks import open_sink
@@ -42,7 +43,8 @@ def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tup
     providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
     sink_threads = ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink")
     # The runner owns the sink and its threads from here on, and closes them (`ModelRunner.close`).
-    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics, sink_threads)
+    prices = Prices(settings.providers, settings.prices)
+    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics, sink_threads, prices)
 
 
 def _metrics(kind: str, port: int | None) -> WorkerMetrics:

@@ -16,6 +16,7 @@ from multillm import contract
 from multillm.config import SINK_RETRY_WAITS
 from multillm.errors import Code, describe
 from multillm.metrics import WorkerMetrics
+from multillm.pricing import Prices
 from multillm.providers import ModelResult, ProviderError, Providers
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
@@ -64,8 +65,10 @@ class ModelRunner:
         sink: Sink,
         metrics: WorkerMetrics | None = None,
         sink_threads: Executor | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self._providers = providers
+        self._prices = prices
         self._sink = sink
         self._metrics = metrics or WorkerMetrics()
         self._sink_threads = sink_threads
@@ -165,7 +168,7 @@ class ModelRunner:
         outcome: ModelResult | ProviderError,
         created_at: str,
     ) -> ModelRun:
-        record = build_record(request, request_id, model_index, outcome, created_at, utc_now())
+        record = build_record(request, request_id, model_index, outcome, created_at, utc_now(), self._prices)
         self._metrics.recorded(record)
         bound = log.bind(request_id=request_id, log_id=record.log_id, model=record.model_name)
         for wait in (*SINK_RETRY_WAITS, None):
