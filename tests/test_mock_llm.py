@@ -108,7 +108,12 @@ def test_content_parts_and_last_user_message(client: Client, mock_control: MockC
     ]
     status, _, body = client.post("/v1/chat/completions", {"model": "echo", "messages": messages})
     assert status == 200
-    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
+    assert body["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": 4,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 6},  # the messages before the last
+    }
     assert mock_control.calls()[0].prompt == "second one"
 
 

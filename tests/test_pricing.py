@@ -17,7 +17,7 @@ from multillm.config import PriceOverride, ProviderConfig, load_settings
 from multillm.errors import ConfigError
 from multillm.pricing import Prices, TokenUsage
 from multillm.producers import Client, make_request
-from multillm.schemas import LLMLogRecord
+from multillm.schemas import ChatMessage, LLMLogRecord
 from multillm.sinks import open_sink
 from multillm.sinks._rows import COLUMNS, Column, Kind
 from tests.conftest import StartWorker, wait_for_records
@@ -184,17 +184,27 @@ def test_records_carry_the_cost_of_their_tokens_and_an_unpriced_model_none(
     start_worker: StartWorker, config_path: Path, client: Client
 ) -> None:
     with config_path.open("a") as config:
-        config.write('[prices."mock/echo"]\ninput_per_mtok = 0.15\noutput_per_mtok = 0.6\n')
+        config.write(
+            '[prices."mock/echo"]\ninput_per_mtok = 0.15\noutput_per_mtok = 0.6\ncached_input_per_mtok = 0.03\n'
+        )
     primary = start_worker("primary")
     other = start_worker("model", model="mock/upper")
-    sink = open_sink(load_settings(config_path).sink_url, read_only=False)
+    # The mock reports the words of every message before the last as cached prompt tokens.
+    conversation = [
+        ChatMessage(role="system", content="answer in one line"),
+        ChatMessage(role="user", content="what does it cost"),
+    ]
+    sink = open_sink(load_settings(config_path).sink_url)
     try:
-        for prompt in ("what does it cost", "and again"):
-            future = client.submit(make_request(["mock/echo", "mock/upper"], prompt))
+        for messages in ("a single question", conversation):
+            future = client.submit(make_request(["mock/echo", "mock/upper"], messages))
             future.result(timeout=30)
             echo, upper = wait_for_records(sink, future.request_id, 2)
+            cached = 4 if messages is conversation else None
+            assert (echo.cached_tokens, upper.cached_tokens) == (cached, cached)
             assert echo.prompt_tokens and echo.completion_tokens
-            expected = (echo.prompt_tokens * 0.15 + echo.completion_tokens * 0.6) / 1e6
+            fresh = echo.prompt_tokens - (cached or 0)
+            expected = (fresh * 0.15 + (cached or 0) * 0.03 + echo.completion_tokens * 0.6) / 1e6
             assert echo.cost_usd == pytest.approx(expected, rel=1e-9)
             assert upper.status == "ok" and upper.cost_usd is None
     finally:

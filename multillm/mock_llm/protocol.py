@@ -89,10 +89,17 @@ class _Choice(Struct):
     index: int = 0
 
 
-class _Usage(Struct):
+class _PromptDetails(Struct):
+    cached_tokens: int
+
+
+class _Usage(Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # As if the provider cached the conversation before its last message: a rule the tests
+    # can predict, so that cached-token pricing is tested through the wire.
+    prompt_tokens_details: _PromptDetails | None = None
 
 
 class _Completion(Struct):
@@ -140,7 +147,8 @@ def _prompt(request: _ChatRequest) -> str:
 
 
 def _answer(request: _ChatRequest) -> tuple[str, str, _Usage]:
-    """The deterministic content, finish reason and usage (tokens are whitespace words)."""
+    """The deterministic content, finish reason and usage (tokens are whitespace words; those of every
+    message before the last are reported as cached)."""
     words = _prompt(request).split()
     if request.model == "reverse":
         words.reverse()
@@ -152,4 +160,6 @@ def _answer(request: _ChatRequest) -> tuple[str, str, _Usage]:
     if limit is not None and len(out) > limit:
         out, finish = out[:limit], "length"
     prompt_tokens = sum(len(_text(m).split()) for m in request.messages)
-    return " ".join(out), finish, _Usage(prompt_tokens, len(out), prompt_tokens + len(out))
+    cached = sum(len(_text(m).split()) for m in request.messages[:-1])
+    details = _PromptDetails(cached) if cached else None
+    return " ".join(out), finish, _Usage(prompt_tokens, len(out), prompt_tokens + len(out), details)
