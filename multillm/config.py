@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from multillm.errors import ConfigError
+from multillm.schemas import model_name_problem
 from multillm.urls import NODE_SEPARATOR, broker_nodes
 
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost:5672/%2F"
@@ -167,8 +168,8 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         for name in self.prices:
-            if "/" not in name.strip("/"):
-                raise ValueError(f'prices."{name}" is not a model name: write "provider/model", e.g. "openai/gpt-4o"')
+            if problem := model_name_problem(name):
+                raise ValueError(f'prices."{name}": {problem}')
         if self.retry.budget_seconds >= self.consumer_timeout_seconds / 2:
             raise ValueError(
                 f"retry.budget_seconds ({self.retry.budget_seconds:g}) must stay under half of "

@@ -70,10 +70,10 @@ class Prices:
         if (override := self._overrides.get(model_name)) is not None:
             return override
         provider, _, model = model_name.partition("/")
-        config = self._providers.get(provider)
-        for table in (_Table(model, provider, None), _Table(model, None, config.base_url if config else None)):
-            if table.provider_id is None and table.provider_api_url is None:
-                continue
+        candidates = [_Table(model, provider, None)]
+        if (config := self._providers.get(provider)) is not None:
+            candidates.append(_Table(model, None, config.base_url))
+        for table in candidates:
             try:
                 _table_cost(table, TokenUsage(prompt_tokens=0, completion_tokens=0))
             except LookupError:

@@ -141,8 +141,9 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
         errors = sum(1 for r in group if r.status != "ok")
         latencies = ok_latencies(group)
         totals = [r.total_tokens for r in group if r.total_tokens is not None]
-        costs = [r.cost_usd for r in group if r.cost_usd is not None]
-        mean_cost = math.fsum(costs) / len(costs) if costs else None
+        priced = sum(1 for r in group if r.cost_usd is not None)
+        cost = total_cost(group)
+        mean_cost = None if cost is None else cost / priced
         stats.append(
             ModelStats(
                 model_name=name,
@@ -156,8 +157,8 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
                 completion_tokens=sum(r.completion_tokens or 0 for r in group),
                 mean_total_tokens=round(statistics.fmean(totals), 1) if totals else None,
                 mean_attempts=round(statistics.fmean(r.attempts for r in group), 2),
-                priced=len(costs),
-                cost_usd=total_cost(group),
+                priced=priced,
+                cost_usd=cost,
                 mean_cost_usd=None if mean_cost is None else round(mean_cost, 9),
                 cost_per_1k_requests_usd=None if mean_cost is None else round(mean_cost * 1000, 6),
             )

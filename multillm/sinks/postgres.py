@@ -137,22 +137,21 @@ class PostgresSink(SqlReader):
                 _log.info("postgres_sink.migrated", table=TABLE, added=len(added))
 
     def _columns(self) -> set[str]:
+        return set(self._column_types())
+
+    def _column_types(self) -> dict[str, str]:
+        """The table's columns and their `data_type` (empty when there is no table)."""
         found = self._conn.execute(
-            "SELECT column_name FROM information_schema.columns"
+            "SELECT column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = current_schema() AND table_name = %s",
             (TABLE,),
         ).fetchall()
-        return {name for (name,) in found}
+        return dict(found)
 
     def _migrate_jsonb(self) -> None:
         # Called in the schema transaction. The cast keeps every value (JSONB's text is JSON);
         # ALTER rewrites the table under an exclusive lock, so writers wait for it, once.
-        found = self._conn.execute(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = current_schema() AND table_name = %s AND data_type = 'jsonb'",
-            (TABLE,),
-        ).fetchall()
-        columns = [name for (name,) in found if name in _JSON_COLUMNS]
+        columns = [name for name, type_ in self._column_types().items() if type_ == "jsonb" and name in _JSON_COLUMNS]
         if columns:
             changes = ", ".join(f"ALTER COLUMN {name} TYPE JSON USING {name}::json" for name in columns)
             self._conn.execute(f"ALTER TABLE {TABLE} {changes}")
