@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -90,11 +91,21 @@ def fleet(tmp_path: Path, cluster_url: str, mock_llm: MockLLM) -> Iterator[Fleet
     assert codes == [0] * len(codes), f"workers did not exit 0 on SIGTERM: {codes}"
 
 
-def worker_ports(cluster: LocalCluster, cluster_url: str) -> list[int]:
-    """The AMQP port of each worker (pika) connection of the test's vhost, as the broker lists them."""
-    columns = ["-p", vhost_of(cluster_url), "port", "client_properties", "--formatter", "json"]
-    listed = json.loads(cluster.rabbitmqctl(cluster.names[1], "list_connections", *columns))
-    return sorted(row["port"] for row in listed if "Pika" in json.dumps(row["client_properties"]))
+def worker_ports(cluster: LocalCluster, cluster_url: str, workers: Sequence[WorkerProcess]) -> dict[int, list[int]]:
+    """The AMQP ports of each worker's connections in the test's vhost, by worker pid, as the broker
+    lists them (the workers name their connections after their pid); a connection of no worker
+    fails the test, with the broker's listing."""
+    columns = ["-p", vhost_of(cluster_url), "name", "port", "state", "connected_at"]
+    arguments = [*columns, "client_properties", "--formatter", "json"]
+    listed = json.loads(cluster.rabbitmqctl(cluster.names[1], "list_connections", *arguments))
+    ports: dict[int, list[int]] = {worker.pid: [] for worker in workers}
+    for row in listed:
+        if "Pika" not in json.dumps(row["client_properties"]):
+            continue  # kombu's (py-amqp) connections: the test's callers
+        pid = re.search(r"multillm worker pid (\d+): ", json.dumps(row["client_properties"]))
+        assert pid and int(pid[1]) in ports, f"a pika connection of no worker: {row}\n{listed}"
+        ports[int(pid[1])].append(row["port"])
+    return {pid: sorted(found) for pid, found in ports.items()}
 
 
 def test_the_node_that_leads_the_requests_dies_under_load(
@@ -108,7 +119,7 @@ def test_the_node_that_leads_the_requests_dies_under_load(
     # The workers list the doomed node first: they connect there, and the first to declare the
     # request queue made it lead it (RabbitMQ places a new queue's leader on the declaring node).
     assert rabbit_cluster.leader_of(contract.REQUEST_QUEUE, vhost_of(cluster_url)).startswith(doomed)
-    assert worker_ports(rabbit_cluster, cluster_url) == [doomed_port] * 4
+    assert worker_ports(rabbit_cluster, cluster_url, fleet.workers) == {w.pid: [doomed_port] for w in fleet.workers}
 
     total = 300
     answered_at: dict[int, float] = {}
@@ -150,7 +161,8 @@ def test_the_node_that_leads_the_requests_dies_under_load(
 
     # No worker exited; each moved to a node that lives, and says so.
     assert all(worker.alive() for worker in fleet.workers)
-    assert doomed_port not in worker_ports(rabbit_cluster, cluster_url)
+    ports = worker_ports(rabbit_cluster, cluster_url, fleet.workers)
+    assert all(len(found) == 1 and doomed_port not in found for found in ports.values()), ports
     moved = [e for e in fleet.log_lines("worker.consuming") if e["node"] != f"127.0.0.1:{doomed_port}"]
     assert len(moved) >= 4, moved
     gap = _longest_gap(sorted(answered_at.values()), after=killed_at[0])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import Awaitable, Sequence
 from functools import partial
@@ -69,8 +70,10 @@ class Consumer:
         ConfigError: `broker_url` is malformed.
         """
         self._metrics = metrics or WorkerMetrics()
-        self._nodes = BrokerNodes(broker_url, failover)
         self._handlers = {handler.queue.name: handler for handler in handlers}
+        # Names the process in `rabbitmqctl list_connections` and the management UI.
+        name = f"multillm worker pid {os.getpid()}: {', '.join(self._handlers)}"
+        self._nodes = BrokerNodes(broker_url, failover, connection_name=name)
         self._queues = queues_for([handler.queue for handler in handlers])
         self._concurrency = concurrency
         self._grace = grace_seconds

@@ -26,12 +26,24 @@ from multillm.urls import broker_nodes, mask_url
 class BrokerNodes:
     """The nodes of `broker_url` and the order to try them in; on the event loop only."""
 
-    def __init__(self, broker_url: str, failover: Failover = "shuffle", rng: random.Random | None = None) -> None:
-        """Raises:
-        ConfigError: `broker_url` is malformed (the message names the entry).
+    def __init__(
+        self,
+        broker_url: str,
+        failover: Failover = "shuffle",
+        rng: random.Random | None = None,
+        *,
+        connection_name: str | None = None,
+    ) -> None:
+        """`connection_name`: what the broker lists the connection as (its `user_provided_name`).
+
+        Raises:
+            ConfigError: `broker_url` is malformed (the message names the entry).
         """
         urls = broker_nodes(broker_url)
         self._parameters = [_parameters(url, position, len(urls)) for position, url in enumerate(urls, 1)]
+        if connection_name is not None:
+            for params in self._parameters:  # pika adds these to its own client properties
+                params.client_properties = {"connection_name": connection_name}
         # host:port names a node in the logs: it identifies the node and holds no password.
         self.names = [f"{params.host}:{params.port}" for params in self._parameters]
         self._rng = rng or random.Random()
