@@ -9,6 +9,7 @@ redeclaration whose arguments differ).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -29,8 +30,19 @@ DEAD_EXCHANGE: Final = "multillm.dead"
 DEAD_QUEUE: Final = "multillm.dead"
 TRIAGE_QUEUE: Final = "multillm.triage"
 
+# Scores of records (schemas.V1Score), written to `llm_scores` by the primary worker (workers/scores.py).
+SCORE_EXCHANGE: Final = "multillm.scores"
+SCORE_ROUTING_KEY: Final = "multillm.scores"
+SCORE_QUEUE: Final = "multillm.scores"
+
+# The UUIDv5 namespace of every id derived rather than drawn: log ids (UUIDv5 of "request id/model
+# index"), and the id of a score sent without one (schemas.V1Score.id).
+ID_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c1e-4c55-9b55-2f0f3b7b9a10")
+
 # The table of log records in SQL sinks (columns: the fields of schemas.LLMLogRecord).
 LOG_TABLE: Final = "llm_logs"
+# The table of scores (columns: the fields of schemas.LLMScore).
+SCORE_TABLE: Final = "llm_scores"
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 # Queue names the broker keeps for itself (direct reply-to among them): never declared by us.
@@ -47,6 +59,9 @@ TYPE_ERROR: Final = "RpcStatus"
 TYPE_FANOUT: Final = "MultiLLMFanOutCopy"
 # A record the sink would not take, in `multillm.dead` to be replayed.
 TYPE_RECORD: Final = "LLMLogRecord"
+TYPE_SCORE: Final = "V1Score"
+# A score the sink would not take, in `multillm.dead` as its row (schemas.LLMScore) to be replayed.
+TYPE_STORED_SCORE: Final = "LLMScore"
 
 # Headers we add. `x-multillm-deadline` is absolute (epoch ms) because AMQP's
 # `expiration` is relative to when the message entered a queue and cannot be
@@ -110,6 +125,7 @@ EXCHANGES: Final = {
     REQUEST_EXCHANGE: "direct",
     MODEL_EXCHANGE: "direct",
     DEAD_EXCHANGE: "fanout",
+    SCORE_EXCHANGE: "direct",
 }
 
 
@@ -141,6 +157,11 @@ def requests_queue() -> QueueSpec:
 
 def model_queue_spec(model_name: str) -> QueueSpec:
     return QueueSpec(model_queue(model_name), MODEL_EXCHANGE, model_name, _work_queue_arguments())
+
+
+def scores_queue() -> QueueSpec:
+    """Dead-lettered like the work queues: a score the worker gives up on is triaged, not lost."""
+    return QueueSpec(SCORE_QUEUE, SCORE_EXCHANGE, SCORE_ROUTING_KEY, _work_queue_arguments())
 
 
 def triage_queue() -> QueueSpec:

@@ -1,4 +1,4 @@
-"""Identity and content of log records: pure functions, shared by both workers.
+"""Identity and content of log records and scores: pure functions, shared by both workers.
 
 Identities are derived, never drawn at random, so that a redelivered message
 produces the same `log_id` and `span_id` again and the sink's idempotent write
@@ -13,11 +13,21 @@ import uuid
 from datetime import UTC, datetime
 from typing import Final
 
+from multillm import contract
 from multillm.pricing import Prices, TokenUsage
 from multillm.providers import ModelResult, ProviderError
-from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, V1Tracing, V1Usage
+from multillm.schemas import (
+    FEEDBACK,
+    FEEDBACK_VALUES,
+    LLMLogRecord,
+    LLMScore,
+    V1CreateMultiLLMChatCompletionRequest,
+    V1Score,
+    V1Tracing,
+    V1Usage,
+)
 
-_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c1e-4c55-9b55-2f0f3b7b9a10")
+_NAMESPACE: Final = contract.ID_NAMESPACE
 
 
 def request_id_for(message_id: str | None, correlation_id: str | None, body: bytes) -> str:
@@ -32,6 +42,24 @@ def request_id_for(message_id: str | None, correlation_id: str | None, body: byt
 @functools.lru_cache(maxsize=4096)  # asked for three times per model call (logging, record, copy)
 def log_id_for(request_id: str, model_index: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{request_id}/{model_index}"))
+
+
+def stored_score(score: V1Score, created_at: str) -> LLMScore:
+    """The row of `score`, its id derived when it came without one, and feedback given its value."""
+    value = score.value
+    if value is None and score.name == FEEDBACK and score.label is not None:
+        value = FEEDBACK_VALUES[score.label]  # `score_problem` let only up or down through
+    return LLMScore(
+        score_id=score.id,
+        log_id=score.log_id,
+        request_id=score.request_id,
+        name=score.name,
+        value=value,
+        label=score.label,
+        comment=score.comment,
+        source=score.source,
+        created_at=created_at,
+    )
 
 
 def _hex(seed: str, length: int) -> str:

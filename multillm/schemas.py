@@ -11,14 +11,18 @@ names the offending field (e.g. "Expected `int`, got `str` - at `$.displayModel`
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import sys
 import unicodedata
-from typing import Annotated, Final, Literal
+import uuid
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
-from multillm.contract import DETAIL_LOG_ID, ERROR_DOMAIN, ERROR_INFO_TYPE, MAX_MODEL_NAME_BYTES
+from multillm.contract import DETAIL_LOG_ID, ERROR_DOMAIN, ERROR_INFO_TYPE, ID_NAMESPACE, MAX_MODEL_NAME_BYTES
 
 Mode = Literal["MODE_UNSPECIFIED", "MODE_TEST", "MODE_STAGING", "MODE_PROD"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -357,6 +361,95 @@ class LLMLogRecord(Struct, kw_only=True):
     completed_at: str = ""
 
 
+# --- scores ------------------------------------------------------------------
+
+MAX_SCORE_NAME_CHARS: Final = 200
+MAX_SCORE_LABEL_CHARS: Final = 200
+MAX_SCORE_COMMENT_CHARS: Final = 10_000
+MAX_ID_CHARS: Final = 200
+# User feedback (`name` `feedback`): `label` up or down, `value` 1 or 0 (docs/contract.md).
+FEEDBACK: Final = "feedback"
+FEEDBACK_VALUES: Final = {"up": 1.0, "down": 0.0}
+
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+# Out of range: msgspec reads 1e999 as infinity, which no score can mean (JSON has no NaN).
+FiniteFloat = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+
+
+class V1Score(_Wire, frozen=True):
+    """A score of one record (`logId`), published to `multillm.scores`: a number, a label or both.
+
+    `scoreId` is derived from `logId`, `name` and `source` when absent (`id`), so that the
+    same judgement sent twice is stored once.
+    """
+
+    log_id: Id
+    name: Annotated[str, Meta(max_length=MAX_SCORE_NAME_CHARS)]
+    value: FiniteFloat | None = None
+    label: Annotated[str, Meta(max_length=MAX_SCORE_LABEL_CHARS)] | None = None
+    comment: Annotated[str, Meta(max_length=MAX_SCORE_COMMENT_CHARS)] | None = None
+    source: Annotated[str, Meta(max_length=MAX_SCORE_NAME_CHARS)] | None = None
+    request_id: Id | None = None
+    score_id: Id | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError during decoding, with its path.
+        if problem := score_problem(self):
+            raise ValueError(problem)
+
+    @property
+    def id(self) -> str:
+        """`scoreId`, or the UUIDv5 of `["score", logId, name, source or ""]` in JSON when absent:
+        the same record, name and source make the same id."""
+        if self.score_id:
+            return self.score_id
+        return str(uuid.uuid5(ID_NAMESPACE, json.dumps(["score", self.log_id, self.name, self.source or ""])))
+
+
+def score_problem(score: V1Score) -> str | None:
+    """Why `score` cannot be stored, or None: what the field types alone do not say."""
+    if not score.name:
+        return "`name` is empty"
+    # Names and sources are identifiers (a column of `logs stats`, a key of its JSON); a label is text.
+    for field, text in (("name", score.name), ("source", score.source)):
+        if text is not None and (bad := _forbidden_in_name(text)):
+            index, char = bad
+            return f"`{field}` contains U+{ord(char):04X} at character {index}: no whitespace or control characters"
+    if score.label is not None and (control := _CONTROL.search(score.label)):
+        return f"`label` contains U+{ord(control.group()):04X} at character {control.start()}: no control characters"
+    if score.label is not None and not score.label.strip():
+        return "`label` is blank: leave it out instead"
+    if score.value is None and score.label is None:
+        return "the score has neither a `value` nor a `label`"
+    if score.value is not None and not math.isfinite(score.value):  # built in Python: JSON has none
+        return f"`value` {score.value} is not a finite number"
+    if score.name == FEEDBACK:
+        expected = FEEDBACK_VALUES.get(score.label or "")
+        if expected is None:
+            return f"`feedback` takes `label` up or down, not {score.label!r}"
+        if score.value is not None and score.value != expected:
+            return f"`feedback` {score.label} has `value` {expected:g}, not {score.value:g}"
+    for field, text in (("logId", score.log_id), ("comment", score.comment), ("requestId", score.request_id)):
+        if text is not None and "\x00" in text:
+            return f"`{field}` has NUL (U+0000), which no sink can store"
+    return None
+
+
+class LLMScore(Struct, kw_only=True):
+    """A stored score: a row of `llm_scores` (snake_case, like the log record)."""
+
+    score_id: str
+    log_id: str
+    request_id: str | None = None
+    name: str
+    value: float | None = None
+    label: str | None = None
+    comment: str | None = None
+    source: str | None = None
+    created_at: str = ""
+
+
 # A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the latter alone. Only looked for
 # once msgspec has refused a body, to name the problem.
 _LONE_SURROGATE: Final = re.compile(
@@ -364,12 +457,15 @@ _LONE_SURROGATE: Final = re.compile(
     rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 )
 
+T = TypeVar("T")
+
 # Built once: msgspec's encoders and decoders are cheap to reuse, costly to build.
 _request_decoder: Final = msgspec.json.Decoder(V1CreateMultiLLMChatCompletionRequest)
 _fanout_decoder: Final = msgspec.json.Decoder(FanOutCopy)
 _reply_decoder: Final = msgspec.json.Decoder(V1MultiLLMChatCompletion)
 _status_decoder: Final = msgspec.json.Decoder(RpcStatus)
 _record_decoder: Final = msgspec.json.Decoder(LLMLogRecord)
+_score_decoder: Final = msgspec.json.Decoder(V1Score)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -385,8 +481,17 @@ def decode_request(body: bytes) -> V1CreateMultiLLMChatCompletionRequest:
         msgspec.ValidationError: a field is missing or wrong; the message names it.
         msgspec.DecodeError: the body is not JSON, or not UTF-8; the message says where.
     """
+    return _decoded(_request_decoder, body)
+
+
+def decode_score(body: bytes) -> V1Score:
+    """Decode and validate a score; raises as `decode_request` does."""
+    return _decoded(_score_decoder, body)
+
+
+def _decoded(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
-        return _request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError:
         raise
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -421,3 +526,13 @@ def decode_status(body: bytes) -> RpcStatus:
 
 def decode_record(body: bytes | str) -> LLMLogRecord:
     return _record_decoder.decode(body)
+
+
+def checked_score(score: V1Score) -> V1Score:
+    """`score` as a worker will read it, checked as a worker checks it (a Struct built in Python
+    skips the limits of its fields' types).
+
+    Raises:
+        msgspec.ValidationError: (a ValueError) the score cannot be stored; the message names why.
+    """
+    return _score_decoder.decode(_encoder.encode(score))

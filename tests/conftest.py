@@ -84,7 +84,7 @@ def empty_sink_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         return f"sqlite:///{tmp_path}/logs/records.db"
     url: str = request.getfixturevalue("pg_database")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}")
+        conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}, {contract.SCORE_TABLE}")
     return url
 
 

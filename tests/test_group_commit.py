@@ -47,14 +47,14 @@ class _CountingSink:
         self.inner.close()
 
 
-async def _answers(grouped: GroupCommit, records: list[LLMLogRecord]) -> dict[str, bool | BaseException]:
+async def _answers(grouped: GroupCommit[LLMLogRecord], records: list[LLMLogRecord]) -> dict[str, bool | BaseException]:
     """Each record's answer, written by concurrent tasks."""
     outcomes = await asyncio.gather(*(grouped.write(r) for r in records), return_exceptions=True)
     return {r.log_id: outcome for r, outcome in zip(records, outcomes, strict=True)}
 
 
 async def _behind_a_held_batch(
-    grouped: GroupCommit, counting: _CountingSink, first: LLMLogRecord, later: list[LLMLogRecord]
+    grouped: GroupCommit[LLMLogRecord], counting: _CountingSink, first: LLMLogRecord, later: list[LLMLogRecord]
 ) -> dict[str, bool | BaseException]:
     """Write `first` and hold its batch in the sink until all of `later` are queued behind it."""
     counting.release.clear()
@@ -71,7 +71,7 @@ async def _behind_a_held_batch(
 @every_sink
 def test_writes_that_overlap_are_stored_in_fewer_transactions_with_each_callers_answer(sink: Sink) -> None:
     counting = _CountingSink(sink)
-    grouped = GroupCommit(counting)
+    grouped = GroupCommit(counting.write_many)
     sink.write(record("already", index=0))
     later = [record(f"log-{i}", index=i + 2) for i in range(20)] + [record("already", index=0)]
     results = asyncio.run(_behind_a_held_batch(grouped, counting, record("first", index=1), later))
@@ -83,7 +83,7 @@ def test_writes_that_overlap_are_stored_in_fewer_transactions_with_each_callers_
 def test_a_failed_batch_raises_in_every_caller_of_that_batch(make_sink: object) -> None:
     counting = _CountingSink(make_sink())  # type: ignore[operator]
     observed: list[bool] = []
-    grouped = GroupCommit(counting, observe=lambda seconds, failed: observed.append(failed))
+    grouped = GroupCommit(counting.write_many, observe=lambda seconds, failed: observed.append(failed))
 
     async def scenario() -> tuple[dict[str, bool | BaseException], bool]:
         counting.fail_with = OSError("disk full")
@@ -100,7 +100,7 @@ def test_a_failed_batch_raises_in_every_caller_of_that_batch(make_sink: object) 
 
 def test_a_record_the_sink_refuses_fails_only_its_own_caller(make_sink: object) -> None:
     counting = _CountingSink(make_sink())  # type: ignore[operator]
-    grouped = GroupCommit(counting)
+    grouped = GroupCommit(counting.write_many)
     counting.refuse = "bad"
     batch = [record(f"log-{i}", index=i + 1) for i in range(5)] + [record("bad", index=9)]
     results = asyncio.run(_behind_a_held_batch(grouped, counting, record("first", index=0), batch))
@@ -112,7 +112,7 @@ def test_a_record_the_sink_refuses_fails_only_its_own_caller(make_sink: object) 
 
 def test_a_cancelled_caller_does_not_stop_the_others(make_sink: object) -> None:
     counting = _CountingSink(make_sink())  # type: ignore[operator]
-    grouped = GroupCommit(counting)
+    grouped = GroupCommit(counting.write_many)
 
     async def scenario() -> dict[str, bool | BaseException]:
         counting.release.clear()
@@ -135,7 +135,7 @@ def test_more_than_a_batch_waiting_goes_in_batches_until_none_is_left(
 ) -> None:
     monkeypatch.setattr(group_commit, "MAX_BATCH", 3)
     counting = _CountingSink(make_sink())  # type: ignore[operator]
-    grouped = GroupCommit(counting)
+    grouped = GroupCommit(counting.write_many)
     later = [record(f"log-{i}", index=i + 1) for i in range(7)]
     results = asyncio.run(_behind_a_held_batch(grouped, counting, record("first", index=0), later))
     assert results == {f"log-{i}": True for i in range(7)}

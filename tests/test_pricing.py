@@ -17,9 +17,9 @@ from multillm.config import PriceOverride, ProviderConfig, load_settings
 from multillm.errors import ConfigError
 from multillm.pricing import Prices, TokenUsage
 from multillm.producers import Client, make_request
-from multillm.schemas import ChatMessage, LLMLogRecord
+from multillm.schemas import ChatMessage, LLMLogRecord, LLMScore
 from multillm.sinks import open_sink
-from multillm.sinks._rows import COLUMNS, Column, Kind
+from multillm.sinks._rows import LOGS, Column, Kind
 from tests.conftest import StartWorker, wait_for_records
 from tests.test_cli import multillm
 
@@ -105,8 +105,7 @@ def _old_record(n: int) -> LLMLogRecord:
 
 
 def _old_table_sql(types: dict[Kind, str]) -> str:
-    old = [c for c in COLUMNS if c.name not in NEW_COLUMNS]
-    defs = ", ".join(f"{c.name} {types[c.kind]}{' PRIMARY KEY' if c.name == 'log_id' else ''}" for c in old)
+    defs = ", ".join(f"{c.name} {types[c.kind]}{' PRIMARY KEY' if c.name == 'log_id' else ''}" for c in _old_columns())
     return f"CREATE TABLE {contract.LOG_TABLE} ({defs})"
 
 
@@ -114,7 +113,7 @@ def _old_rows(count: int) -> list[tuple[object, ...]]:
     rows = []
     for n in range(1, count + 1):
         record = _old_record(n)
-        rows.append(tuple(_plain(getattr(record, c.name)) for c in COLUMNS if c.name not in NEW_COLUMNS))
+        rows.append(tuple(_plain(getattr(record, c.name)) for c in _old_columns()))
     return rows
 
 
@@ -131,6 +130,7 @@ def _check_migrated(url: str) -> None:
         ("old-1", None, 12),
         ("old-2", None, 12),
     ]
+    assert reader.scores() == []  # no table `llm_scores` yet, and a reader makes none
     reader.close()
     sink = open_sink(url)
     new = LLMLogRecord(
@@ -138,7 +138,10 @@ def _check_migrated(url: str) -> None:
         cached_tokens=3, reasoning_tokens=4, cost_usd=0.00125, created_at="2026-12-01T00:00:00Z",
     )  # fmt: skip
     assert sink.write(new)
+    score = LLMScore(score_id="s-1", log_id="old-1", name="feedback", label="up", value=1.0, created_at="x")
+    assert sink.write_scores([score]) == [True]
     got = {r.log_id: r for r in sink.records()}
+    assert sink.scores() == [score]
     sink.close()
     assert sorted(got) == ["new-1", "old-1", "old-2"]
     assert got["old-1"] == _old_record(1)
@@ -149,7 +152,7 @@ def test_an_old_sqlite_sink_gains_the_columns_without_losing_a_row(tmp_path: Pat
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:
         conn.execute(_old_table_sql(_OLD_TYPES))
-        marks = ", ".join("?" for c in COLUMNS if c.name not in NEW_COLUMNS)
+        marks = ", ".join("?" for _ in _old_columns())
         conn.executemany(f"INSERT INTO {contract.LOG_TABLE} VALUES ({marks})", _old_rows(2))
     _check_migrated(f"sqlite:///{path}")
     with sqlite3.connect(path) as conn:
@@ -160,9 +163,9 @@ def test_an_old_sqlite_sink_gains_the_columns_without_losing_a_row(tmp_path: Pat
 def test_an_old_postgres_sink_gains_the_columns_without_losing_a_row(pg_database: str) -> None:
     types = {Kind.TEXT: "TEXT", Kind.INTEGER: "BIGINT", Kind.REAL: "DOUBLE PRECISION", Kind.BOOLEAN: "BOOLEAN"}
     with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}")
+        conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}, {contract.SCORE_TABLE}")
         conn.execute(_old_table_sql({**types, Kind.JSON: "JSONB"}))
-        marks = ", ".join("%s" for c in COLUMNS if c.name not in NEW_COLUMNS)
+        marks = ", ".join("%s" for _ in _old_columns())
         rows = [tuple(bool(v) if c.kind is Kind.BOOLEAN else v for c, v in zip(_old_columns(), row, strict=True))
                 for row in _old_rows(2)]  # fmt: skip
         conn.cursor().executemany(f"INSERT INTO {contract.LOG_TABLE} VALUES ({marks})", rows)
@@ -170,11 +173,12 @@ def test_an_old_postgres_sink_gains_the_columns_without_losing_a_row(pg_database
         _check_migrated(pg_database)
     finally:
         with psycopg.connect(pg_database, autocommit=True) as conn:
-            conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}")
+            conn.execute(f"DROP TABLE IF EXISTS {contract.LOG_TABLE}, {contract.SCORE_TABLE}")
 
 
 def _old_columns() -> list[Column]:
-    return [c for c in COLUMNS if c.name not in NEW_COLUMNS]
+    """The columns of `llm_logs` before prices (and of a sink without `llm_scores`)."""
+    return [c for c in LOGS.columns if c.name not in NEW_COLUMNS]
 
 
 # --- through the workers ---------------------------------------------------------------------

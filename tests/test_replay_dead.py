@@ -78,8 +78,8 @@ def test_replay_writes_every_good_record_and_leaves_the_rest_in_order(
     assert lines[0].startswith("not written: dead letter 3 (no log_id): not a valid LLMLogRecord: JSON is malformed")
     assert lines[1].startswith("not written: dead letter 5 (log_id 'log-00005'): the sink refused it: ")
     assert lines[2] == (
-        "3 records written to the sink and removed from multillm.dead (1 of them were stored already);"
-        " left in multillm.dead: 2 records not written, 2 other dead letters"
+        "3 records and scores written to the sink and removed from multillm.dead (1 of them were stored already);"
+        " left in multillm.dead: 2 not written, 2 other dead letters"
     )
     assert len(lines) == 3
     assert "Traceback" not in done.stderr
@@ -106,15 +106,15 @@ def test_replay_again_reports_the_same_failures_once_each(broker_url: str, tmp_p
     assert second.returncode == 1
     assert second.stdout.splitlines() == [
         "not written: dead letter 1 (no log_id): not a valid LLMLogRecord: Expected `object`, got `array`",
-        "0 records written to the sink and removed from multillm.dead (0 of them were stored already);"
-        " left in multillm.dead: 1 records not written, 0 other dead letters",
+        "0 records and scores written to the sink and removed from multillm.dead (0 of them were stored already);"
+        " left in multillm.dead: 1 not written, 0 other dead letters",
     ]
 
 
 def test_replay_of_an_empty_queue_writes_nothing(broker_url: str, tmp_path: Path) -> None:
     done = replay(broker_url, f"jsonl:///{tmp_path}/records.jsonl", tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("0 records written")
+    assert done.stdout.startswith("0 records and scores written")
 
 
 def test_replay_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from multillm.mock_llm import MockControl
 from multillm.producers import Client, make_request
 from multillm.schemas import ChatMessage, LLMLogRecord, LogAttribute, V1ChatCompletionMessage, V1Choice
 from multillm.sinks import RecordFilter, Sink, open_sink
-from multillm.sinks._rows import Kind
+from multillm.sinks._rows import LOGS, Kind
 from multillm.sinks.postgres import DIALECT
 from tests.broker_tools import read_dead_letters
 from tests.conftest import StartWorker, empty_sink_url, wait_for_records
@@ -87,9 +87,9 @@ def jsonb_table(url: str) -> None:
     """The table as earlier versions made it (JSONB columns), with one row written the way they wrote it."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS llm_logs")
-        for statement in OLD_DIALECT.create_statements():
+        for statement in OLD_DIALECT.create_statements(LOGS):
             conn.execute(statement)
-        conn.execute(OLD_DIALECT.insert_sql(), OLD_DIALECT.to_row(old_record()))
+        conn.execute(OLD_DIALECT.insert_sql(LOGS), OLD_DIALECT.to_row(LOGS, old_record()))
 
 
 def old_record() -> LLMLogRecord:
@@ -138,7 +138,7 @@ def test_a_jsonb_table_is_migrated_once_by_workers_opening_it_together(pg_databa
         # A worker of the earlier version, still running, keeps writing: PostgreSQL casts its JSONB to JSON.
         late = msgspec.structs.replace(old_record(), log_id="log-zlate")
         with psycopg.connect(pg_database, autocommit=True) as conn:
-            conn.execute(OLD_DIALECT.insert_sql(), OLD_DIALECT.to_row(late))
+            conn.execute(OLD_DIALECT.insert_sql(LOGS), OLD_DIALECT.to_row(LOGS, late))
         matched = sink.records(where=RecordFilter(attributes={"exp": "b"}))
         assert [r.log_id for r in matched] == ["log-nul", "log-old", "log-zlate"]
         assert matched[2] == late

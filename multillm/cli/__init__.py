@@ -206,6 +206,22 @@ def _parser() -> argparse.ArgumentParser:
         f"write the records in {contract.DEAD_QUEUE} to the sink; leave every other dead letter there",
         _BOTH,
     )
+    score = _command(
+        logs_sub,
+        "score",
+        f"score a record: publish a V1Score to {contract.SCORE_QUEUE}, which the primary workers write to the sink",
+        _BROKER,
+        epilog="user feedback: --name feedback --label up (or down)\n"
+        'a number:      --name quality --value 0.8 --comment "cites its source"',
+    )
+    score.add_argument("log_id", help="the record's log id (a reply's `id` is the primary's; `logs show --json`)")
+    score.add_argument("--name", required=True, help="what is scored: feedback, quality, ...")
+    given = score.add_mutually_exclusive_group(required=True)
+    given.add_argument("--label", help="a label: up or down for feedback, any text for other names")
+    given.add_argument("--value", type=float, help="a finite number")
+    score.add_argument("--comment", help="why")
+    score.add_argument("--source", help="who scores (part of the derived score id: one score per record, name, source)")
+    score.add_argument("--request-id", help="the request of the record, stored beside the score")
     for p in (listing, show, stats, report, replay):
         p.add_argument(
             "--sink",

@@ -1,5 +1,6 @@
-"""`multillm logs list|show|stats|report|replay-dead`: reading the records back, for people (rich tables) and
-scripts (`--json`), and writing the dead-lettered ones to the sink.
+"""`multillm logs list|show|stats|report|score|replay-dead`: reading the records and their scores back,
+for people (rich tables) and scripts (`--json`), scoring a record, and writing the dead-lettered
+records and scores to the sink.
 
 The reading commands open the sink read-only: they never create or change one, so a
 mistyped or missing sink is an error rather than a new, empty one.
@@ -30,13 +31,15 @@ from multillm.cli.summaries import (
     model_label,
     model_stats,
     printable,
+    shown,
     side_by_side_rows,
     stats_cells,
     summarize,
 )
 from multillm.config import ENV_SINK_URL, Settings
-from multillm.errors import CommandError, ConfigError
-from multillm.schemas import LLMLogRecord
+from multillm.errors import BrokerUnavailable, CommandError, ConfigError, RpcError
+from multillm.producers.publishing import RequestPublisher
+from multillm.schemas import LLMLogRecord, LLMScore, V1Score, checked_score
 from multillm.sinks import RecordFilter, describe_sink, mask_url, open_sink
 
 
@@ -54,6 +57,8 @@ def record_filter(args: argparse.Namespace) -> RecordFilter:
 
 
 def run_logs(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "score":
+        return _score(settings, args)
     url = args.sink or settings.sink_url
     if args.action == "replay-dead":
         return _replay(settings, url)
@@ -66,23 +71,54 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
     print(f"multillm: reading {describe_sink(url)}", file=sys.stderr)
     try:
         if args.action == "show":
-            records = sink.records(args.request_id)
+            one_request = RecordFilter(request_id=args.request_id)
+            records, scores = sink.records(where=one_request), sink.scores(one_request)
             if not records:
                 raise CommandError(f"no records for request {args.request_id!r} in the sink")
-            _print(_json(records) if args.json else side_by_side_table(records))
+            _print(_json(shown(records, scores)) if args.json else side_by_side_table(records, scores))
             return 0
-        records = sink.records(where=record_filter(args))
+        where = record_filter(args)
+        records = sink.records(where=where)
+        scores = sink.scores(where) if args.action in ("stats", "report") else []
     finally:
         sink.close()
     if args.action == "list":
         summaries = summarize(records)[: args.limit]
         _print(_json(summaries) if args.json else _list_table(summaries))
     elif args.action == "stats":
-        stats = model_stats(records)
+        stats = model_stats(records, scores)
         _print(_json(stats) if args.json else _stats_table(stats))
     else:
-        Path(args.html).write_text(render_report(records, recent=args.recent), encoding="utf-8")
-        print(f"wrote {args.html}: {len(records)} records, {len(summarize(records))} requests")
+        Path(args.html).write_text(render_report(records, scores, recent=args.recent), encoding="utf-8")
+        print(f"wrote {args.html}: {len(records)} records, {len(summarize(records))} requests, {len(scores)} scores")
+    return 0
+
+
+def _score(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        score = checked_score(
+            V1Score(
+                log_id=args.log_id,
+                name=args.name,
+                value=args.value,
+                label=args.label,
+                comment=args.comment,
+                source=args.source,
+                request_id=args.request_id,
+            )
+        )
+    except ValueError as exc:  # msgspec.ValidationError among them
+        raise CommandError(f"cannot score record {args.log_id!r}: {exc}") from None
+    publisher = RequestPublisher(settings.broker_url, pool_size=1)
+    try:
+        score_id = publisher.publish_score(score, timeout=_SCORE_TIMEOUT_SECONDS)
+    except (BrokerUnavailable, RpcError) as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        publisher.close()
+    print(
+        f"score {score_id} of record {score.log_id} published to {contract.SCORE_QUEUE}; the primary workers store it"
+    )
     return 0
 
 
@@ -106,6 +142,8 @@ def _json(items: Sequence[msgspec.Struct]) -> str:
 
 
 PIPED_WIDTH = 160
+# How long `logs score` waits for the broker to confirm, reconnects included.
+_SCORE_TIMEOUT_SECONDS = 30.0
 
 
 def _print(output: str | Table) -> None:
@@ -119,8 +157,8 @@ def _print(output: str | Table) -> None:
         console.print(output)
 
 
-def side_by_side_table(records: Sequence[LLMLogRecord]) -> Table:
-    """One column per model: what it answered, how fast, at what cost."""
+def side_by_side_table(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()) -> Table:
+    """One column per model: what it answered, how fast, at what cost, how it was scored."""
     records = sorted(records, key=lambda r: r.model_index)
     head = records[0]
     table = Table(
@@ -130,7 +168,7 @@ def side_by_side_table(records: Sequence[LLMLogRecord]) -> Table:
     table.add_column("")
     for r in records:
         table.add_column(Text(printable(model_label(r))), overflow="fold")
-    for label, cells in side_by_side_rows(records):
+    for label, cells in side_by_side_rows(records, scores):
         # Text, not str: a str cell is read as rich markup, and model output is untrusted.
         table.add_row(label, *(Text(printable(cell)) for cell in cells))
     return table

@@ -1,8 +1,8 @@
-"""`multillm logs replay-dead`: write the records waiting in `multillm.dead` to the sink.
+"""`multillm logs replay-dead`: write the records and scores waiting in `multillm.dead` to the sink.
 
-Each dead letter is taken once with `basic.get` and held unacknowledged. A record
-the sink stores (or already had: writes are idempotent on `log_id`) is acknowledged;
-every other dead letter, and every record the sink would not take, stays held until
+Each dead letter is taken once with `basic.get` and held unacknowledged. A record or score
+the sink stores (or already had: writes are idempotent on `log_id` and `score_id`) is
+acknowledged; every other dead letter, and every row the sink would not take, stays held until
 the connection closes, when the broker puts them all back in the queue in the order
 they were taken. Holding them is what stops the loop: nothing is read twice, and one
 record the sink refuses does not strand those behind it.
@@ -21,12 +21,19 @@ import msgspec
 from multillm import contract
 from multillm.errors import CommandError, describe
 from multillm.producers.publishing import connect, declare_queues
-from multillm.schemas import decode_record
+from multillm.schemas import LLMScore, decode_record
 from multillm.sinks import Sink
 from multillm.urls import mask_url
 
-# The AMQP `type` of a record's dead letter (set where the worker dead-letters it).
-RECORD_TYPE: Final = contract.TYPE_RECORD
+# The rows a worker dead-letters when the sink would not take them, by AMQP `type`, and how
+# each is decoded and written.
+_ROWS: Final[dict[str, tuple[Callable[[bytes], Any], Callable[[Sink, Any], bool]]]] = {
+    contract.TYPE_RECORD: (decode_record, lambda sink, record: sink.write(record)),
+    contract.TYPE_STORED_SCORE: (
+        msgspec.json.Decoder(LLMScore).decode,
+        lambda sink, score: sink.write_scores([score])[0],
+    ),
+}
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 
 
@@ -42,7 +49,7 @@ class ReplayCounts:
 
 
 def replay_dead_records(broker_url: str, sink: Sink, report: Callable[[str], None] = print) -> ReplayCounts:
-    """Write every `LLMLogRecord` dead letter to `sink`; acknowledge those it stored.
+    """Write every `LLMLogRecord` and `LLMScore` dead letter to `sink`; acknowledge those it stored.
 
     Args:
         broker_url: the broker whose `multillm.dead` is read.
@@ -63,10 +70,11 @@ def replay_dead_records(broker_url: str, sink: Sink, report: Callable[[str], Non
         position = 0
         while (message := queue.get(no_ack=False)) is not None:
             position += 1
-            if message.properties.get("type") != RECORD_TYPE:
+            row_type = message.properties.get("type")
+            if row_type not in _ROWS:
                 counts.others += 1
                 continue
-            failure = _write(sink, message, counts)
+            failure = _write(sink, message, row_type, counts)
             if failure is None:
                 message.ack()
             else:
@@ -76,14 +84,15 @@ def replay_dead_records(broker_url: str, sink: Sink, report: Callable[[str], Non
     return counts
 
 
-def _write(sink: Sink, message: Any, counts: ReplayCounts) -> str | None:
-    """Store the record of `message`; None if it is in the sink now, else why not."""
+def _write(sink: Sink, message: Any, row_type: str, counts: ReplayCounts) -> str | None:
+    """Store the record or score of `message`; None if it is in the sink now, else why not."""
+    decode, write = _ROWS[row_type]
     try:
-        record = decode_record(message.body)
+        row = decode(message.body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        return f"not a valid LLMLogRecord: {exc}"
+        return f"not a valid {row_type}: {exc}"
     try:
-        written = sink.write(record)
+        written = write(sink, row)
     except Exception as exc:  # whatever the sink's driver raises: reported, and the record kept
         return "the sink refused it: " + describe(exc)
     if written:
@@ -107,7 +116,7 @@ def _log_id(body: bytes) -> str:
 def summary(counts: ReplayCounts) -> str:
     """One line: what was written and what is left in `multillm.dead`."""
     return (
-        f"{counts.written + counts.already_stored} records written to the sink and removed from {contract.DEAD_QUEUE}"
-        f" ({counts.already_stored} of them were stored already); left in {contract.DEAD_QUEUE}:"
-        f" {len(counts.failures)} records not written, {counts.others} other dead letters"
+        f"{counts.written + counts.already_stored} records and scores written to the sink and removed from"
+        f" {contract.DEAD_QUEUE} ({counts.already_stored} of them were stored already); left in {contract.DEAD_QUEUE}:"
+        f" {len(counts.failures)} not written, {counts.others} other dead letters"
     )

@@ -15,9 +15,11 @@ from typing import Final
 
 from multillm.cli.summaries import (
     STATS_COLUMNS,
+    ModelStats,
     by_model,
     by_request,
     format_ms,
+    format_usd,
     model_label,
     model_stats,
     ok_latencies,
@@ -26,7 +28,7 @@ from multillm.cli.summaries import (
     side_by_side_rows,
     stats_cells,
 )
-from multillm.schemas import LLMLogRecord
+from multillm.schemas import LLMLogRecord, LLMScore
 
 BINS: Final = 24
 WIDTH, HEIGHT, MARGIN = 480, 168, 28
@@ -49,9 +51,11 @@ svg text { font: 10px sans-serif; fill: #444; }
 """
 
 
-def render_report(records: Sequence[LLMLogRecord], *, recent: int = 20) -> str:
-    """The whole page: per-model figures, a latency histogram per model, the latest `recent` requests."""
+def render_report(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = (), *, recent: int = 20) -> str:
+    """The whole page: per-model figures, a latency histogram per model, cost per 1,000 requests,
+    the scores per model, the latest `recent` requests."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
+    stats = model_stats(records, scores)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>multillm report</title>',
@@ -59,23 +63,70 @@ def render_report(records: Sequence[LLMLogRecord], *, recent: int = 20) -> str:
         "<h1>multillm: models compared</h1>",
         f"<p>{len(records)} records, generated {escape(generated)}</p>",
         "<h2>Per model</h2>",
-        _stats_table(records),
+        _stats_table(stats),
         "<h2>Latency of successful calls</h2>",
         _charts(records),
+        "<h2>Cost per 1,000 requests</h2>",
+        cost_chart(stats),
+        "<h2>Scores</h2>",
+        _scores_table(stats),
         f"<h2>Latest {recent} requests</h2>",
-        *(_answers(group) for group in by_request(records)[:recent]),
+        *(_answers(group, scores) for group in by_request(records)[:recent]),
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
-def _stats_table(records: Sequence[LLMLogRecord]) -> str:
+def _stats_table(stats: Sequence[ModelStats]) -> str:
     head = "".join(f"<th>{escape(name)}</th>" for name in STATS_COLUMNS)
     rows = []
-    for stats in model_stats(records):
-        name, *figures = stats_cells(stats)
+    for one in stats:
+        name, *figures = stats_cells(one)
         cells = f"<td>{escape(name)}</td>" + "".join(f'<td class="n">{escape(v)}</td>' for v in figures)
         rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def cost_chart(stats: Sequence[ModelStats]) -> str:
+    """An SVG bar per priced model: what 1,000 requests to it cost, on one scale."""
+    priced = [(s.model_name, s.cost_per_1k_requests_usd) for s in stats if s.cost_per_1k_requests_usd is not None]
+    if not priced:
+        return "<p>no priced records (docs/operations.md, Prices)</p>"
+    top = max(cost for _, cost in priced) or 1.0
+    name_w, bar_h, gap = 220, 16, 6
+    plot_w = WIDTH - name_w - 90
+    height = len(priced) * (bar_h + gap) + gap
+    shapes = []
+    for row, (name, cost) in enumerate(priced):
+        y = gap + row * (bar_h + gap)
+        w = cost / top * plot_w
+        shapes.append(
+            f'<text x="{name_w - 6}" y="{y + 12}" text-anchor="end">{escape(_cut(name, name_w))}</text>'
+            f'<rect x="{name_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4a7fb5">'
+            f"<title>{escape(name)}: ${escape(format_usd(cost))} per 1,000 requests</title></rect>"
+            f'<text x="{name_w + w + 4:.1f}" y="{y + 12}">${escape(format_usd(cost))}</text>'
+        )
+    return f'<svg width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" role="img">{"".join(shapes)}</svg>'
+
+
+def _cut(name: str, width_px: int) -> str:
+    """`name` shortened to fit `width_px` of label, its end kept (the model part of provider/model)."""
+    fits = int(width_px / CHAR_PX) - 1
+    return name if len(name) <= fits else "…" + name[-(fits - 1) :]
+
+
+def _scores_table(stats: Sequence[ModelStats]) -> str:
+    """One row per model: the share of feedback up, and the mean of each score name."""
+    names = sorted({name for s in stats for name in s.scores})
+    if not names:
+        return "<p>no scores (multillm logs score, Client.score)</p>"
+    head = "<th>model</th><th>feedback up %</th>" + "".join(f"<th>{escape(n)} mean</th>" for n in names)
+    rows = []
+    for s in stats:
+        share = "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.1f} of {s.feedback}"
+        means = [f"{m.mean:g} (n={m.count})" if (m := s.scores.get(n)) else "-" for n in names]
+        cells = "".join(f'<td class="n">{escape(v)}</td>' for v in [share, *means])
+        rows.append(f"<tr><td>{escape(s.model_name)}</td>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -140,7 +191,7 @@ def _label(x: float, y: int, text: str) -> str:
     return f'<text x="{x - 3:.1f}" y="{y}" text-anchor="end">{escape(text)}</text>'
 
 
-def _answers(group: Sequence[LLMLogRecord]) -> str:
+def _answers(group: Sequence[LLMLogRecord], scores: Sequence[LLMScore]) -> str:
     """One request: its prompt, then one column per model."""
     head = group[0]
     prompt = next((m.content for m in reversed(head.messages) if m.role == "user"), None)
@@ -153,7 +204,7 @@ def _answers(group: Sequence[LLMLogRecord]) -> str:
             for r, cell in zip(group, cells, strict=True)
         )
         + "</tr>"
-        for label, cells in side_by_side_rows(group)
+        for label, cells in side_by_side_rows(group, scores)
     )
     return (
         f"<h3>{escape(head.request_id)} <small>{escape(request_created_at(group))} {escape(head.mode)}</small></h3>"

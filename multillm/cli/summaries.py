@@ -1,6 +1,7 @@
-"""What `multillm logs` computes from records: per-request summaries and per-model figures.
+"""What `multillm logs` computes from records and their scores: per-request summaries and per-model figures.
 
-Pure functions over `LLMLogRecord`s, shared by the terminal tables, `--json` and the HTML report.
+Pure functions over `LLMLogRecord`s and `LLMScore`s, shared by the terminal tables, `--json` and the
+HTML report.
 The Structs here are the `--json` output: their field names are part of the command's interface.
 """
 
@@ -16,7 +17,7 @@ from typing import Final
 import msgspec
 
 from multillm.quantiles import nearest_rank
-from multillm.schemas import LLMLogRecord, Mode
+from multillm.schemas import FEEDBACK, FEEDBACK_VALUES, LLMLogRecord, LLMScore, Mode
 
 # C0/C1 controls other than newline and tab: model output could otherwise drive the terminal (ESC sequences).
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -36,6 +37,8 @@ STATS_COLUMNS = (
     "tries",
     "cost $",
     "$ / 1k req",
+    "feedback up %",
+    "mean scores",
 )
 
 
@@ -50,6 +53,13 @@ class RequestSummary(msgspec.Struct):
     primary: str
     # The sum over its priced records; None when none is priced.
     cost_usd: float | None = None
+
+
+class ScoreMean(msgspec.Struct):
+    """The numeric scores of one name given to one model's records."""
+
+    count: int
+    mean: float
 
 
 class ModelStats(msgspec.Struct):
@@ -72,6 +82,46 @@ class ModelStats(msgspec.Struct):
     cost_usd: float | None = None
     mean_cost_usd: float | None = None
     cost_per_1k_requests_usd: float | None = None
+    # Scores of its records: how many `feedback` scores, the share of them `up` (None: none),
+    # and per score name the mean of the numeric values (`feedback` among them, as 1 and 0).
+    feedback: int = 0
+    feedback_up_share: float | None = None
+    scores: dict[str, ScoreMean] = msgspec.field(default_factory=dict)
+
+
+class ShownRecord(LLMLogRecord, kw_only=True):
+    """A record in `logs show --json`: every field of the record, and its scores."""
+
+    scores: list[LLMScore] = msgspec.field(default_factory=list)
+
+
+def by_log_id(scores: Sequence[LLMScore]) -> dict[str, list[LLMScore]]:
+    """The scores grouped by the record they score, each group in `created_at` order."""
+    groups: dict[str, list[LLMScore]] = defaultdict(list)
+    for score in sorted(scores, key=lambda s: (s.created_at, s.score_id)):
+        groups[score.log_id].append(score)
+    return groups
+
+
+def shown(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore]) -> list[ShownRecord]:
+    """`records` with their scores, for `logs show --json`."""
+    scored = by_log_id(scores)
+    fields = msgspec.structs.fields(LLMLogRecord)
+    return [
+        ShownRecord(**{f.name: getattr(r, f.name) for f in fields}, scores=scored.get(r.log_id, [])) for r in records
+    ]
+
+
+def score_figures(scores: Sequence[LLMScore]) -> tuple[int, float | None, dict[str, ScoreMean]]:
+    """(feedback scores, the share of them up, the mean of each name's numeric values)."""
+    feedback = [s for s in scores if s.name == FEEDBACK and s.label in FEEDBACK_VALUES]
+    up = sum(1 for s in feedback if s.label == "up")
+    values: dict[str, list[float]] = defaultdict(list)
+    for score in scores:
+        if score.value is not None:
+            values[score.name].append(score.value)
+    means = {name: ScoreMean(len(v), round(math.fsum(v) / len(v), 4)) for name, v in sorted(values.items())}
+    return len(feedback), round(up / len(feedback), 4) if feedback else None, means
 
 
 def by_request(records: Sequence[LLMLogRecord]) -> list[list[LLMLogRecord]]:
@@ -134,10 +184,12 @@ def by_model(records: Sequence[LLMLogRecord]) -> dict[str, list[LLMLogRecord]]:
     return dict(sorted(groups.items()))
 
 
-def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
-    """Per-model figures, models in name order."""
+def model_stats(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()) -> list[ModelStats]:
+    """Per-model figures, models in name order; `scores` of records not among `records` are left out."""
+    scored = by_log_id(scores)
     stats = []
     for name, group in by_model(records).items():
+        feedback, up_share, means = score_figures([s for r in group for s in scored.get(r.log_id, [])])
         errors = sum(1 for r in group if r.status != "ok")
         latencies = ok_latencies(group)
         totals = [r.total_tokens for r in group if r.total_tokens is not None]
@@ -161,6 +213,9 @@ def model_stats(records: Sequence[LLMLogRecord]) -> list[ModelStats]:
                 cost_usd=cost,
                 mean_cost_usd=None if mean_cost is None else round(mean_cost, 9),
                 cost_per_1k_requests_usd=None if mean_cost is None else round(mean_cost * 1000, 6),
+                feedback=feedback,
+                feedback_up_share=up_share,
+                scores=means,
             )
         )
     return stats
@@ -178,17 +233,25 @@ def output_text(record: LLMLogRecord) -> str:
     return "\n".join(choice.message.content or "" for choice in record.output or [])
 
 
-def side_by_side_rows(records: Sequence[LLMLogRecord]) -> list[tuple[str, list[str]]]:
+def side_by_side_rows(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()) -> list[tuple[str, list[str]]]:
     """(label, one cell per record) rows comparing the models of one request, the answer last."""
+    scored = by_log_id(scores)
     return [
         ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
         ("latency", ["-" if r.latency_ms is None else f"{format_ms(r.latency_ms)} ms" for r in records]),
         ("tokens in/out", [f"{r.prompt_tokens} / {r.completion_tokens}" if r.total_tokens else "-" for r in records]),
         ("attempts", [str(r.attempts) for r in records]),
         ("cost $", [format_usd(r.cost_usd) for r in records]),
+        ("scores", ["\n".join(map(score_text, scored.get(r.log_id, []))) or "-" for r in records]),
         ("external id", [r.external_id or "-" for r in records]),
         ("answer", [output_text(r) for r in records]),
     ]
+
+
+def score_text(score: LLMScore) -> str:
+    """One score on one line: `feedback up`, `quality 0.8 (by reviewer)`."""
+    shown_value = score.label if score.label is not None else f"{score.value:g}"
+    return f"{score.name} {shown_value}" + (f" (by {score.source})" if score.source else "")
 
 
 def model_label(record: LLMLogRecord) -> str:
@@ -214,4 +277,6 @@ def stats_cells(s: ModelStats) -> list[str]:
         f"{s.mean_attempts:g}",
         format_usd(s.cost_usd),
         format_usd(s.cost_per_1k_requests_usd),
+        "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.1f} of {s.feedback}",
+        "\n".join(f"{name} {m.mean:g} (n={m.count})" for name, m in s.scores.items()) or "-",
     ]

@@ -1,4 +1,4 @@
-"""`AsyncClient`: `Client.create` for asyncio services.
+"""`AsyncClient`: `Client.create` and `Client.score` for asyncio services.
 
 It wraps a `Client`: the confirmed publish runs in a worker thread (kombu is
 blocking), and the reply's future is awaited without blocking the event loop.
@@ -7,6 +7,7 @@ blocking), and the reply's future is awaited without blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from multillm.errors import RequestTimeout
 from multillm.producers.client import DEFAULT_TIMEOUT, Client
@@ -42,6 +43,32 @@ class AsyncClient:
             raise RequestTimeout(f"no reply to request {pending.request_id} within {timeout:g}s") from None
         finally:
             self._client.forget(pending)
+
+    async def score(
+        self,
+        log_id: str,
+        name: str,
+        *,
+        value: float | None = None,
+        label: str | None = None,
+        comment: str | None = None,
+        source: str | None = None,
+        request_id: str | None = None,
+        score_id: str | None = None,
+    ) -> str:
+        """`Client.score`, awaited: the same arguments, errors and returned id."""
+        score = partial(
+            self._client.score,
+            log_id,
+            name,
+            value=value,
+            label=label,
+            comment=comment,
+            source=source,
+            request_id=request_id,
+            score_id=score_id,
+        )
+        return await asyncio.to_thread(score)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)

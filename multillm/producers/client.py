@@ -29,7 +29,7 @@ from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout, de
 from multillm.logging_setup import get_logger
 from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
 from multillm.producers.replies import Reply, decode_reply_message
-from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
+from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion, V1Score, checked_score
 from multillm.urls import broker_nodes, mask_url
 
 log = get_logger(__name__)
@@ -167,6 +167,46 @@ class Client:
         if not reply_to.startswith(contract.RESERVED_QUEUE_PREFIX):
             self._publisher.declare_once(contract.named_reply_queue(reply_to))
         return self._publisher.publish(request, reply_to=reply_to, request_id=request_id, timeout=timeout)
+
+    def score(
+        self,
+        log_id: str,
+        name: str,
+        *,
+        value: float | None = None,
+        label: str | None = None,
+        comment: str | None = None,
+        source: str | None = None,
+        request_id: str | None = None,
+        score_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Score the record `log_id` (a reply's `id` is its primary's) and wait for the broker's
+        confirm; the primary workers write it to `llm_scores`. Returns the score's id.
+
+        User feedback: `name="feedback"`, `label="up"` or `"down"` (its value, 1 or 0, follows).
+        Without `score_id`, the id is derived from `log_id`, `name` and `source`: scoring the
+        same record under the same name and source again keeps the first score.
+
+        Raises:
+            ValueError: the score cannot be stored (an empty or overlong name, a value that is
+                not a finite number, neither value nor label); the message names the problem.
+            BrokerUnavailable: the broker did not confirm the publish, even after reconnecting.
+            Unavailable: no queue is bound to the scores exchange.
+        """
+        score = checked_score(
+            V1Score(
+                log_id=log_id,
+                name=name,
+                value=value,
+                label=label,
+                comment=comment,
+                source=source,
+                request_id=request_id,
+                score_id=score_id,
+            )
+        )
+        return self._publisher.publish_score(score, timeout=self.timeout if timeout is None else timeout)
 
     def _on_reply(self, reply: Reply) -> None:
         with self._lock:

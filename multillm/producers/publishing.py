@@ -1,4 +1,4 @@
-"""Publishing requests with kombu: confirmed, persistent, mandatory, reconnecting.
+"""Publishing requests and scores with kombu: confirmed, persistent, mandatory, reconnecting.
 
 Threads: `RequestPublisher.publish` may be called from any number of threads.
 Each call borrows a producer from a kombu `ProducerPool`; every pooled producer
@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import amqp.exceptions
@@ -25,7 +26,7 @@ from multillm.config import PUBLISH_RETRY
 from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
 from multillm.logging_setup import get_logger
-from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, encode
+from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1Score, encode
 from multillm.urls import broker_nodes
 
 log = get_logger(__name__)
@@ -122,13 +123,34 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
+@dataclass(frozen=True, slots=True)
+class _Message:
+    """What one publish sends: where, its AMQP `type`, body and properties."""
+
+    exchange: str
+    routing_key: str
+    type: str
+    body: bytes
+    message_id: str
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
 class RequestPublisher:
-    """Publishes requests to `multillm.requests`; see the module docstring for threading."""
+    """Publishes requests to `multillm.requests` and scores to `multillm.scores`; see the module
+    docstring for threading."""
 
     def __init__(self, broker_url: str, *, pool_size: int = 8) -> None:
         self._connection = connect(broker_url)
         self._nodes = len(broker_nodes(broker_url))
-        declare_queues(self._connection, contract.requests_queue(), contract.triage_queue(), contract.dead_queue())
+        declare_queues(
+            self._connection,
+            contract.requests_queue(),
+            contract.scores_queue(),
+            contract.triage_queue(),
+            contract.dead_queue(),
+        )
         self._returned: set[str] = set()
         self._declared: set[str] = set()
         self._lock = threading.Lock()
@@ -183,41 +205,65 @@ class RequestPublisher:
         headers: dict[str, Any] = {}
         if timeout is not None:
             headers[contract.HEADER_DEADLINE] = int((time.time() + timeout) * 1000)
-        try:
-            self._publish(encode(request), request_id, correlation_id or request_id, reply_to, headers, timeout)
-        except (OSError, kombu.exceptions.KombuError, amqp.exceptions.AMQPError) as exc:
-            raise BrokerUnavailable(f"the broker did not confirm request {request_id}: {exc}") from exc
-        with self._lock:
-            returned = request_id in self._returned
-            self._returned.discard(request_id)
-        if returned:
-            raise Unavailable(Code.UNAVAILABLE, f"no queue is bound to exchange {contract.REQUEST_EXCHANGE!r}")
+        message = _Message(
+            contract.REQUEST_EXCHANGE,
+            contract.REQUEST_ROUTING_KEY,
+            contract.TYPE_REQUEST,
+            encode(request),
+            message_id=request_id,
+            correlation_id=correlation_id or request_id,
+            reply_to=reply_to,
+            headers=headers,
+        )
+        self._confirmed(message, f"request {request_id}", timeout)
         return request_id
 
-    def _publish(
-        self,
-        body: bytes,
-        request_id: str,
-        correlation_id: str,
-        reply_to: str | None,
-        headers: dict[str, Any],
-        timeout: float | None,
-    ) -> None:
+    def publish_score(self, score: V1Score, *, timeout: float | None = None) -> str:
+        """Publish one score to `multillm.scores` and wait for the broker's confirm; returns its id.
+
+        Raises:
+            Unavailable: no queue is bound to the scores exchange.
+            BrokerUnavailable: the broker did not confirm the publish, even after reconnecting.
+        """
+        message = _Message(
+            contract.SCORE_EXCHANGE, contract.SCORE_ROUTING_KEY, contract.TYPE_SCORE, encode(score), message_id=score.id
+        )
+        self._confirmed(message, f"score {score.id}", timeout)
+        return score.id
+
+    def _confirmed(self, message: _Message, what: str, timeout: float | None) -> None:
+        """Publish `message`, mandatory, and wait for its confirm.
+
+        Raises:
+            Unavailable: the broker returned it (no queue is bound for its routing key).
+            BrokerUnavailable: the broker did not confirm it, even after reconnecting.
+        """
+        try:
+            self._publish(message, timeout)
+        except (OSError, kombu.exceptions.KombuError, amqp.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(f"the broker did not confirm {what}: {exc}") from exc
+        with self._lock:
+            returned = message.message_id in self._returned
+            self._returned.discard(message.message_id)
+        if returned:
+            raise Unavailable(Code.UNAVAILABLE, f"no queue is bound to exchange {message.exchange!r}")
+
+    def _publish(self, message: _Message, timeout: float | None) -> None:
         # The caller's timeout bounds the whole publish too, reconnects included.
         confirm = CONFIRM_TIMEOUT_SECONDS if timeout is None else max(0.5, min(CONFIRM_TIMEOUT_SECONDS, timeout))
         with self._pool.acquire(block=True, timeout=confirm) as producer:
             producer.publish(
-                body,
-                exchange=contract.REQUEST_EXCHANGE,
-                routing_key=contract.REQUEST_ROUTING_KEY,
+                message.body,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
                 content_type=contract.CONTENT_TYPE,
                 content_encoding="utf-8",
                 delivery_mode=contract.PERSISTENT,
-                message_id=request_id,
-                correlation_id=correlation_id,
-                reply_to=reply_to,
-                type=contract.TYPE_REQUEST,
-                headers=headers,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+                type=message.type,
+                headers=message.headers,
                 mandatory=True,
                 retry=True,
                 retry_policy=PUBLISH_RETRY.kombu(within=timeout, nodes=self._nodes),

@@ -1,7 +1,7 @@
-"""Where log records go: a JSON Lines file, SQLite or PostgreSQL, chosen by URL.
+"""Where log records and their scores go: a JSON Lines file, SQLite or PostgreSQL, chosen by URL.
 
-Every sink is idempotent on `log_id`, so a redelivered message never makes a
-second record, and is safe to share between threads.
+Every sink is idempotent on `log_id` and `score_id`, so a redelivered message never
+makes a second record or score, and is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from multillm.errors import ConfigError
-from multillm.schemas import LLMLogRecord
+from multillm.schemas import LLMLogRecord, LLMScore
 from multillm.sinks import postgres
 from multillm.sinks._url import cannot_open, file_path, postgres_url, split_scheme
 from multillm.sinks.jsonl import JsonlSink
@@ -37,7 +37,7 @@ _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+psycopg"})
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where `LLMLogRecord`s are stored. Implementations are thread-safe."""
+    """Where `LLMLogRecord`s and `LLMScore`s are stored. Implementations are thread-safe."""
 
     def write(self, record: LLMLogRecord) -> bool:
         """Store `record`. True if written, False if a record with its `log_id` already existed."""
@@ -62,6 +62,19 @@ class Sink(Protocol):
             limit: at most this many records, the first in that order (overrides `where.limit`).
             where: the filter; see `RecordFilter` for what each field means.
         """
+        ...
+
+    def write_scores(self, scores: Sequence[LLMScore]) -> list[bool]:
+        """Store `scores` in one transaction; per score, in order: True if written, False if its
+        `score_id` already existed or came earlier in the batch (the first copy wins).
+
+        A score of a record that is not stored (yet) is stored all the same.
+        """
+        ...
+
+    def scores(self, where: RecordFilter | None = None) -> list[LLMScore]:
+        """The scores of the records `where` selects, or every score (of records not stored yet
+        too) when None; ordered by `created_at`, `score_id`."""
         ...
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""PostgreSQL sink: table `llm_logs`, through psycopg 3 (the `postgres` extra).
+"""PostgreSQL sink: tables `llm_logs` and `llm_scores`, through psycopg 3 (the `postgres` extra).
 
 psycopg is imported when a sink is opened, so the package imports without it.
 Timestamps are TEXT, as the record holds them: a TIMESTAMPTZ would not give
@@ -20,8 +20,8 @@ import msgspec
 
 from multillm.errors import ConfigError
 from multillm.logging_setup import get_logger
-from multillm.schemas import LLMLogRecord, LogAttribute
-from multillm.sinks._rows import COLUMN_NAMES, COLUMNS, TABLE, Dialect, Kind, SqlReader
+from multillm.schemas import LLMLogRecord, LLMScore, LogAttribute
+from multillm.sinks._rows import LOGS, SCORES, TABLES, Dialect, Kind, SqlReader, Table
 from multillm.urls import mask_url
 
 if TYPE_CHECKING:
@@ -67,8 +67,9 @@ DIALECT: Final = Dialect(
     has_attribute=_has_attribute,
     storable_text=_storable_text,
 )
-_JSON_COLUMNS: Final = tuple(c.name for c in COLUMNS if c.kind is Kind.JSON)
-_INSERT: Final = DIALECT.insert_sql(returning=True)
+_JSON_COLUMNS: Final = tuple(c.name for c in LOGS.columns if c.kind is Kind.JSON)
+_INSERT: Final = DIALECT.insert_sql(LOGS, returning=True)
+_INSERT_SCORE: Final = DIALECT.insert_sql(SCORES, returning=True)
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
 
@@ -100,8 +101,8 @@ class PostgresSink(SqlReader):
     _dialect = DIALECT
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
-        """Connect to `url` (a libpq URL); create the table and indexes if missing, and migrate
-        JSONB columns to JSON.
+        """Connect to `url` (a libpq URL); create the tables and indexes if missing, add the columns
+        a table of an earlier version lacks, and migrate JSONB columns to JSON.
 
         With `read_only`, every transaction of the session is read-only and nothing is created
         or migrated.
@@ -117,45 +118,47 @@ class PostgresSink(SqlReader):
         self._lock = threading.Lock()
         self._conn = self._connect()
         if read_only:
-            if self._conn.execute("SELECT to_regclass(%s)", (TABLE,)).fetchone() == (None,):
+            columns = set(self._column_types(LOGS))
+            if not columns:
                 self._conn.close()
-                raise ConfigError(f"no table {TABLE} in {mask_url(url)}: not a multillm sink")
-            self._missing = COLUMN_NAMES - self._columns()
+                raise ConfigError(f"no table {LOGS.name} in {mask_url(url)}: not a multillm sink")
+            self._missing = LOGS.column_names - columns
+            self._no_scores = not self._column_types(SCORES)
             return
         with self._conn.transaction():
             # Serialise schema creation and migration: concurrent `CREATE TABLE IF NOT EXISTS` can
             # still collide on the catalog when several workers start at once, and the second of
             # two workers must find the columns already migrated.
-            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"multillm.{TABLE}",))
-            for statement in DIALECT.create_statements():
-                self._conn.execute(statement)
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"multillm.{LOGS.name}",))
+            for table in TABLES:
+                for statement in DIALECT.create_statements(table):
+                    self._conn.execute(statement)
             self._migrate_jsonb()
-            added = DIALECT.add_column_statements(self._columns())
-            for statement in added:
-                self._conn.execute(statement)
-            if added:
-                _log.info("postgres_sink.migrated", table=TABLE, added=len(added))
+            for table in TABLES:
+                added = DIALECT.add_column_statements(table, set(self._column_types(table)))
+                for statement in added:
+                    self._conn.execute(statement)
+                if added:
+                    _log.info("postgres_sink.migrated", table=table.name, added=len(added))
 
-    def _columns(self) -> set[str]:
-        return set(self._column_types())
-
-    def _column_types(self) -> dict[str, str]:
+    def _column_types(self, table: Table) -> dict[str, str]:
         """The table's columns and their `data_type` (empty when there is no table)."""
         found = self._conn.execute(
             "SELECT column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = current_schema() AND table_name = %s",
-            (TABLE,),
+            (table.name,),
         ).fetchall()
         return dict(found)
 
     def _migrate_jsonb(self) -> None:
         # Called in the schema transaction. The cast keeps every value (JSONB's text is JSON);
         # ALTER rewrites the table under an exclusive lock, so writers wait for it, once.
-        columns = [name for name, type_ in self._column_types().items() if type_ == "jsonb" and name in _JSON_COLUMNS]
+        types = self._column_types(LOGS)
+        columns = [name for name, type_ in types.items() if type_ == "jsonb" and name in _JSON_COLUMNS]
         if columns:
             changes = ", ".join(f"ALTER COLUMN {name} TYPE JSON USING {name}::json" for name in columns)
-            self._conn.execute(f"ALTER TABLE {TABLE} {changes}")
-            _log.info("postgres_sink.migrated", table=TABLE, columns=columns, to="json")
+            self._conn.execute(f"ALTER TABLE {LOGS.name} {changes}")
+            _log.info("postgres_sink.migrated", table=LOGS.name, columns=columns, to="json")
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] = self._psycopg.connect(
@@ -179,22 +182,26 @@ class PostgresSink(SqlReader):
 
     def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         """Insert `records` in one transaction; per record, False if its `log_id` was already stored
-        (or came earlier in the batch).
+        (or came earlier in the batch)."""
+        return self._insert(_INSERT, [DIALECT.to_row(LOGS, record) for record in records])
 
-        `executemany` runs in pipeline mode: one prepared insert per record, sent without
-        waiting for each answer, so a batch costs about one round trip. `RETURNING` tells
-        per record whether it was taken (a skipped one returns no row).
-        """
-        if not records:
+    def write_scores(self, scores: Sequence[LLMScore]) -> list[bool]:
+        """Insert `scores` in one transaction; per score, False if its `score_id` was already stored."""
+        return self._insert(_INSERT_SCORE, [DIALECT.to_row(SCORES, score) for score in scores])
+
+    def _insert(self, sql: str, rows: list[tuple[object, ...]]) -> list[bool]:
+        """`executemany` runs in pipeline mode: one prepared insert per row, sent without waiting
+        for each answer, so a batch costs about one round trip. `RETURNING` tells per row whether
+        it was taken (a skipped one returns no row)."""
+        if not rows:
             return []
-        rows = [DIALECT.to_row(record) for record in records]
         with self._lock:
             conn = self._connection()
             if len(rows) == 1:
                 # One autocommitted statement is atomic already; a transaction would add two round trips.
-                return [conn.execute(_INSERT, rows[0]).fetchone() is not None]
+                return [conn.execute(sql, rows[0]).fetchone() is not None]
             with conn.transaction(), conn.cursor() as cursor:
-                cursor.executemany(_INSERT, rows, returning=True)
+                cursor.executemany(sql, rows, returning=True)
                 written = [cursor.fetchone() is not None]
                 while cursor.nextset():
                     written.append(cursor.fetchone() is not None)

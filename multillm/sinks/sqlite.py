@@ -1,4 +1,4 @@
-"""SQLite sink: table `llm_logs` in one file that several worker processes share.
+"""SQLite sink: tables `llm_logs` and `llm_scores` in one file that several worker processes share.
 
 WAL mode lets readers run while a worker writes, and the busy timeout makes a
 writer wait for another process's write instead of failing. Within a process,
@@ -16,8 +16,8 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from multillm.errors import ConfigError
-from multillm.schemas import LLMLogRecord
-from multillm.sinks._rows import COLUMN_NAMES, TABLE, Dialect, Kind, SqlReader
+from multillm.schemas import LLMLogRecord, LLMScore
+from multillm.sinks._rows import LOGS, SCORES, TABLES, Dialect, Kind, SqlReader, Table
 
 BUSY_TIMEOUT_SECONDS: Final = 30.0
 MEMORY: Final = ":memory:"
@@ -45,7 +45,8 @@ DIALECT: Final = Dialect(
     byte_order="",  # SQLite's default collation, BINARY, is byte order
     has_attribute=_has_attribute,
 )
-_INSERT: Final = DIALECT.insert_sql()
+_INSERT: Final = DIALECT.insert_sql(LOGS)
+_INSERT_SCORE: Final = DIALECT.insert_sql(SCORES)
 
 
 class SqliteSink(SqlReader):
@@ -57,7 +58,7 @@ class SqliteSink(SqlReader):
     _dialect = DIALECT
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
-        """Open (creating file, parent folders and table as needed) the database at `path`.
+        """Open (creating file, parent folders, tables and columns as needed) the database at `path`.
 
         With `read_only`, the file is opened for reading only and nothing is created or changed.
 
@@ -84,18 +85,20 @@ class SqliteSink(SqlReader):
         # One transaction, so that two workers opening an old file at once do not both add a column.
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in DIALECT.create_statements():
-                self._conn.execute(statement)
-            for statement in DIALECT.add_column_statements(self._columns(self._conn)):
-                self._conn.execute(statement)
+            for table in TABLES:
+                for statement in DIALECT.create_statements(table):
+                    self._conn.execute(statement)
+                for statement in DIALECT.add_column_statements(table, self._columns(self._conn, table)):
+                    self._conn.execute(statement)
             self._conn.commit()
         except BaseException:
             self._conn.rollback()
             raise
 
     @staticmethod
-    def _columns(conn: sqlite3.Connection) -> set[str]:
-        return {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+    def _columns(conn: sqlite3.Connection, table: Table) -> set[str]:
+        """The table's columns (none when there is no table)."""
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table.name})")}
 
     def _open_read_only(self) -> sqlite3.Connection:
         if self.path == MEMORY or not Path(self.path).is_file():
@@ -104,11 +107,12 @@ class SqliteSink(SqlReader):
         conn = sqlite3.connect(
             f"file:{quote(self.path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
         )
-        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
-        if found is None:
+        columns = self._columns(conn, LOGS)
+        if not columns:
             conn.close()
-            raise ConfigError(f"{self.path} is an SQLite file without a table {TABLE}: not a multillm sink")
-        self._missing = COLUMN_NAMES - self._columns(conn)
+            raise ConfigError(f"{self.path} is an SQLite file without a table {LOGS.name}: not a multillm sink")
+        self._missing = LOGS.column_names - columns
+        self._no_scores = not self._columns(conn, SCORES)
         return conn
 
     def _use_wal(self) -> None:
@@ -132,14 +136,20 @@ class SqliteSink(SqlReader):
     def write_many(self, records: Sequence[LLMLogRecord]) -> list[bool]:
         """Insert `records` in one transaction; per record, False if its `log_id` was already stored
         (or came earlier in the batch)."""
-        rows = [DIALECT.to_row(record) for record in records]
+        return self._insert(_INSERT, [DIALECT.to_row(LOGS, record) for record in records])
+
+    def write_scores(self, scores: Sequence[LLMScore]) -> list[bool]:
+        """Insert `scores` in one transaction; per score, False if its `score_id` was already stored."""
+        return self._insert(_INSERT_SCORE, [DIALECT.to_row(SCORES, score) for score in scores])
+
+    def _insert(self, sql: str, rows: list[tuple[object, ...]]) -> list[bool]:
         with self._lock:
             # IMMEDIATE takes the write lock up front: a deferred transaction that has to upgrade
             # later can fail with SQLITE_BUSY at once instead of waiting out the busy timeout.
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                # A later copy of an id in the batch conflicts with the first, so it reports False too.
-                written = [self._conn.execute(_INSERT, row).rowcount == 1 for row in rows]
+                # A later copy of a key in the batch conflicts with the first, so it reports False too.
+                written = [self._conn.execute(sql, row).rowcount == 1 for row in rows]
                 self._conn.commit()
             except BaseException:
                 # Also after a failed COMMIT: a transaction left open would fail every later BEGIN.

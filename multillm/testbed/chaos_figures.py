@@ -23,7 +23,7 @@ import msgspec
 from multillm.mock_llm import MockCall
 from multillm.producers import Reply
 from multillm.schemas import LLMLogRecord
-from multillm.workers.model_run import RECORD_DUPLICATE
+from multillm.workers.storage import RECORD_DUPLICATE
 
 # The event multillm/workers/model_run.py logs (at info) for a write the sink refused.
 REFUSED_WRITE_EVENT: Final = RECORD_DUPLICATE

@@ -23,6 +23,8 @@ from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
 from multillm.workers.model_run import ModelRunner
 from multillm.workers.primary import PrimaryHandler
+from multillm.workers.scores import ScoreHandler
+from multillm.workers.storage import Storage
 from multillm.workers.triage import TriageHandler
 
 __all__ = ["run_model_worker", "run_primary_worker"]
@@ -42,9 +44,10 @@ SINK_CLOSE_SECONDS = 5.0
 def _runner(settings: Settings, metrics: WorkerMetrics, concurrency: int) -> tuple[Providers, ModelRunner]:
     providers = Providers(settings.providers, settings.retry, metrics, max_connections=concurrency)
     sink_threads = ThreadPoolExecutor(SINK_THREADS, thread_name_prefix="sink")
-    # The runner owns the sink and its threads from here on, and closes them (`ModelRunner.close`).
+    # The storage owns the sink and its threads from here on, and closes them (`Storage.close`).
+    storage = Storage(open_sink(settings.sink_url), sink_threads, metrics)
     prices = Prices(settings.providers, settings.prices)
-    return providers, ModelRunner(providers, open_sink(settings.sink_url), metrics, sink_threads, prices)
+    return providers, ModelRunner(providers, storage, metrics, prices)
 
 
 def _metrics(kind: str, port: int | None) -> WorkerMetrics:
@@ -125,7 +128,7 @@ def _serve(
     try:
         return asyncio.run(serve())
     finally:
-        runner.close(0.0 if aborted else SINK_CLOSE_SECONDS)  # step 7
+        runner.storage.close(0.0 if aborted else SINK_CLOSE_SECONDS)  # step 7
 
 
 def _on_signals(consumer: Consumer) -> None:
@@ -150,7 +153,8 @@ def _on_signals(consumer: Consumer) -> None:
 
 
 def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int | None = None) -> int:
-    """Serve `multillm.requests`, and `multillm.triage` beside it, until SIGTERM; returns the exit code.
+    """Serve `multillm.requests`, and `multillm.triage` and `multillm.scores` beside it, until SIGTERM;
+    returns the exit code.
 
     Raises:
         ConfigError: `metrics_port` cannot be bound, or a provider's client cannot be built.
@@ -159,7 +163,8 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     providers, runner = _runner(settings, metrics, concurrency)
     primary = PrimaryHandler(providers, runner, settings.max_body_bytes)
     triage = TriageHandler(primary, runner, settings.max_body_bytes)
-    return _serve(settings, [primary, triage], runner, providers, concurrency, metrics)
+    scores = ScoreHandler(runner.storage, settings.max_body_bytes)
+    return _serve(settings, [primary, triage, scores], runner, providers, concurrency, metrics)
 
 
 def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:

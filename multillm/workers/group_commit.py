@@ -1,6 +1,6 @@
-"""Group commit for a worker's event loop: records that arrive while a batch is stored go together in the next.
+"""Group commit for a worker's event loop: rows that arrive while a batch is stored go together in the next.
 
-Each of a worker's calls writes one record and must know it is stored before its
+Each of a worker's calls writes one record (or score) and must know it is stored before its
 message is acked. One transaction per record would queue them all on the sink
 (profiled with a thread per call: 8 threads spent most of their sink time waiting
 for its lock). Here the loop gathers them: a record that arrives while nothing is
@@ -19,54 +19,55 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from functools import partial
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from multillm.logging_setup import get_logger
-from multillm.schemas import LLMLogRecord
-from multillm.sinks import Sink
 
 log = get_logger(__name__)
 
 MAX_BATCH: Final = 500
 
-_Waiting = tuple[LLMLogRecord, "asyncio.Future[bool]"]
+Row = TypeVar("Row")
+# A row waiting for its batch, and where its outcome goes.
+_Waiting = tuple[Row, "asyncio.Future[bool]"]
 
 
-class GroupCommit:
-    """Batches the writes of one event loop's tasks to `sink`; use it from that loop only.
+class GroupCommit(Generic[Row]):
+    """Batches the writes of one event loop's tasks; use it from that loop only.
 
     Args:
-        sink: the sink that stores the batches (thread-safe).
+        write_many: stores a batch in one transaction, and says per row whether it was new
+            (`Sink.write_many`, `Sink.write_scores`; thread-safe).
         threads: where the sink's blocking writes run (not the loop's default executor, which
             pika and aiohttp need for name lookups; None: that one, for tests).
-        observe: told, for every record, how long its batch's write took and whether it raised.
+        observe: told, for every row, how long its batch's write took and whether it raised.
     """
 
     def __init__(
         self,
-        sink: Sink,
+        write_many: Callable[[Sequence[Row]], list[bool]],
         threads: Executor | None = None,
         observe: Callable[[float, bool], None] = lambda seconds, failed: None,
     ) -> None:
-        self._sink = sink
+        self._write_many = write_many
         self._threads = threads
         self._observe = observe
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[_Waiting[Row]] = []
         self._writing = False
 
     @property
     def queued(self) -> int:
-        """Records waiting for the batch being written to finish."""
+        """Rows waiting for the batch being written to finish."""
         return len(self._waiting)
 
-    async def write(self, record: LLMLogRecord) -> bool:
-        """Store `record` with whatever else is waiting; False if its `log_id` was already stored.
+    async def write(self, row: Row) -> bool:
+        """Store `row` with whatever else is waiting; False if its key was already stored.
 
         Raises:
-            Exception: what the sink raised for this record.
+            Exception: what the sink raised for this row.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((record, future))
+        self._waiting.append((row, future))
         if not self._writing:
             self._start_batch()
         return await future
@@ -75,19 +76,19 @@ class GroupCommit:
         batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
         loop = asyncio.get_running_loop()
         try:
-            stored = loop.run_in_executor(self._threads, self._store, [record for record, _ in batch])
+            stored = loop.run_in_executor(self._threads, self._store, [row for row, _ in batch])
         except Exception as exc:  # the executor is shut down: the worker is ending
             self._answer(batch, [exc] * len(batch))
             return
         self._writing = True
         stored.add_done_callback(partial(self._stored, batch))
 
-    def _stored(self, batch: list[_Waiting], stored: asyncio.Future[list[bool | Exception]]) -> None:
+    def _stored(self, batch: list[_Waiting[Row]], stored: asyncio.Future[list[bool | Exception]]) -> None:
         self._writing = False
         try:
             outcomes = stored.result()
             if len(outcomes) != len(batch):
-                raise RuntimeError(f"the sink answered {len(outcomes)} results for {len(batch)} records")
+                raise RuntimeError(f"the sink answered {len(outcomes)} results for {len(batch)} rows")
         except Exception as exc:  # only a bug gets here; never leave a caller waiting
             outcomes = [exc] * len(batch)
         self._answer(batch, outcomes)
@@ -95,7 +96,7 @@ class GroupCommit:
             self._start_batch()
 
     @staticmethod
-    def _answer(batch: list[_Waiting], outcomes: list[bool | Exception]) -> None:
+    def _answer(batch: list[_Waiting[Row]], outcomes: list[bool | Exception]) -> None:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # its caller was cancelled (the worker is stopping)
                 continue
@@ -106,29 +107,29 @@ class GroupCommit:
 
     # --- on a sink thread ---------------------------------------------------
 
-    def _store(self, records: list[LLMLogRecord]) -> list[bool | Exception]:
-        """Each record's outcome: stored (True), already there (False), or what the sink raised for it."""
+    def _store(self, rows: list[Row]) -> list[bool | Exception]:
+        """Each row's outcome: stored (True), already there (False), or what the sink raised for it."""
         try:
-            return list(self._timed(records))
+            return list(self._timed(rows))
         except Exception as exc:
-            if len(records) == 1:
+            if len(rows) == 1:
                 return [exc]
         outcomes: list[bool | Exception] = []
-        for record in records:
+        for row in rows:
             try:
-                outcomes += self._timed([record])
+                outcomes += self._timed([row])
             except Exception as single:
                 outcomes.append(single)
         return outcomes
 
-    def _timed(self, records: Sequence[LLMLogRecord]) -> list[bool]:
+    def _timed(self, rows: Sequence[Row]) -> list[bool]:
         started = time.perf_counter()
         try:
-            results = self._sink.write_many(records)
+            results = self._write_many(rows)
         except Exception:
-            self._observed(started, len(records), failed=True)
+            self._observed(started, len(rows), failed=True)
             raise
-        self._observed(started, len(records), failed=False)
+        self._observed(started, len(rows), failed=False)
         return results
 
     def _observed(self, started: float, count: int, *, failed: bool) -> None:
