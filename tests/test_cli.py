@@ -199,6 +199,8 @@ def _expected_environment(path: tuple[str, ...]) -> set[str]:
         return BROKER_ONLY
     if path == ("logs", "replay-dead"):
         return EVERY_VARIABLE  # from the broker's dead letters to the sink
+    if path == ("logs", "score"):
+        return BROKER_ONLY  # a message to the workers, which write it
     if path[:1] == ("logs",):
         return SINK_ONLY
     return EVERY_VARIABLE  # the top level, the workers (they write records) and the demo

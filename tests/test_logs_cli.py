@@ -145,6 +145,10 @@ def test_stats(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
         "cost_usd": None,
         "mean_cost_usd": None,
         "cost_per_1k_requests_usd": None,
+        # Nor scored.
+        "feedback": 0,
+        "feedback_up_share": None,
+        "scores": {},
     }
     beta = stats["mock/beta"]
     assert (beta["records"], beta["errors"], beta["error_rate"]) == (2, 1, 0.5)

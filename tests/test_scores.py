@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -16,14 +19,17 @@ import psycopg
 import pytest
 
 from multillm import contract
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
 from multillm.errors import Code
 from multillm.producers import AsyncClient, Client, make_request
-from multillm.records import log_id_for
+from multillm.records import log_id_for, stored_score
 from multillm.schemas import LLMScore, V1Model, V1Score, checked_score, decode_score, encode
 from multillm.sinks import RecordFilter, Sink, open_sink
 from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 from tests.broker_tools import read_dead_letters
 from tests.conftest import StartWorker, wait_for_log
+from tests.test_cli import multillm
+from tests.test_logs_cli import answer, run
 from tests.test_logs_sinks import every_sink, record
 
 
@@ -105,7 +111,7 @@ def test_a_score_id_is_derived_from_record_name_and_source_unless_given() -> Non
     # Checked as the worker checks it: the limits of the fields' types too.
     with pytest.raises(ValueError, match="`value` inf is not a finite number"):
         checked_score(V1Score(log_id="l", name="quality", value=math.inf))
-    with pytest.raises(ValueError, match="length <= 10000 - at `\\$.comment`"):
+    with pytest.raises(ValueError, match=re.escape("length <= 10000 - at `$.comment`")):
         checked_score(V1Score(log_id="l", name="quality", value=1.0, comment="x" * 10_001))
 
 
@@ -241,3 +247,112 @@ def _wait_for_queue_empty(broker_url: str, queue: str, timeout: float = 15.0) ->
             return
         time.sleep(0.1)
     raise AssertionError(f"{queue} still holds messages")
+
+
+# --- reading them: logs show, stats, report --------------------------------------------------
+
+SCORED_RECORDS = [
+    answer(1, 0, "mock/alpha", "alpha one", latency=100, mode="MODE_PROD", cost_usd=0.002),
+    answer(1, 1, "mock/beta", "beta one", latency=300, mode="MODE_PROD", cost_usd=0.010),
+    answer(2, 0, "mock/alpha", "alpha two", latency=120, mode="MODE_PROD", cost_usd=0.004),
+    answer(2, 1, "mock/beta", "beta two", latency=280, mode="MODE_PROD", cost_usd=0.012),
+    answer(3, 0, "mock/alpha", "alpha three", latency=110, mode="MODE_TEST", cost_usd=0.003),
+]
+# (log id, name, label, value): feedback and two numeric names, one record (log-3-0) outside MODE_PROD.
+GIVEN = [
+    ("log-1-0", "feedback", "up", None),
+    ("log-2-0", "feedback", "down", None),
+    ("log-3-0", "feedback", "up", None),
+    ("log-1-1", "feedback", "up", None),
+    ("log-1-0", "quality", None, 0.2),
+    ("log-2-0", "quality", None, 0.9),
+    ("log-3-0", "quality", None, 0.1),
+    ("log-2-1", "quality", None, 0.7),
+    ("log-2-1", "tone", "formal", None),
+]
+
+
+@pytest.fixture
+def scored(sink_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    sink = open_sink(sink_url)
+    try:
+        assert all(sink.write_many(SCORED_RECORDS))
+        rows = [
+            stored_score(V1Score(log_id=log_id, name=name, label=label, value=value), f"2026-12-01T00:00:{n:02d}Z")
+            for n, (log_id, name, label, value) in enumerate(GIVEN)
+        ]
+        assert all(sink.write_scores(rows))
+    finally:
+        sink.close()
+    monkeypatch.setenv(ENV_SINK_URL, sink_url)
+    return sink_url
+
+
+@every_sink
+def test_stats_give_feedback_share_score_means_and_costs_per_model(
+    scored: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stats = {s["model_name"]: s for s in json.loads(run(capsys, "stats", "--json", "--mode", "prod"))}
+    # Computed here from what was given, for the MODE_PROD records only.
+    prod = {r.log_id: r for r in SCORED_RECORDS if r.mode == "MODE_PROD"}
+    for model in ("mock/alpha", "mock/beta"):
+        logs = {log_id for log_id, r in prod.items() if r.model_name == model}
+        feedback = [label for log_id, name, label, _ in GIVEN if log_id in logs and name == "feedback"]
+        quality = [value for log_id, name, _, value in GIVEN if log_id in logs and name == "quality"]
+        costs = [r.cost_usd or 0.0 for r in prod.values() if r.model_name == model]
+        expected_scores = {"quality": {"count": len(quality), "mean": round(statistics.fmean(quality), 4)}}
+        if feedback:
+            ups = [1.0 if label == "up" else 0.0 for label in feedback]
+            expected_scores["feedback"] = {"count": len(ups), "mean": round(statistics.fmean(ups), 4)}
+        got = stats[model]
+        assert got["feedback"] == len(feedback)
+        assert got["feedback_up_share"] == round(feedback.count("up") / len(feedback), 4)
+        assert got["scores"] == expected_scores
+        assert got["cost_usd"] == pytest.approx(math.fsum(costs))
+        assert got["cost_per_1k_requests_usd"] == pytest.approx(1000 * math.fsum(costs) / len(costs))
+    table = run(capsys, "stats", "--mode", "prod")
+    assert re.search(r"mock/alpha .* 50\.0 of 2 .* feedback 0\.5 \(n=2\)", table), table
+
+
+@every_sink
+def test_show_has_each_records_scores_and_the_report_a_cost_chart_and_a_scores_table(
+    scored: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    shown = {r["log_id"]: r for r in json.loads(run(capsys, "show", "req-2", "--json"))}
+    assert [(s["name"], s["label"], s["value"]) for s in shown["log-2-0"]["scores"]] == [
+        ("feedback", "down", 0.0),
+        ("quality", None, 0.9),
+    ]
+    assert [(s["name"], s["label"]) for s in shown["log-2-1"]["scores"]] == [("quality", None), ("tone", "formal")]
+    table = run(capsys, "show", "req-2")
+    assert "feedback down" in table and "tone formal" in table and "quality 0.7" in table
+
+    page_path = tmp_path / "report.html"
+    assert "5 records, 3 requests, 9 scores" in run(capsys, "report", "--html", str(page_path))
+    page = page_path.read_text()
+    cost = page.partition("<h2>Cost per 1,000 requests</h2>")[2].partition("<h2>")[0]
+    assert cost.count("<rect") == 2 and "$3.00<" in cost and "$11.00<" in cost
+    scores = page.partition("<h2>Scores</h2>")[2].partition("<h2>")[0]
+    assert "<th>quality mean</th>" in scores and "66.7 of 3" in scores  # alpha: up, down, up
+
+
+def test_logs_score_then_logs_show_shows_the_score(
+    start_worker: StartWorker, client: Client, config_path: Path, broker_url: str, sink: Sink
+) -> None:
+    start_worker("primary")
+    reply = client.create(make_request(["mock/echo"], "rate this"))
+    env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url}
+    done = multillm("logs", "score", reply.id, "--name", "feedback", "--label", "up", "--comment", "spot on", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"score {V1Score(log_id=reply.id, name='feedback', label='up').id} of record")
+    assert len(_wait_for_scores(sink, 1)) == 1
+    request_id = sink.records()[0].request_id
+    shown = json.loads(multillm("logs", "show", request_id, "--json", env=env).stdout)
+    assert [(s["name"], s["label"], s["value"], s["comment"]) for s in shown[0]["scores"]] == [
+        ("feedback", "up", 1.0, "spot on")
+    ]
+    bad = multillm("logs", "score", reply.id, "--name", "feedback", "--label", "meh", env=env)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == (
+        f"multillm: cannot score record {reply.id!r}: `feedback` takes `label` up or down, not 'meh'"
+    )

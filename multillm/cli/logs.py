@@ -204,8 +204,10 @@ def _stats_table(stats: Sequence[ModelStats]) -> Table | str:
         return "no records match"
     table = Table(caption="latencies over successful calls; tokens and cost are totals; cost over priced records")
     table.add_column(STATS_COLUMNS[0], overflow="fold")
-    for name in STATS_COLUMNS[1:]:
+    for name in STATS_COLUMNS[1:-1]:
         table.add_column(name, justify="right")
+    # One score name a line: "quality 0.55 (n=2)" kept whole, which rich would otherwise fold first.
+    table.add_column(STATS_COLUMNS[-1], no_wrap=True)
     for s in stats:
         cells = stats_cells(s)
         table.add_row(Text(printable(cells[0])), *cells[1:])
