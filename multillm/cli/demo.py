@@ -3,7 +3,8 @@
 Starts the mock (in this process, on a free port), a primary worker and one
 worker per extra model (as child processes, exactly as an operator would run
 them), sends a few multi-model requests, prints each reply and every model's
-record side by side, then stops everything with SIGTERM.
+record side by side, gives each primary answer a user's feedback (a score), then
+stops everything with SIGTERM.
 """
 
 from __future__ import annotations
@@ -82,16 +83,33 @@ def _send(client: Client, settings: Settings, count: int) -> None:
         pending.append((request, client.submit(request, timeout=60)))
     sink = open_sink(settings.sink_url)
     try:
-        for request, future in pending:
+        score_ids = []
+        for n, (request, future) in enumerate(pending):
             reply = future.result(timeout=60)
             print(f"reply to request {future.request_id} in {time.monotonic() - started:.2f}s")
             print(f"  primary {request.primary.name}: {reply.text}")
             print(f"  primary log id {reply.id}   external id {reply.primary_external_id}")
             print(side_by_side(_all_records(sink, future.request_id, len(request.models))))
-            print()
+            # As a user would: a thumbs up or down on the answer shown (every third one down).
+            label = "down" if n % 3 == 2 else "up"
+            score_ids.append(client.score(reply.id, "feedback", label=label, request_id=future.request_id))
+            print(f"  feedback {label} on the primary's answer (score {score_ids[-1]})\n")
+        stored = _stored_scores(sink, set(score_ids))
+        print(f"{stored} of {len(score_ids)} scores stored by the primary worker")
     finally:
         sink.close()
     print("see them again with: multillm logs show REQUEST_ID   (or: multillm logs list / stats)")
+    print("score an answer with: multillm logs score LOG_ID --name feedback --label up")
+
+
+def _stored_scores(sink: Sink, score_ids: set[str], timeout: float = 30.0) -> int:
+    """How many of `score_ids` the sink holds, once it holds them all or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = len(score_ids & {s.score_id for s in sink.scores()})
+        if found == len(score_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _all_records(sink: Sink, request_id: str, expected: int, timeout: float = 30.0) -> list[LLMLogRecord]:

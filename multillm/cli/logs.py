@@ -202,12 +202,17 @@ def _list_table(summaries: Sequence[RequestSummary]) -> Table | str:
 def _stats_table(stats: Sequence[ModelStats]) -> Table | str:
     if not stats:
         return "no records match"
-    table = Table(caption="latencies over successful calls; tokens and cost are totals; cost over priced records")
-    table.add_column(STATS_COLUMNS[0], overflow="fold")
+    table = Table(
+        caption="latencies over successful calls; tokens and cost are totals; cost over priced records;"
+        " up %: the share of feedback scores that are up"
+    )
+    # As wide as the longest name (up to 40 characters): the numbers give way, not the model.
+    widest = min(40, max(len(s.model_name) for s in stats))
+    table.add_column(STATS_COLUMNS[0], overflow="fold", min_width=widest)
     for name in STATS_COLUMNS[1:-1]:
         table.add_column(name, justify="right")
-    # One score name a line: "quality 0.55 (n=2)" kept whole, which rich would otherwise fold first.
-    table.add_column(STATS_COLUMNS[-1], no_wrap=True)
+    # One score name a line, "quality 0.55 n=2" whole unless the name is long: rich folds this column first.
+    table.add_column(STATS_COLUMNS[-1], min_width=16)
     for s in stats:
         cells = stats_cells(s)
         table.add_row(Text(printable(cells[0])), *cells[1:])

@@ -123,8 +123,8 @@ def _scores_table(stats: Sequence[ModelStats]) -> str:
     head = "<th>model</th><th>feedback up %</th>" + "".join(f"<th>{escape(n)} mean</th>" for n in names)
     rows = []
     for s in stats:
-        share = "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.1f} of {s.feedback}"
-        means = [f"{m.mean:g} (n={m.count})" if (m := s.scores.get(n)) else "-" for n in names]
+        share = "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.0f}% of {s.feedback}"
+        means = [f"{m.mean:g} n={m.count}" if (m := s.scores.get(n)) else "-" for n in names]
         cells = "".join(f'<td class="n">{escape(v)}</td>' for v in [share, *means])
         rows.append(f"<tr><td>{escape(s.model_name)}</td>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

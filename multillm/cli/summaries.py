@@ -37,8 +37,8 @@ STATS_COLUMNS = (
     "tries",
     "cost $",
     "$ / 1k req",
-    "feedback up %",
-    "mean scores",
+    "up %",
+    "score means",
 )
 
 
@@ -277,6 +277,6 @@ def stats_cells(s: ModelStats) -> list[str]:
         f"{s.mean_attempts:g}",
         format_usd(s.cost_usd),
         format_usd(s.cost_per_1k_requests_usd),
-        "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.1f} of {s.feedback}",
-        "\n".join(f"{name} {m.mean:g} (n={m.count})" for name, m in s.scores.items()) or "-",
+        "-" if s.feedback_up_share is None else f"{s.feedback_up_share * 100:.0f}% of {s.feedback}",
+        "\n".join(f"{name} {m.mean:g} n={m.count}" for name, m in s.scores.items()) or "-",
     ]
