@@ -27,6 +27,7 @@ from multillm.cli.summaries import (
     STATS_COLUMNS,
     ModelStats,
     RequestSummary,
+    by_log_id,
     format_usd,
     model_label,
     model_stats,
@@ -168,7 +169,7 @@ def side_by_side_table(records: Sequence[LLMLogRecord], scores: Sequence[LLMScor
     table.add_column("")
     for r in records:
         table.add_column(Text(printable(model_label(r))), overflow="fold")
-    for label, cells in side_by_side_rows(records, scores):
+    for label, cells in side_by_side_rows(records, by_log_id(scores)):
         # Text, not str: a str cell is read as rich markup, and model output is untrusted.
         table.add_row(label, *(Text(printable(cell)) for cell in cells))
     return table

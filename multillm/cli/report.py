@@ -8,7 +8,7 @@ Every string taken from a record goes through `html.escape`: model output is unt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Final
@@ -16,6 +16,7 @@ from typing import Final
 from multillm.cli.summaries import (
     STATS_COLUMNS,
     ModelStats,
+    by_log_id,
     by_model,
     by_request,
     format_ms,
@@ -56,6 +57,7 @@ def render_report(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = 
     the scores per model, the latest `recent` requests."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     stats = model_stats(records, scores)
+    scored = by_log_id(scores)  # once: each request shown looks its records' scores up
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>multillm report</title>',
@@ -71,7 +73,7 @@ def render_report(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = 
         "<h2>Scores</h2>",
         _scores_table(stats),
         f"<h2>Latest {recent} requests</h2>",
-        *(_answers(group, scores) for group in by_request(records)[:recent]),
+        *(_answers(group, scored) for group in by_request(records)[:recent]),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -191,7 +193,7 @@ def _label(x: float, y: int, text: str) -> str:
     return f'<text x="{x - 3:.1f}" y="{y}" text-anchor="end">{escape(text)}</text>'
 
 
-def _answers(group: Sequence[LLMLogRecord], scores: Sequence[LLMScore]) -> str:
+def _answers(group: Sequence[LLMLogRecord], scored: Mapping[str, list[LLMScore]]) -> str:
     """One request: its prompt, then one column per model."""
     head = group[0]
     prompt = next((m.content for m in reversed(head.messages) if m.role == "user"), None)
@@ -204,7 +206,7 @@ def _answers(group: Sequence[LLMLogRecord], scores: Sequence[LLMScore]) -> str:
             for r, cell in zip(group, cells, strict=True)
         )
         + "</tr>"
-        for label, cells in side_by_side_rows(group, scores)
+        for label, cells in side_by_side_rows(group, scored)
     )
     return (
         f"<h3>{escape(head.request_id)} <small>{escape(request_created_at(group))} {escape(head.mode)}</small></h3>"

@@ -11,7 +11,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import msgspec
@@ -233,9 +233,12 @@ def output_text(record: LLMLogRecord) -> str:
     return "\n".join(choice.message.content or "" for choice in record.output or [])
 
 
-def side_by_side_rows(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()) -> list[tuple[str, list[str]]]:
-    """(label, one cell per record) rows comparing the models of one request, the answer last."""
-    scored = by_log_id(scores)
+def side_by_side_rows(
+    records: Sequence[LLMLogRecord], scored: Mapping[str, list[LLMScore]] | None = None
+) -> list[tuple[str, list[str]]]:
+    """(label, one cell per record) rows comparing the models of one request, the answer last;
+    `scored`: the scores by log id (`by_log_id`)."""
+    scored = scored or {}
     return [
         ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
         ("latency", ["-" if r.latency_ms is None else f"{format_ms(r.latency_ms)} ms" for r in records]),
