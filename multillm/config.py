@@ -149,6 +149,15 @@ RECONNECT_MAX_WAIT: Final = 15.0
 PREFETCH_PER_CALL: Final = 2
 
 
+class JudgeConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """`[judge]`: how `multillm worker judge` asks (multillm/judging.py)."""
+
+    # The judge's instructions (its system message); multillm.judging.DEFAULT_PROMPT when absent.
+    # The conversation and the two answers follow in the user message, in <conversation>,
+    # <answer_a> and <answer_b> tags, and the answer must be JSON {"winner": "A"|"B"|"tie", "reason"}.
+    prompt: Annotated[str, Meta(min_length=1)] | None = None
+
+
 class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # One AMQP URL, or the nodes of one cluster joined by `;` (checked by `load_settings`).
     broker_url: str = DEFAULT_BROKER_URL
@@ -159,6 +168,7 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     prices: dict[str, PriceOverride] = msgspec.field(default_factory=dict)
+    judge: JudgeConfig = msgspec.field(default_factory=JudgeConfig)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     shutdown_grace_seconds: PositiveFloat = 30.0
     # The broker's consumer_timeout (RabbitMQ's default: 30 min). A model call and

@@ -35,6 +35,21 @@ SCORE_EXCHANGE: Final = "multillm.scores"
 SCORE_ROUTING_KEY: Final = "multillm.scores"
 SCORE_QUEUE: Final = "multillm.scores"
 
+# Every record a worker writes (schemas.LLMLogRecord, AMQP type `LLMLogRecord`), published after
+# the write and before the ack: a stream of records for whoever binds a queue (fanout). The judge
+# consumes it through `multillm.judge` (workers/judge.py).
+RECORD_EXCHANGE: Final = "multillm.records"
+JUDGE_QUEUE: Final = "multillm.judge"
+
+# The judge's score of a non-primary answer against the primary's (docs/contract.md).
+JUDGE_SCORE_NAME: Final = "judge.vs_primary"
+JUDGE_SOURCE_PREFIX: Final = "judge:"
+JUDGE_LABEL_VALUES: Final = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+# Log attributes: the request a replayed one repeats (on every record it makes), and the record
+# a judge's call judged (on the judge's own records).
+ATTR_REPLAY_OF: Final = "replayOf"
+ATTR_JUDGE_OF: Final = "judgeOf"
+
 # The UUIDv5 namespace of every id derived rather than drawn: log ids (UUIDv5 of "request id/model
 # index"), and the id of a score sent without one (schemas.V1Score.id).
 ID_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c1e-4c55-9b55-2f0f3b7b9a10")
@@ -126,6 +141,7 @@ EXCHANGES: Final = {
     MODEL_EXCHANGE: "direct",
     DEAD_EXCHANGE: "fanout",
     SCORE_EXCHANGE: "direct",
+    RECORD_EXCHANGE: "fanout",
 }
 
 
@@ -162,6 +178,12 @@ def model_queue_spec(model_name: str) -> QueueSpec:
 def scores_queue() -> QueueSpec:
     """Dead-lettered like the work queues: a score the worker gives up on is triaged, not lost."""
     return QueueSpec(SCORE_QUEUE, SCORE_EXCHANGE, SCORE_ROUTING_KEY, _work_queue_arguments())
+
+
+def judge_queue() -> QueueSpec:
+    """Every record the workers write; consumed by `multillm worker judge`. Declared by the judge
+    only: until one has started, the records' stream goes to no queue."""
+    return QueueSpec(JUDGE_QUEUE, RECORD_EXCHANGE, "", _work_queue_arguments())
 
 
 def triage_queue() -> QueueSpec:

@@ -17,7 +17,7 @@ and the sink (through `GroupCommit`'s observer). `serve` exposes it over HTTP on
 | `multillm_model_calls_in_flight` | gauge | model | model calls running now |
 | `multillm_retries_total` | counter | model, reason | retries; reason = HTTP status or error type |
 | `multillm_fanout_copies_total` | counter | model, result | copies: published, unroutable, refused |
-| `multillm_publish_failures_total` | counter | target, result | replies/dead letters not taken |
+| `multillm_publish_failures_total` | counter | target, result | replies/dead letters/records' stream not taken |
 | `multillm_dead_letters_total` | counter | queue, code | messages put into `multillm.dead` |
 | `multillm_sink_write_seconds` | histogram | | one try of writing a record (the time of the batch it went in) |
 | `multillm_sink_write_failures_total` | counter | | tries that raised |
@@ -66,6 +66,7 @@ class Published(StrEnum):
     REPLY = "reply"
     FANOUT = "fanout"
     DEAD_LETTER = "dead_letter"
+    RECORD = "record"
 
 
 class _Children(Generic[M]):
@@ -172,6 +173,8 @@ class WorkerMetrics:
             self._publish_failures(kind.value, result).inc()
         elif kind is Published.DEAD_LETTER:
             self._dead_letters(about, code_name(code)).inc()
+        elif kind is Published.RECORD:
+            return  # the records' stream: only a failure is news
         elif code:
             self._replies("error", code_name(code)).inc()
         else:

@@ -163,3 +163,18 @@ def outcome_of(record: LLMLogRecord) -> ModelResult | ProviderError:
         cached_tokens=record.cached_tokens,
         reasoning_tokens=record.reasoning_tokens,
     )
+
+
+def attribute(record: LLMLogRecord, key: str) -> str | None:
+    """The value of the record's log attribute `key`, or None."""
+    return next((a.value for a in record.log_attributes if a.key == key), None)
+
+
+def origin_of(record: LLMLogRecord) -> str:
+    """The request whose input the record answered: the one it replays (`replayOf`), or its own."""
+    return attribute(record, contract.ATTR_REPLAY_OF) or record.request_id
+
+
+def is_judge_record(record: LLMLogRecord) -> bool:
+    """Whether the record is one of the judge's own calls (it carries `judgeOf`)."""
+    return attribute(record, contract.ATTR_JUDGE_OF) is not None

@@ -11,6 +11,7 @@ import kombu
 from multillm import contract
 from multillm.producers import Reply, ReplyQueue
 from multillm.producers.publishing import connect
+from multillm.testbed.rabbitmq import rabbitmqctl, vhost_of
 
 
 def publish_raw(broker_url: str, body: bytes, reply_to: str | None, **properties: Any) -> None:
@@ -71,3 +72,17 @@ def collect_replies(broker_url: str, queue: str, count: int, idle_timeout: float
     finally:
         reply_queue.close()
     return got
+
+
+def wait_until_settled(broker_url: str, queue: str, timeout: float = 30.0) -> None:
+    """Until `queue` holds no message, ready or taken by a consumer (a worker acks a message after its
+    work: once none is left, everything it led to is done). Asked of rabbitmqctl, which counts both."""
+    vhost = vhost_of(broker_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", "name", "messages")
+        counts = dict(line.rsplit("\t", 1) for line in listed.splitlines() if "\t" in line)
+        if int(counts.get(queue, "0")) == 0:
+            return
+        assert time.monotonic() < deadline, f"{queue} still holds {counts[queue]} messages"
+        time.sleep(0.1)

@@ -134,7 +134,8 @@ StartWorker = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator[StartWorker]:
-    """start_worker("primary") or start_worker("model", model="mock/b"): started and consuming."""
+    """start_worker("primary"), start_worker("model", model="mock/b") or start_worker("judge", model="mock/j"):
+    started and consuming."""
     started: list[WorkerProcess] = []
 
     def start(
@@ -151,7 +152,8 @@ def start_worker(config_path: Path, broker_url: str, tmp_path: Path) -> Iterator
         env = {ENV_CONFIG: str(config_path), ENV_BROKER_URL: broker_url, **(env or {})}
         worker = WorkerProcess(args, env=env, log_path=str(tmp_path / f"worker-{len(started)}.log"))
         started.append(worker)
-        queue = contract.REQUEST_QUEUE if kind == "primary" else contract.model_queue(model or "")
+        fixed = {"primary": contract.REQUEST_QUEUE, "judge": contract.JUDGE_QUEUE}
+        queue = fixed.get(kind) or contract.model_queue(model or "")
         same_queue = sum(
             1 for w in started if w.alive() and w.args[:1] == [kind] and (model is None or model in w.args)
         )

@@ -102,7 +102,25 @@ def _parser() -> argparse.ArgumentParser:
     primary = _command(kinds, "primary", "serve multillm.requests: call the primary model, reply", _BOTH)
     model = _command(kinds, "model", "serve multillm.model.<NAME>: call one model, write its record", _BOTH)
     model.add_argument("--model", required=True, help="provider/model, e.g. openai/gpt-4o-mini")
-    for p in (primary, model):
+    judge = _command(
+        kinds,
+        "judge",
+        f"serve {contract.JUDGE_QUEUE}: score each non-primary answer against the primary's",
+        _BOTH,
+        f"each non-primary ok record gets one `{contract.JUDGE_SCORE_NAME}` score (win, tie or loss against\n"
+        "the primary's answer), from two calls of the judge model, one with each answer first;\n"
+        "a verdict that changes with the order is a tie. Records written before the first judge\n"
+        "started are not judged. The prompt is `[judge] prompt` in the config file.",
+    )
+    judge.add_argument("--model", required=True, help="the judge: provider/model, e.g. openai/gpt-4o")
+    judge.add_argument(
+        "--sample",
+        type=_rate,
+        default=1.0,
+        metavar="RATE",
+        help="judge this fraction of requests, chosen by request id (0 to 1; default 1: all)",
+    )
+    for p in (primary, model, judge):
         p.add_argument("--concurrency", type=_positive, default=4, help="model calls in flight (default 4)")
         p.add_argument(
             "--metrics-port",
@@ -275,6 +293,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be over 0 and at most 1, got {text}")
     return value
 
 

@@ -51,10 +51,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from multillm.workers import run_model_worker, run_primary_worker
+    from multillm.workers import run_judge_worker, run_model_worker, run_primary_worker
 
     if args.kind == "primary":
         code = run_primary_worker(settings, args.concurrency, args.metrics_port)
+    elif args.kind == "judge":
+        code = run_judge_worker(settings, args.model, args.concurrency, args.sample, args.metrics_port)
     else:
         code = run_model_worker(settings, args.model, args.concurrency, args.metrics_port)
     if stuck := [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:

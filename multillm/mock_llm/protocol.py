@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final
 
 import msgspec
@@ -146,10 +147,36 @@ def _prompt(request: _ChatRequest) -> str:
     return next((_text(m) for m in reversed(request.messages) if m.role == "user"), "")
 
 
+# The tags around the two answers in the judge's default prompt (workers/judging.py).
+_JUDGED: Final = re.compile(r"<answer_a>(.*?)</answer_a>.*<answer_b>(.*?)</answer_b>", re.DOTALL)
+# In the judged conversation: the mock judge picks whichever answer it is shown first.
+POSITION_BIASED: Final = "[judge:first]"
+
+
+def _verdict(prompt: str) -> str | None:
+    """The mock judge's verdict, for a prompt holding two tagged answers: the one with more capital
+    letters wins ("the louder answer"), a tie when they have as many; with `POSITION_BIASED` in the
+    prompt, always the first shown. None: not a judge's prompt."""
+    judged = _JUDGED.search(prompt)
+    if judged is None:
+        return None
+    if POSITION_BIASED in prompt:
+        winner, reason = "A", "the first answer, as always"
+    else:
+        a, b = (sum(c.isupper() for c in answer) for answer in judged.groups())
+        winner = "A" if a > b else "B" if b > a else "tie"
+        reason = f"capital letters: {a} in A, {b} in B"
+    return msgspec.json.encode({"winner": winner, "reason": reason}).decode()
+
+
 def _answer(request: _ChatRequest) -> tuple[str, str, _Usage]:
     """The deterministic content, finish reason and usage (tokens are whitespace words; those of every
     message before the last are reported as cached)."""
-    words = _prompt(request).split()
+    prompt = _prompt(request)
+    words = prompt.split()
+    if (verdict := _verdict(prompt)) is not None:
+        prompt_tokens = sum(len(_text(m).split()) for m in request.messages)
+        return verdict, "stop", _Usage(prompt_tokens, len(verdict.split()), prompt_tokens + len(verdict.split()))
     if request.model == "reverse":
         words.reverse()
     elif request.model == "upper":

@@ -19,11 +19,12 @@ import openai
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code, ConfigError, ProviderError, describe
 from multillm.metrics import WorkerMetrics
-from multillm.providers.openai_compat import ModelCall, ModelResult, OpenAICompatProvider
+from multillm.providers.openai_compat import JsonSchemaFormat, ModelCall, ModelResult, OpenAICompatProvider
 from multillm.redact import scrub
 from multillm.schemas import ChatMessage, V1Model
 
 __all__ = [
+    "JsonSchemaFormat",
     "ModelCall",
     "ModelResult",
     "OpenAICompatProvider",
@@ -127,8 +128,11 @@ class Providers:
                     problem += f" (SSL_CERT_FILE is {cert_file!r})"  # ssl's own message names no file
                 raise ConfigError(f"provider {name!r}: cannot build its client: {problem}") from None
 
-    async def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
-        """Call `model` (`provider/model`, with its temperature, max tokens and key) on `messages`.
+    async def complete(
+        self, model: V1Model, messages: list[ChatMessage], response_format: JsonSchemaFormat | None = None
+    ) -> ModelResult:
+        """Call `model` (`provider/model`, with its temperature, max tokens and key) on `messages`,
+        asking for an answer in `response_format` when given.
 
         Raises:
             ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
@@ -139,6 +143,7 @@ class Providers:
             temperature=model.temperature,
             max_tokens=model.max_tokens,
             api_key=model.api_key,
+            response_format=response_format,
         )
         return await self.get(model.provider).complete(call)
 

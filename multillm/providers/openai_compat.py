@@ -45,6 +45,16 @@ _NO_KEY: Final = "no-key"
 _CHAT_PATH: Final = "/chat/completions"
 
 
+class JsonSchemaFormat(Struct, frozen=True, kw_only=True):
+    """An answer in JSON that `schema` describes (OpenAI's structured outputs, `strict`)."""
+
+    name: str
+    schema: dict[str, object]
+
+    def body(self) -> dict[str, object]:
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema, "strict": True}}
+
+
 class ModelCall(Struct, frozen=True, kw_only=True):
     """One chat completion to ask a provider for. `model` is the provider-side name (`echo`)."""
 
@@ -53,6 +63,7 @@ class ModelCall(Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     max_tokens: int | None = None
     api_key: str | None = None
+    response_format: JsonSchemaFormat | None = None
 
     def __repr__(self) -> str:
         # The key must never reach a log line or a traceback through repr().
@@ -220,6 +231,8 @@ class OpenAICompatProvider:
             body["temperature"] = call.temperature
         if call.max_tokens is not None:
             body["max_tokens"] = call.max_tokens
+        if call.response_format is not None:
+            body["response_format"] = call.response_format.body()
 
         async def attempt(timeout: float) -> _Completion:
             return _decode(await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))

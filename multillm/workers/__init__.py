@@ -1,4 +1,4 @@
-"""Long-running pika consumers: the primary worker and the per-model worker."""
+"""Long-running pika consumers: the primary worker, the per-model worker and the judge."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import structlog
 
 from multillm.config import Settings
 from multillm.errors import ConfigError
+from multillm.judging import DEFAULT_PROMPT
 from multillm.metrics import WorkerMetrics, serve
 from multillm.pricing import Prices
 from multillm.providers import Providers
 from multillm.schemas import model_name_problem
 from multillm.sinks import open_sink
 from multillm.workers.consumer import Consumer
+from multillm.workers.judge import JudgeHandler
 from multillm.workers.loop_lag import LoopLag
 from multillm.workers.messages import Handler
 from multillm.workers.model import ModelHandler
@@ -27,7 +29,7 @@ from multillm.workers.scores import ScoreHandler
 from multillm.workers.storage import Storage
 from multillm.workers.triage import TriageHandler
 
-__all__ = ["run_model_worker", "run_primary_worker"]
+__all__ = ["run_judge_worker", "run_model_worker", "run_primary_worker"]
 
 log = structlog.get_logger(__name__)
 
@@ -167,12 +169,11 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     return _serve(settings, [primary, triage, scores], runner, providers, concurrency, metrics)
 
 
-def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
-    """Serve `multillm.model.<model>` until SIGTERM; returns the exit code.
+def _served_provider(settings: Settings, model: str) -> str:
+    """The provider of `model`, which a worker is about to serve.
 
     Raises:
-        ConfigError: `model` is no valid model name, its provider is not configured or its
-            client cannot be built, or `metrics_port` cannot be bound.
+        ConfigError: `model` is no valid model name, or its provider is not configured.
     """
     if problem := model_name_problem(model):
         # Checked before anything starts: no request may name it, and its queue could not be declared.
@@ -183,7 +184,35 @@ def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_p
             f"model {model!r} names provider {provider!r}, which is not configured"
             f" (configured: {', '.join(sorted(settings.providers)) or 'none'})"
         )
+    return provider
+
+
+def run_model_worker(settings: Settings, model: str, concurrency: int, metrics_port: int | None = None) -> int:
+    """Serve `multillm.model.<model>` until SIGTERM; returns the exit code.
+
+    Raises:
+        ConfigError: `model` is no valid model name, its provider is not configured or its
+            client cannot be built, or `metrics_port` cannot be bound.
+    """
+    provider = _served_provider(settings, model)
     metrics = _metrics("model", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
     handler = ModelHandler(model, runner, settings.max_body_bytes)
+    return _serve(settings, [handler], runner, providers, concurrency, metrics, serves=[provider])
+
+
+def run_judge_worker(
+    settings: Settings, model: str, concurrency: int, sample: float = 1.0, metrics_port: int | None = None
+) -> int:
+    """Serve `multillm.judge` with judge model `model`, judging a `sample` of the requests, until
+    SIGTERM; returns the exit code.
+
+    Raises:
+        ConfigError: as `run_model_worker`.
+    """
+    provider = _served_provider(settings, model)
+    metrics = _metrics("judge", metrics_port)
+    providers, runner = _runner(settings, metrics, concurrency)
+    prompt = settings.judge.prompt or DEFAULT_PROMPT
+    handler = JudgeHandler(model, runner, sample, prompt, settings.max_body_bytes)
     return _serve(settings, [handler], runner, providers, concurrency, metrics, serves=[provider])

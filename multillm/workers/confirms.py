@@ -113,7 +113,8 @@ class PipelinedConfirms:
         return confirms
 
     def publish_all(self, messages: Sequence[Outgoing], then: Then) -> None:
-        """Publish `messages` (mandatory, confirmed); `then(taken)` runs on the loop when all are confirmed.
+        """Publish `messages` (confirmed; mandatory unless one says not); `then(taken)` runs on the loop
+        when all are confirmed.
 
         Raises:
             Exception: a message's properties cannot be encoded (nothing of it was sent).
@@ -125,7 +126,7 @@ class PipelinedConfirms:
         for index, message in enumerate(messages):
             try:
                 self._channel.basic_publish(
-                    message.exchange, message.routing_key, message.body, message.properties, mandatory=True
+                    message.exchange, message.routing_key, message.body, message.properties, mandatory=message.mandatory
                 )
             except Exception:
                 # Those already sent are confirmed into a batch nobody waits for; the caller settles otherwise.
@@ -198,7 +199,7 @@ class PipelinedConfirms:
         message = entry.message
         try:
             self._channel.basic_publish(
-                message.exchange, message.routing_key, message.body, message.properties, mandatory=True
+                message.exchange, message.routing_key, message.body, message.properties, mandatory=message.mandatory
             )
         except Exception as exc:  # it went out once: only a closing channel fails here
             self._on_failure(exc)

@@ -42,7 +42,8 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message to publish, mandatory and with a confirm.
+    """A message to publish, with a confirm, and mandatory unless `mandatory` is False (a record for the
+    records' stream, which no queue may be bound to: then the broker's confirm is the whole of it).
 
     `kind`, `about` and `code` say what it is, for the metrics, by whoever builds it:
     `about` is the model of a fan-out copy or the source queue of a dead letter, and
@@ -58,6 +59,7 @@ class Outgoing:
     code: int = 0
     # A reply whose queue is gone is dead-lettered with this reason instead of being dropped.
     dead_letter_reason: str | None = None
+    mandatory: bool = True
 
 
 @dataclass(slots=True)

@@ -44,7 +44,7 @@ class ModelHandler:
         run = await self._runner.run(
             copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done
         )
-        return Settlement(run.unstored_record(delivery, self.queue.name))
+        return Settlement(run.owed(delivery, self.queue.name))
 
     def on_give_up(self, delivery: Delivery) -> Decision:
         reason = f"gave up after {delivery.delivery_count + 1} deliveries: the copy kept failing or killing workers"
@@ -63,9 +63,7 @@ class ModelHandler:
         async def record_and_dead_letter(_: Awaitable[list[bool]]) -> Settlement:
             error = ProviderError(code, reason)
             run = await self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
-            return Settlement(
-                [self._dead_letter(delivery, reason, code), *run.unstored_record(delivery, self.queue.name)]
-            )
+            return Settlement([self._dead_letter(delivery, reason, code), *run.owed(delivery, self.queue.name)])
 
         return Work(record_and_dead_letter)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pika
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from multillm import contract
 from multillm.errors import Code
-from multillm.metrics import WorkerMetrics
+from multillm.metrics import Published, WorkerMetrics
 from multillm.pricing import Prices
-from multillm.providers import ModelResult, ProviderError, Providers
+from multillm.providers import JsonSchemaFormat, ModelResult, ProviderError, Providers
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
@@ -32,14 +33,38 @@ class ModelRun:
     # The record is in the sink, written now or by an earlier delivery of the same message.
     stored: bool
 
-    def unstored_record(self, delivery: Delivery, queue: str) -> list[Outgoing]:
-        """The record as a dead letter when the sink would not take it, so that it is not lost."""
+    def owed(self, delivery: Delivery, queue: str) -> list[Outgoing]:
+        """What the record owes before the delivery is acked: once stored, the record for the records'
+        stream (the judge reads it there); else the record as a dead letter, so that it is not lost.
+
+        A record found stored by a redelivery goes to the stream again: the first delivery may have
+        died before its publish was confirmed, and the stream's readers are idempotent.
+        """
         if self.stored:
-            return []
+            return [stream_record(self.record)]
         reason = "the sink did not take this record; replay it from here"
         record = encode(self.record)
         # Kept whole: a cut record could not be replayed (its input was within max_body_bytes).
         return [dead_letter(delivery, queue, reason, Code.UNAVAILABLE, record, contract.TYPE_RECORD, keep_whole=True)]
+
+
+def stream_record(record: LLMLogRecord) -> Outgoing:
+    """`record` for `multillm.records`: not mandatory, since no queue may be bound to it."""
+    return Outgoing(
+        exchange=contract.RECORD_EXCHANGE,
+        routing_key="",
+        body=encode(record),
+        properties=pika.BasicProperties(
+            content_type=contract.CONTENT_TYPE,
+            delivery_mode=contract.PERSISTENT,
+            message_id=record.log_id,
+            correlation_id=record.request_id,
+            type=contract.TYPE_RECORD,
+        ),
+        kind=Published.RECORD,
+        about=record.model_name,
+        mandatory=False,
+    )
 
 
 class ModelRunner:
@@ -65,12 +90,13 @@ class ModelRunner:
         deadline_ms: int | None = None,
         *,
         maybe_done: bool = False,
+        response_format: JsonSchemaFormat | None = None,
     ) -> ModelRun:
         """Call `request.models[model_index]` unless the deadline has passed, then record it.
 
         With `maybe_done` (the message was delivered before), a record already in the
         sink is the answer: the model is not paid for twice, and the reply agrees with
-        the record.
+        the record. `response_format`: the answer's JSON schema, if one is wanted (the judge's).
         """
         if maybe_done and (existing := await self.storage.existing_record(request_id, model_index)) is not None:
             log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
@@ -87,7 +113,7 @@ class ModelRunner:
             log_id = log_id_for(request_id, model_index)
             tokens = bind_contextvars(request_id=request_id, log_id=log_id, model=model.name)
             try:
-                outcome = await self._providers.complete(model, request.messages)
+                outcome = await self._providers.complete(model, request.messages, response_format)
             except ProviderError as exc:
                 outcome = exc
             finally:

@@ -88,9 +88,9 @@ class PrimaryHandler:
         # The copies' confirms came in while the primary model answered. A lost connection
         # fails this wait (the request is redelivered).
         unrouted = [index for index, taken in zip(others, await copies, strict=True) if not taken]
-        unstored = await self._record_unrouted(delivery, request, request_id, unrouted)
+        owed = await self._record_unrouted(delivery, request, request_id, unrouted)
         reply = self._reply(delivery, request_id, _reply_body(request, run))
-        return Settlement([*reply, *unstored, *run.unstored_record(delivery, self.queue.name)])
+        return Settlement([*reply, *owed, *run.owed(delivery, self.queue.name)])
 
     async def _record_unrouted(
         self,
@@ -99,7 +99,7 @@ class PrimaryHandler:
         request_id: str,
         unrouted: list[int],
     ) -> list[Outgoing]:
-        """An error record for each model whose copy no queue took; those the sink refused, as dead letters."""
+        """An error record for each model whose copy no queue took, and what those records owe (`ModelRun.owed`)."""
         if unrouted:
             log.warning(
                 "request.unrouted",
@@ -107,7 +107,7 @@ class PrimaryHandler:
                 model=request.primary.name,
                 models=[request.models[i].name for i in unrouted],
             )
-        unstored: list[Outgoing] = []
+        owed: list[Outgoing] = []
         for index in unrouted:
             name = request.models[index].name
             error = ProviderError(
@@ -116,8 +116,8 @@ class PrimaryHandler:
                 f" start `multillm worker model --model {name}`",
             )
             failed = await self._runner.record_failure(request, request_id, index, error)
-            unstored += failed.unstored_record(delivery, self.queue.name)
-        return unstored
+            owed += failed.owed(delivery, self.queue.name)
+        return owed
 
     # --- settled for good -------------------------------------------------------
 
@@ -163,13 +163,13 @@ class PrimaryHandler:
         async def record_and_refuse(_: Awaitable[list[bool]]) -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
             run = await self._runner.record_failure(request, request_id, request.display_model, error)
-            unstored = run.unstored_record(delivery, self.queue.name)
+            owed = run.owed(delivery, self.queue.name)
             for index in not_taken:
                 failed = await self._runner.record_failure(request, request_id, index, error)
-                unstored += failed.unstored_record(delivery, self.queue.name)
+                owed += failed.owed(delivery, self.queue.name)
             detail = ErrorInfo(reason=why, metadata={contract.DETAIL_LOG_ID: run.record.log_id})
             refusal = self._refuse(delivery, request_id, Code.INTERNAL, reason, detail)
-            refusal.publishes += unstored
+            refusal.publishes += owed
             return refusal
 
         return Work(record_and_refuse)

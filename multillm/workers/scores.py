@@ -25,7 +25,7 @@ from multillm import contract
 from multillm.errors import Code
 from multillm.records import stored_score, utc_now
 from multillm.schemas import LLMScore, decode_score, encode
-from multillm.workers.messages import Decision, Delivery, Settlement, Work, dead_letter, too_large
+from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
 from multillm.workers.storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -70,8 +70,10 @@ class ScoreHandler:
         return Settlement([dead_letter(delivery, self.queue.name, reason, code)])
 
     def _unstored(self, delivery: Delivery, score: LLMScore) -> Settlement:
-        reason = "the sink did not take this score; replay it from here"
-        row = encode(score)
-        return Settlement(
-            [dead_letter(delivery, self.queue.name, reason, Code.UNAVAILABLE, row, contract.TYPE_STORED_SCORE)]
-        )
+        return Settlement([unstored_score(delivery, self.queue.name, score)])
+
+
+def unstored_score(delivery: Delivery, queue: str, score: LLMScore) -> Outgoing:
+    """A score the sink would not take, as its row in the dead letters, for `multillm logs replay-dead`."""
+    reason = "the sink did not take this score; replay it from here"
+    return dead_letter(delivery, queue, reason, Code.UNAVAILABLE, encode(score), contract.TYPE_STORED_SCORE)

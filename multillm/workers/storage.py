@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Executor
+from functools import partial
 from typing import Final
 
 import structlog
@@ -20,7 +21,7 @@ from multillm.errors import describe
 from multillm.metrics import WorkerMetrics
 from multillm.records import log_id_for
 from multillm.schemas import LLMLogRecord, LLMScore
-from multillm.sinks import Sink
+from multillm.sinks import RecordFilter, Sink
 from multillm.workers.group_commit import GroupCommit, Row
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,25 @@ class Storage:
             )
             return None
         return next((r for r in records if r.model_index == model_index), None)
+
+    async def records(self, where: RecordFilter) -> list[LLMLogRecord]:
+        """The records `where` selects.
+
+        Raises:
+            Exception: the sink's own, when it cannot be read.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, partial(self._sink.records, where=where))
+
+    async def score_ids(self, where: RecordFilter) -> set[str]:
+        """The ids of the scores of the records `where` selects.
+
+        Raises:
+            Exception: the sink's own, when it cannot be read.
+        """
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._threads, self._sink.scores, where)
+        return {score.score_id for score in scores}
 
     def close(self, timeout: float) -> bool:
         """Close the sink and its threads, once no call is left that could write; False if a sink
