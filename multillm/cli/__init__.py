@@ -202,6 +202,27 @@ def _parser() -> argparse.ArgumentParser:
         help="a server on which the sink scenario may create a scratch database ('' to skip; default: the local one)",
     )
 
+    replay = _command(
+        sub,
+        "replay",
+        "send the logged input of the requests the filters select to other models, through their queues",
+        _BOTH,
+        f"each record it makes carries log attribute {contract.ATTR_REPLAY_OF} (the original request's id);\n"
+        "a request the model has answered before (in the request or by a replay) is skipped.\n"
+        "Compare with `multillm logs compare`.",
+    )
+    replay.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        help="provider/model to replay to (a model worker must serve it); repeat for more",
+    )
+    _add_filters(replay, model_option="--from-model")
+    replay.add_argument("--limit", type=_positive, help="only the latest this many requests")
+    replay.add_argument("--rate", type=float, metavar="N", help="at most N requests a second (default: no limit)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be sent, send nothing")
+
     logs = _command(sub, "logs", "read the log records in the sink", _SINK)
     logs_sub = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = _command(logs_sub, "list", "the latest requests, one line each", _SINK)
@@ -209,6 +230,18 @@ def _parser() -> argparse.ArgumentParser:
     show = _command(logs_sub, "show", "one request's models side by side", _SINK)
     show.add_argument("request_id", help="the id `multillm request` prints, or one from `logs list`")
     stats = _command(logs_sub, "stats", "per-model count, error rate, latency percentiles, tokens", _SINK)
+    comparing = _command(
+        logs_sub,
+        "compare",
+        "may we move from the baseline to the candidate? their records of the same requests, side by side",
+        _SINK,
+        "pairs each request's (or its replay's) records of the two models; the judge's verdicts\n"
+        "(`multillm worker judge`) count where one of the two is the request's primary.",
+    )
+    comparing.add_argument("--baseline", required=True, metavar="MODEL", help="the model you use now")
+    comparing.add_argument("--candidate", required=True, metavar="MODEL", help="the model you consider")
+    comparing.add_argument("--judge", metavar="MODEL", help="whose verdicts, when several judges scored")
+    _add_filters(comparing, model_option=None)
     report = _command(logs_sub, "report", "a self-contained HTML page comparing the models", _SINK)
     report.add_argument("--html", required=True, metavar="FILE", help="where to write the page")
     report.add_argument(
@@ -216,9 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     for p in (listing, stats, report):
         _add_filters(p)
-    for p in (listing, show, stats):
+    for p in (listing, show, stats, comparing):
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    replay = _command(
+    replay_dead = _command(
         logs_sub,
         "replay-dead",
         f"write the records in {contract.DEAD_QUEUE} to the sink; leave every other dead letter there",
@@ -240,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--comment", help="why")
     score.add_argument("--source", help="who scores (part of the derived score id: one score per record, name, source)")
     score.add_argument("--request-id", help="the request of the record, stored beside the score")
-    for p in (listing, show, stats, report, replay):
+    for p in (listing, show, stats, comparing, report, replay_dead, replay):
         p.add_argument(
             "--sink",
             metavar="URL",
@@ -249,10 +282,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_filters(parser: argparse.ArgumentParser) -> None:
-    """The record filters of `logs list|stats|report`; they all must match."""
+def _add_filters(parser: argparse.ArgumentParser, model_option: str | None = "--model") -> None:
+    """The record filters of `logs list|stats|compare|report` and `replay`; they all must match.
+    `model_option`: the option that selects one model's records (None: none)."""
     parser.add_argument("--mode", type=_mode, help="MODE_PROD, MODE_STAGING, MODE_TEST... (or prod, staging...)")
-    parser.add_argument("--model", help="provider/model")
+    if model_option is None:
+        parser.set_defaults(model=None)
+    else:
+        parser.add_argument(model_option, dest="model", help="records of this model (provider/model)")
     parser.add_argument("--trace", help="trace id")
     parser.add_argument("--session", help="session id")
     parser.add_argument(

@@ -43,6 +43,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_bench_command(
             settings, only=args.only, quick=args.quick, output=args.output, postgres_url=args.postgres_url or None
         )
+    if args.command == "replay":
+        from multillm.cli.replay import run_replay
+
+        return run_replay(settings, args)
     if args.command == "logs":
         from multillm.cli.logs import run_logs
 

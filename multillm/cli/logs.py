@@ -1,4 +1,4 @@
-"""`multillm logs list|show|stats|report|score|replay-dead`: reading the records and their scores back,
+"""`multillm logs list|show|stats|compare|report|score|replay-dead`: reading the records and their scores back,
 for people (rich tables) and scripts (`--json`), scoring a record, and writing the dead-lettered
 records and scores to the sink.
 
@@ -21,7 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from multillm import contract
-from multillm.cli.replay import replay_dead_records, summary
+from multillm.cli.comparison import Comparison, compare, comparison_rows
+from multillm.cli.replay_dead import replay_dead_records, summary
 from multillm.cli.report import render_report
 from multillm.cli.summaries import (
     STATS_COLUMNS,
@@ -41,7 +42,7 @@ from multillm.config import ENV_SINK_URL, Settings
 from multillm.errors import BrokerUnavailable, CommandError, ConfigError, RpcError
 from multillm.producers.publishing import RequestPublisher
 from multillm.schemas import LLMLogRecord, LLMScore, V1Score, checked_score
-from multillm.sinks import RecordFilter, describe_sink, mask_url, open_sink
+from multillm.sinks import RecordFilter, Sink, describe_sink, mask_url, open_sink
 
 
 def record_filter(args: argparse.Namespace) -> RecordFilter:
@@ -57,12 +58,12 @@ def record_filter(args: argparse.Namespace) -> RecordFilter:
     )
 
 
-def run_logs(settings: Settings, args: argparse.Namespace) -> int:
-    if args.action == "score":
-        return _score(settings, args)
-    url = args.sink or settings.sink_url
-    if args.action == "replay-dead":
-        return _replay(settings, url)
+def open_for_reading(url: str) -> Sink:
+    """The sink at `url`, read-only, said on stderr.
+
+    Raises:
+        ConfigError: it cannot be opened; the message says where to point instead.
+    """
     try:
         sink = open_sink(url, read_only=True)
     except ConfigError as exc:
@@ -70,6 +71,16 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
             f"{exc}; point at the workers' sink with --sink URL, {ENV_SINK_URL} or sink_url in the config file"
         ) from None
     print(f"multillm: reading {describe_sink(url)}", file=sys.stderr)
+    return sink
+
+
+def run_logs(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "score":
+        return _score(settings, args)
+    url = args.sink or settings.sink_url
+    if args.action == "replay-dead":
+        return _replay(settings, url)
+    sink = open_for_reading(url)
     try:
         if args.action == "show":
             one_request = RecordFilter(request_id=args.request_id)
@@ -80,10 +91,17 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         where = record_filter(args)
         records = sink.records(where=where)
-        scores = sink.scores(where) if args.action in ("stats", "report") else []
+        scores = sink.scores(where) if args.action in ("stats", "report", "compare") else []
     finally:
         sink.close()
-    if args.action == "list":
+    if args.action == "compare":
+        comparison = compare(records, scores, args.baseline, args.candidate, args.judge)
+        if args.json:
+            _print(msgspec.json.format(msgspec.json.encode(comparison).decode(), indent=2))
+        else:
+            _print(_compare_table(comparison))
+            print(comparison.conclusion)
+    elif args.action == "list":
         summaries = summarize(records)[: args.limit]
         _print(_json(summaries) if args.json else _list_table(summaries))
     elif args.action == "stats":
@@ -197,6 +215,19 @@ def _list_table(summaries: Sequence[RequestSummary]) -> Table | str:
         )
         cells = (s.request_id, s.created_at, s.mode, models, format_usd(s.cost_usd))
         table.add_row(*(Text(printable(cell)) for cell in cells))
+    return table
+
+
+def _compare_table(comparison: Comparison) -> Table:
+    table = Table(
+        title=f"{comparison.candidate.model_name} (candidate) against {comparison.baseline.model_name} (baseline)",
+        caption="pairs: the two models' records of the same request (or of a replay of it); latencies and"
+        " tokens over successful calls",
+    )
+    for name, justify in (("", "left"), ("baseline", "right"), ("candidate", "right"), ("ratio", "right")):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in comparison_rows(comparison):
+        table.add_row(*row)
     return table
 
 

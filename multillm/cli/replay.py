@@ -1,122 +1,94 @@
-"""`multillm logs replay-dead`: write the records and scores waiting in `multillm.dead` to the sink.
-
-Each dead letter is taken once with `basic.get` and held unacknowledged. A record or score
-the sink stores (or already had: writes are idempotent on `log_id` and `score_id`) is
-acknowledged; every other dead letter, and every row the sink would not take, stays held until
-the connection closes, when the broker puts them all back in the queue in the order
-they were taken. Holding them is what stops the loop: nothing is read twice, and one
-record the sink refuses does not strand those behind it.
-"""
+"""`multillm replay`: the logged input of the requests the filters select, sent again to other models
+through their queues (multillm/replaying.py says how), at most `--rate` requests a second."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
-
-import kombu
-import kombu.exceptions
-import msgspec
+import argparse
+import sys
+import time
 
 from multillm import contract
-from multillm.errors import CommandError, describe
-from multillm.producers.publishing import connect, declare_queues
-from multillm.schemas import LLMScore, decode_record
+from multillm.cli.logs import open_for_reading, record_filter
+from multillm.config import Settings
+from multillm.errors import BrokerUnavailable, CommandError, ConfigError, RpcError
+from multillm.producers.publishing import RequestPublisher, queue_counts
+from multillm.progress import progress
+from multillm.records import log_id_for
+from multillm.replaying import REPLAYED_INDEX, Replay, logged_inputs, replay
+from multillm.schemas import model_name_problem
 from multillm.sinks import Sink
-from multillm.urls import mask_url
 
-# The rows a worker dead-letters when the sink would not take them, by AMQP `type`, and how
-# each is decoded and written.
-_ROWS: Final[dict[str, tuple[Callable[[bytes], Any], Callable[[Sink, Any], bool]]]] = {
-    contract.TYPE_RECORD: (decode_record, lambda sink, record: sink.write(record)),
-    contract.TYPE_STORED_SCORE: (
-        msgspec.json.Decoder(LLMScore).decode,
-        lambda sink, score: sink.write_scores([score])[0],
-    ),
-}
-_CONNECT_TIMEOUT_SECONDS: Final = 10.0
+# A broker that does not confirm one copy within this long is down: say so rather than wait.
+_PUBLISH_TIMEOUT_SECONDS = 30.0
 
 
-@dataclass
-class ReplayCounts:
-    """What one replay did."""
-
-    written: int = 0
-    already_stored: int = 0
-    others: int = 0
-    # One line per record the sink did not take, saying which and why.
-    failures: list[str] = field(default_factory=list)
-
-
-def replay_dead_records(broker_url: str, sink: Sink, report: Callable[[str], None] = print) -> ReplayCounts:
-    """Write every `LLMLogRecord` and `LLMScore` dead letter to `sink`; acknowledge those it stored.
-
-    Args:
-        broker_url: the broker whose `multillm.dead` is read.
-        sink: where the records go.
-        report: told one line for each record that could not be written, as it happens.
-
-    Raises:
-        CommandError: no broker answered at `broker_url`.
-    """
-    counts = ReplayCounts()
-    with connect(broker_url) as connection:
-        try:
-            connection.ensure_connection(max_retries=1, timeout=_CONNECT_TIMEOUT_SECONDS)
-            declare_queues(connection, contract.dead_queue())
-        except (OSError, kombu.exceptions.OperationalError) as exc:
-            raise CommandError(f"cannot reach the broker at {mask_url(broker_url)}: {exc}") from None
-        queue = kombu.Queue(contract.DEAD_QUEUE, no_declare=True)(connection.default_channel)
-        position = 0
-        while (message := queue.get(no_ack=False)) is not None:
-            position += 1
-            row_type = message.properties.get("type")
-            if row_type not in _ROWS:
-                counts.others += 1
-                continue
-            failure = _write(sink, message, row_type, counts)
-            if failure is None:
-                message.ack()
-            else:
-                line = f"not written: dead letter {position} ({_log_id(message.body)}): {failure}"
-                counts.failures.append(line)
-                report(line)
-    return counts
-
-
-def _write(sink: Sink, message: Any, row_type: str, counts: ReplayCounts) -> str | None:
-    """Store the record or score of `message`; None if it is in the sink now, else why not."""
-    decode, write = _ROWS[row_type]
+def run_replay(settings: Settings, args: argparse.Namespace) -> int:
+    models: list[str] = list(dict.fromkeys(args.models))
+    for model in models:
+        if problem := model_name_problem(model):
+            raise ConfigError(f"--model {model!r}: {problem}")
+    sink = open_for_reading(args.sink or settings.sink_url)
     try:
-        row = decode(message.body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        return f"not a valid {row_type}: {exc}"
-    try:
-        written = write(sink, row)
-    except Exception as exc:  # whatever the sink's driver raises: reported, and the record kept
-        return "the sink refused it: " + describe(exc)
-    if written:
-        counts.written += 1
-    else:
-        counts.already_stored += 1
-    return None
-
-
-class _LogId(msgspec.Struct):
-    log_id: str
-
-
-def _log_id(body: bytes) -> str:
-    try:
-        return f"log_id {msgspec.json.decode(body, type=_LogId).log_id!r}"
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return "no log_id"
-
-
-def summary(counts: ReplayCounts) -> str:
-    """One line: what was written and what is left in `multillm.dead`."""
-    return (
-        f"{counts.written + counts.already_stored} records and scores written to the sink and removed from"
-        f" {contract.DEAD_QUEUE} ({counts.already_stored} of them were stored already); left in {contract.DEAD_QUEUE}:"
-        f" {len(counts.failures)} not written, {counts.others} other dead letters"
+        inputs = logged_inputs(sink.records(where=record_filter(args)))
+        if args.limit is not None:
+            inputs = inputs[-args.limit :]
+        planned = [replay(source, model) for source in inputs for model in models]
+        todo = [r for r in planned if not _answered_before(sink, r)]
+    finally:
+        sink.close()
+    before = len(planned) - len(todo)
+    counted = f"{len(inputs)} requests to {', '.join(models)}: {len(todo)} copies ({before} answered before, skipped)"
+    if args.dry_run:
+        print(f"would replay {counted}")
+        return 0
+    if not inputs:
+        raise CommandError("no records match the filters: nothing to replay")
+    _check_served(settings.broker_url, models)
+    _send(settings.broker_url, todo, None if args.rate is None else args.rate * len(models))
+    print(f"replayed {counted}")
+    print(
+        f"their records carry log attribute {contract.ATTR_REPLAY_OF}; compare with"
+        f" `multillm logs compare --baseline MODEL --candidate {models[0]}`"
     )
+    return 0
+
+
+def _answered_before(sink: Sink, planned: Replay) -> bool:
+    """Whether the model has a record for the request already: in the request itself, or by a replay."""
+    if any(r.model_name == planned.model for r in sink.records(planned.origin)):
+        return True
+    return any(r.model_index == REPLAYED_INDEX for r in sink.records(planned.request_id))
+
+
+def _check_served(broker_url: str, models: list[str]) -> None:
+    """Raises CommandError naming each model whose queue no worker consumes: its copies would wait for ever."""
+    try:
+        unserved = [m for m in models if queue_counts(broker_url, contract.model_queue(m))[1] == 0]
+    except OSError as exc:
+        raise CommandError(f"cannot reach the broker: {exc}") from None
+    if unserved:
+        starts = "; ".join(f"`multillm worker model --model {m}`" for m in unserved)
+        raise CommandError(f"no worker serves {', '.join(unserved)}: start {starts}, then replay again")
+
+
+def _send(broker_url: str, todo: list[Replay], rate: float | None) -> None:
+    """Publish `todo`, at most `rate` copies a second."""
+    try:
+        publisher = RequestPublisher(broker_url, pool_size=1)
+    except Exception as exc:  # kombu's and amqp's own: the broker is down or refused the declarations
+        raise CommandError(f"cannot reach the broker: {exc}") from None
+    started = time.monotonic()
+    sent = 0
+    try:
+        with progress("replaying", len(todo)) as update:
+            for sent, planned in enumerate(todo):
+                if rate is not None and (ahead := started + sent / rate - time.monotonic()) > 0:
+                    time.sleep(ahead)
+                message_id = log_id_for(planned.request_id, REPLAYED_INDEX)
+                publisher.publish_copy(planned.copy, message_id, timeout=_PUBLISH_TIMEOUT_SECONDS)
+                update(sent + 1)
+    except (BrokerUnavailable, RpcError) as exc:
+        print(f"multillm: stopped after {sent} of {len(todo)} copies", file=sys.stderr)
+        raise CommandError(str(exc)) from None
+    finally:
+        publisher.close()

@@ -1,4 +1,4 @@
-"""Publishing requests and scores with kombu: confirmed, persistent, mandatory, reconnecting.
+"""Publishing requests, scores and replayed copies with kombu: confirmed, persistent, mandatory, reconnecting.
 
 Threads: `RequestPublisher.publish` may be called from any number of threads.
 Each call borrows a producer from a kombu `ProducerPool`; every pooled producer
@@ -26,7 +26,7 @@ from multillm.config import PUBLISH_RETRY
 from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
 from multillm.logging_setup import get_logger
-from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1Score, encode
+from multillm.schemas import FanOutCopy, V1CreateMultiLLMChatCompletionRequest, V1Score, encode
 from multillm.urls import broker_nodes
 
 log = get_logger(__name__)
@@ -231,6 +231,19 @@ class RequestPublisher:
         self._confirmed(message, f"score {score.id}", timeout)
         return score.id
 
+    def publish_copy(self, copy: FanOutCopy, message_id: str, *, timeout: float | None = None) -> None:
+        """Publish a fan-out copy to its model's queue, as the primary worker does (`multillm replay`),
+        and wait for the broker's confirm. `message_id`: the log id its record will have.
+
+        Raises:
+            Unavailable: no queue is bound for the copy's model.
+            BrokerUnavailable: the broker did not confirm the publish, even after reconnecting.
+        """
+        message = _Message(
+            contract.MODEL_EXCHANGE, copy.model.name, contract.TYPE_FANOUT, encode(copy), message_id=message_id
+        )
+        self._confirmed(message, f"the copy of request {copy.request_id} for {copy.model.name}", timeout)
+
     def _confirmed(self, message: _Message, what: str, timeout: float | None) -> None:
         """Publish `message`, mandatory, and wait for its confirm.
 
@@ -246,7 +259,9 @@ class RequestPublisher:
             returned = message.message_id in self._returned
             self._returned.discard(message.message_id)
         if returned:
-            raise Unavailable(Code.UNAVAILABLE, f"no queue is bound to exchange {message.exchange!r}")
+            raise Unavailable(
+                Code.UNAVAILABLE, f"no queue is bound to exchange {message.exchange!r} for {message.routing_key!r}"
+            )
 
     def _publish(self, message: _Message, timeout: float | None) -> None:
         # The caller's timeout bounds the whole publish too, reconnects included.
