@@ -143,10 +143,18 @@ def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Pa
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("reply to request") == 3
-    assert "stopped 4 workers (exit codes [0, 0, 0, 0])" in done.stdout
-    records = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert "stopped 5 workers (exit codes [0, 0, 0, 0, 0])" in done.stdout
+    lines = [json.loads(line) for line in sink.read_text().splitlines()]
+    asks = [r for r in lines if any(a["key"] == "judgeOf" for a in r["log_attributes"])]
+    records = [r for r in lines if r not in asks]
     assert len(records) == 9 and all(r["status"] == "ok" for r in records)
     assert sorted(r["is_primary"] for r in records).count(True) == 3
+    # The judge asked twice about each of the 6 non-primary answers.
+    assert len(asks) == 12 and {r["model_name"] for r in asks} == {"mock/judge"}
+    assert "6 of 6 answers judged against their primary's by mock/judge" in done.stdout
+    # upper beats echo where either is the primary (requests 0 and 1); request 2's primary is reverse
+    assert re.search(r"judge: win / tie / loss\s*│\s*│\s*2 / 0 / 0\s*│", done.stdout), done.stdout
+    assert "On 3 pairs: the figures support: the candidate costs" in done.stdout
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:

@@ -167,7 +167,9 @@ def test_report_is_one_self_contained_escaped_page(
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>")
     assert "mock/alpha" in page and "mock/beta" in page
-    assert page.count("<svg") == 2  # one latency chart per model
+    # one latency chart per model, and the paired calls' two of the comparison of the models
+    assert page.count("<svg") == 4
+    assert "(candidate) against mock/" in page
     assert "alpha three" in page and "upstream unavailable" in page
     assert "&lt;script src=&quot;https://evil.example/x.js&quot;&gt;" in page
     assert "<script" not in page

@@ -151,7 +151,7 @@ def test_compare_figures_from_the_records_with_judged_replays(
     assert (turned["verdicts"]["win"], turned["verdicts"]["tie"], turned["verdicts"]["loss"]) == (0, 1, 5)
 
     table = multillm("logs", "compare", "--baseline", "mock/echo", "--candidate", "mock/upper", env=env)
-    assert "5 win / 1 tie / 0 loss" in table.stdout
+    assert "5 / 1 / 0" in table.stdout and "100% (61%-100%)" in table.stdout
     assert table.stdout.strip().splitlines()[-1] == figures["conclusion"]
 
 

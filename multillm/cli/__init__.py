@@ -247,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--recent", type=_positive, default=20, help="side-by-side answers of this many requests (default 20)"
     )
+    report.add_argument(
+        "--baseline", metavar="MODEL", help="compare against this model (default: the one most often primary)"
+    )
+    report.add_argument("--candidate", metavar="MODEL", help="compare only this model (default: every other one)")
+    report.add_argument("--judge", metavar="MODEL", help="whose verdicts, when several judges scored")
     for p in (listing, stats, report):
         _add_filters(p)
     for p in (listing, show, stats, comparing):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from typing import Final
 
@@ -28,6 +29,8 @@ from multillm.schemas import LLMLogRecord, LLMScore
 _Z95: Final = 1.959963984540054
 # Fewer pairs than this, and the last line says to collect more before deciding.
 ENOUGH_PAIRS: Final = 30
+# Median latencies within this share of each other are "about as fast": run-to-run noise.
+_SAME_SPEED: Final = 0.1
 _TURNED: Final = {"win": "loss", "loss": "win", "tie": "tie"}
 
 
@@ -233,13 +236,15 @@ def _conclusion(count: int, base: Side, cand: Side, verdicts: Verdicts) -> str:
     cost = _ratio(cand.cost_per_1k_requests_usd, base.cost_per_1k_requests_usd)
     if cost is None:
         unsupported.append("a cost comparison (a model's price is unknown)")
-    elif cost != 1:
-        supported.append(f"it costs {cost:.2f}x as much")
+    else:
+        supported.append(f"the candidate costs {cost:.2f}x as much")
     p50 = _ratio(cand.latency_ms_p50, base.latency_ms_p50)
-    if p50 is not None and p50 != 1:
-        supported.append(f"it is {'slower' if p50 > 1 else 'faster'} at the median ({p50:.2f}x)")
-    if cand.errors > base.errors:
-        supported.append(f"it fails more often ({cand.error_rate:.1%} against {base.error_rate:.1%})")
+    if p50 is not None:
+        pace = "about as fast" if abs(p50 - 1) < _SAME_SPEED else "slower" if p50 > 1 else "faster"
+        supported.append(f"it is {pace} at the median ({p50:.2f}x)")
+    if cand.errors != base.errors:
+        more = "more" if cand.errors > base.errors else "less"
+        supported.append(f"it failed {more} often ({cand.error_rate:.1%} against {base.error_rate:.1%})")
     if count < ENOUGH_PAIRS:
         unsupported.append(f"a decision on {count} pairs (collect at least {ENOUGH_PAIRS})")
     said = f"On {count} pairs: the figures support: {'; '.join(supported) or 'nothing yet'}."
@@ -249,12 +254,10 @@ def _conclusion(count: int, base: Side, cand: Side, verdicts: Verdicts) -> str:
 def comparison_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     """(figure, baseline, candidate, candidate/baseline) rows, as the table and the report show them."""
     b, k, v = c.baseline, c.candidate, c.verdicts
-    judged = "-"
+    judged = share = "-"
     if v.judged:
-        judged = (
-            f"{v.win} win / {v.tie} tie / {v.loss} loss: win or tie {v.win_or_tie_rate:.0%}"
-            f" (95% CI {v.win_or_tie_ci95_low:.0%}-{v.win_or_tie_ci95_high:.0%}), judge {v.judge}"
-        )
+        judged = f"{v.win} / {v.tie} / {v.loss}"
+        share = f"{v.win_or_tie_rate:.0%} ({v.win_or_tie_ci95_low:.0%}-{v.win_or_tie_ci95_high:.0%})"
     return [
         ("pairs", str(c.pairs), str(c.pairs), ""),
         ("errors", f"{b.errors} ({b.error_rate:.1%})", f"{k.errors} ({k.error_rate:.1%})", ""),
@@ -267,7 +270,8 @@ def comparison_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
             format_usd(k.cost_per_1k_requests_usd),
             _x(c.cost_ratio),
         ),
-        ("judge: candidate vs baseline", "", judged, ""),
+        ("judge: win / tie / loss", "", judged, ""),
+        ("judge: win or tie (95% CI)", "", share, ""),
     ]
 
 
@@ -280,3 +284,24 @@ def _tokens(side: Side) -> str:
         return "-" if value is None else f"{value:g}"
 
     return f"{shown(side.mean_prompt_tokens)} / {shown(side.mean_completion_tokens)}"
+
+
+def report_comparisons(
+    records: Sequence[LLMLogRecord],
+    scores: Sequence[LLMScore],
+    baseline: str | None = None,
+    candidate: str | None = None,
+    judge: str | None = None,
+) -> list[Comparison]:
+    """What `logs report` compares: `candidate` against `baseline` when given; else each model against
+    the model most often primary (the one in use), where they share a request."""
+    if baseline and candidate:
+        return [compare(records, scores, baseline, candidate, judge)]
+    traffic = [r for r in records if not is_judge_record(r)]
+    primaries = Counter(r.model_name for r in traffic if r.is_primary)
+    if not primaries:
+        return []
+    usual = baseline or primaries.most_common(1)[0][0]
+    others = sorted({r.model_name for r in traffic} - {usual})
+    found = [compare(traffic, scores, usual, other, judge) for other in others]
+    return [c for c in found if c.pairs]

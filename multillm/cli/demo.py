@@ -3,8 +3,9 @@
 Starts the mock (in this process, on a free port), a primary worker and one
 worker per extra model (as child processes, exactly as an operator would run
 them), sends a few multi-model requests, prints each reply and every model's
-record side by side, gives each primary answer a user's feedback (a score), then
-stops everything with SIGTERM.
+record side by side, gives each primary answer a user's feedback (a score), waits
+for the judge worker's verdicts, ends with `logs compare` of two of the models on
+this run's requests, then stops everything with SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,26 +13,32 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from multillm import contract
 from multillm.cli.commands import connect_client
-from multillm.cli.logs import side_by_side
+from multillm.cli.comparison import compare
+from multillm.cli.logs import comparison_table, print_output, side_by_side
 from multillm.config import DEFAULT_MOCK_LATENCY_MS, ENV_CONFIG, Settings
 from multillm.errors import CommandError, MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
 from multillm.progress import progress
 from multillm.schemas import LLMLogRecord
-from multillm.sinks import Sink, open_sink
+from multillm.sinks import RecordFilter, Sink, open_sink
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers, write_worker_config
 
 # The mock answers `echo` as asked, `upper` in capitals and `reverse` word by word,
 # so the three columns of each request differ visibly.
 MODELS = ("mock/echo", "mock/upper", "mock/reverse")
+# The mock judges by a rule (mock_llm/protocol.py): the answer with more capital letters wins.
+JUDGE = "mock/judge"
+# What the demo compares at the end: the cheap model in use, and the dear one considered.
+BASELINE, CANDIDATE = "mock/echo", "mock/upper"
 # The mock's models are priced like real ones (USD per million input and output tokens), so that
 # the demo's records show costs; genai-prices' table does not know them.
-DEMO_PRICES = {"mock/echo": (0.15, 0.6), "mock/upper": (2.5, 10.0), "mock/reverse": (1.1, 4.4)}
+DEMO_PRICES = {"mock/echo": (0.15, 0.6), "mock/upper": (2.5, 10.0), "mock/reverse": (1.1, 4.4), JUDGE: (0.15, 0.6)}
 PROMPTS = (
     "Summarise the plot of Hamlet in one sentence.",
     "What is a message queue good for?",
@@ -54,12 +61,13 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAU
             workers.append(WorkerProcess(["primary", "--concurrency", "4"], env=env, log_path=logs))
             for model in MODELS:
                 workers.append(WorkerProcess(["model", "--model", model, "--concurrency", "4"], env=env, log_path=logs))
-            queues = [contract.REQUEST_QUEUE, *(contract.model_queue(model) for model in MODELS)]
+            workers.append(WorkerProcess(["judge", "--model", JUDGE, "--concurrency", "4"], env=env, log_path=logs))
+            queues = [contract.REQUEST_QUEUE, *(contract.model_queue(model) for model in MODELS), contract.JUDGE_QUEUE]
             with progress("starting workers", len(queues)) as started:
                 for done, queue in enumerate(queues, 1):
                     wait_for_consumers(settings.broker_url, queue, 1, workers=workers)
                     started(done)
-            print(f"started {len(workers)} workers: primary + one per model ({', '.join(MODELS)})\n")
+            print(f"started {len(workers)} workers: primary, one per model ({', '.join(MODELS)}), judge {JUDGE}\n")
             _send(client, settings, requests)
         except (RuntimeError, MultiLLMError, TimeoutError) as exc:
             raise CommandError(f"{exc}; worker logs: {Path(logs).read_text()[-2000:]}") from None
@@ -73,12 +81,13 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAU
 def _send(client: Client, settings: Settings, count: int) -> None:
     pending = []
     started = time.monotonic()
+    run = uuid.uuid4().hex[:8]  # this run's records, apart from earlier runs' in the same sink
     for i in range(count):
         request = make_request(
             list(MODELS),
             PROMPTS[i % len(PROMPTS)],
             display_model=i % len(MODELS),
-            log_attributes={"demo": str(i)},
+            log_attributes={"demo": str(i), "demoRun": run},
         )
         pending.append((request, client.submit(request, timeout=60)))
     sink = open_sink(settings.sink_url)
@@ -96,8 +105,16 @@ def _send(client: Client, settings: Settings, count: int) -> None:
             print(f"  feedback {label} on the primary's answer (score {score_ids[-1]})\n")
         stored = _stored_scores(sink, set(score_ids))
         print(f"{stored} of {len(score_ids)} scores stored by the primary worker")
+        this_run = RecordFilter(attributes={"demoRun": run})
+        # The judge scores each non-primary answer against the primary's: two a request.
+        verdicts = _verdicts(sink, this_run, (len(MODELS) - 1) * count)
+        print(f"{verdicts} of {(len(MODELS) - 1) * count} answers judged against their primary's by {JUDGE}\n")
+        comparison = compare(sink.records(where=this_run), sink.scores(this_run), BASELINE, CANDIDATE)
+        print_output(comparison_table(comparison))
+        print(comparison.conclusion)
     finally:
         sink.close()
+    print(f"\nthe same again: multillm logs compare --baseline {BASELINE} --candidate {CANDIDATE} --attr demoRun={run}")
     print("see them again with: multillm logs show REQUEST_ID   (or: multillm logs list / stats)")
     print("score an answer with: multillm logs score LOG_ID --name feedback --label up")
 
@@ -108,6 +125,16 @@ def _stored_scores(sink: Sink, score_ids: set[str], timeout: float = 30.0) -> in
     while True:
         found = len(score_ids & {s.score_id for s in sink.scores()})
         if found == len(score_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _verdicts(sink: Sink, where: RecordFilter, expected: int, timeout: float = 30.0) -> int:
+    """How many judge verdicts the records `where` selects have, once all `expected` are in or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sum(1 for s in sink.scores(where) if s.name == contract.JUDGE_SCORE_NAME)
+        if found >= expected or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 

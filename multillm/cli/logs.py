@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from multillm import contract
-from multillm.cli.comparison import Comparison, compare, comparison_rows
+from multillm.cli.comparison import Comparison, compare, comparison_rows, report_comparisons
 from multillm.cli.replay_dead import replay_dead_records, summary
 from multillm.cli.report import render_report
 from multillm.cli.summaries import (
@@ -87,7 +87,7 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
             records, scores = sink.records(where=one_request), sink.scores(one_request)
             if not records:
                 raise CommandError(f"no records for request {args.request_id!r} in the sink")
-            _print(_json(shown(records, scores)) if args.json else side_by_side_table(records, scores))
+            print_output(_json(shown(records, scores)) if args.json else side_by_side_table(records, scores))
             return 0
         where = record_filter(args)
         records = sink.records(where=where)
@@ -97,18 +97,20 @@ def run_logs(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "compare":
         comparison = compare(records, scores, args.baseline, args.candidate, args.judge)
         if args.json:
-            _print(msgspec.json.format(msgspec.json.encode(comparison).decode(), indent=2))
+            print_output(msgspec.json.format(msgspec.json.encode(comparison).decode(), indent=2))
         else:
-            _print(_compare_table(comparison))
+            print_output(comparison_table(comparison))
             print(comparison.conclusion)
     elif args.action == "list":
         summaries = summarize(records)[: args.limit]
-        _print(_json(summaries) if args.json else _list_table(summaries))
+        print_output(_json(summaries) if args.json else _list_table(summaries))
     elif args.action == "stats":
         stats = model_stats(records, scores)
-        _print(_json(stats) if args.json else _stats_table(stats))
+        print_output(_json(stats) if args.json else _stats_table(stats))
     else:
-        Path(args.html).write_text(render_report(records, scores, recent=args.recent), encoding="utf-8")
+        comparisons = report_comparisons(records, scores, args.baseline, args.candidate, args.judge)
+        page = render_report(records, scores, recent=args.recent, comparisons=comparisons)
+        Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}: {len(records)} records, {len(summarize(records))} requests, {len(scores)} scores")
     return 0
 
@@ -165,7 +167,8 @@ PIPED_WIDTH = 160
 _SCORE_TIMEOUT_SECONDS = 30.0
 
 
-def _print(output: str | Table) -> None:
+def print_output(output: str | Table) -> None:
+    """JSON or text as it is; a table as wide as the terminal, or `PIPED_WIDTH` when piped."""
     if isinstance(output, str):
         print(output)  # JSON stays one plain document: no wrapping, no colour
     else:
@@ -218,7 +221,8 @@ def _list_table(summaries: Sequence[RequestSummary]) -> Table | str:
     return table
 
 
-def _compare_table(comparison: Comparison) -> Table:
+def comparison_table(comparison: Comparison) -> Table:
+    """`logs compare`'s table: a row a figure, the two models and their ratio."""
     table = Table(
         title=f"{comparison.candidate.model_name} (candidate) against {comparison.baseline.model_name} (baseline)",
         caption="pairs: the two models' records of the same request (or of a replay of it); latencies and"

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Final
 
+from multillm.cli.comparison import Comparison, Verdicts, comparison_rows, pairs
 from multillm.cli.summaries import (
     STATS_COLUMNS,
     ModelStats,
@@ -52,9 +53,16 @@ svg text { font: 10px sans-serif; fill: #444; }
 """
 
 
-def render_report(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = (), *, recent: int = 20) -> str:
+def render_report(
+    records: Sequence[LLMLogRecord],
+    scores: Sequence[LLMScore] = (),
+    *,
+    recent: int = 20,
+    comparisons: Sequence[Comparison] = (),
+) -> str:
     """The whole page: per-model figures, a latency histogram per model, cost per 1,000 requests,
-    the scores per model, the latest `recent` requests."""
+    the scores per model, each of `comparisons` (`logs compare`) with its charts, the latest
+    `recent` requests."""
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     stats = model_stats(records, scores)
     scored = by_log_id(scores)  # once: each request shown looks its records' scores up
@@ -69,9 +77,12 @@ def render_report(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = 
         "<h2>Latency of successful calls</h2>",
         _charts(records),
         "<h2>Cost per 1,000 requests</h2>",
-        cost_chart(stats),
+        cost_chart([(s.model_name, s.cost_per_1k_requests_usd) for s in stats]),
         "<h2>Scores</h2>",
         _scores_table(stats),
+        "<h2>Comparisons</h2>",
+        *(_comparison(records, c) for c in comparisons),
+        "" if comparisons else "<p>no two models share a request</p>",
         f"<h2>Latest {recent} requests</h2>",
         *(_answers(group, scored) for group in by_request(records)[:recent]),
         "</body></html>",
@@ -89,9 +100,10 @@ def _stats_table(stats: Sequence[ModelStats]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def cost_chart(stats: Sequence[ModelStats]) -> str:
-    """An SVG bar per priced model: what 1,000 requests to it cost, on one scale."""
-    priced = [(s.model_name, s.cost_per_1k_requests_usd) for s in stats if s.cost_per_1k_requests_usd is not None]
+def cost_chart(costs: Sequence[tuple[str, float | None]]) -> str:
+    """An SVG bar per priced model of (model, USD per 1,000 requests or None): what 1,000 requests to it
+    cost, on one scale."""
+    priced = [(name, cost) for name, cost in costs if cost is not None]
     if not priced:
         return "<p>no priced records (docs/operations.md, Prices)</p>"
     top = max(cost for _, cost in priced) or 1.0
@@ -108,6 +120,60 @@ def cost_chart(stats: Sequence[ModelStats]) -> str:
             f"<title>{escape(name)}: ${escape(format_usd(cost))} per 1,000 requests</title></rect>"
             f'<text x="{name_w + w + 4:.1f}" y="{y + 12}">${escape(format_usd(cost))}</text>'
         )
+    return f'<svg width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" role="img">{"".join(shapes)}</svg>'
+
+
+def _comparison(records: Sequence[LLMLogRecord], c: Comparison) -> str:
+    """One `logs compare`: its table, the paired calls' latencies, their cost, the judge's verdicts, the words."""
+    base, cand = c.baseline.model_name, c.candidate.model_name
+    found = pairs(records, base, cand)
+    latencies = {base: ok_latencies([b for b, _ in found]), cand: ok_latencies([k for _, k in found])}
+    top = max((v for values in latencies.values() for v in values), default=0.0) or 1.0
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td>" + "".join(f'<td class="n">{escape(v)}</td>' for v in cells) + "</tr>"
+        for name, *cells in comparison_rows(c)
+    )
+    histograms = "".join(
+        f"<figure><figcaption>{escape(name)}</figcaption>{histogram(values, top)}</figure>"
+        for name, values in latencies.items()
+        if values
+    )
+    costs = [(base, c.baseline.cost_per_1k_requests_usd), (cand, c.candidate.cost_per_1k_requests_usd)]
+    return (
+        f"<h3>{escape(cand)} (candidate) against {escape(base)} (baseline)</h3>"
+        f"<table><tr><th></th><th>baseline</th><th>candidate</th><th>ratio</th></tr>{rows}</table>"
+        f'<div class="charts">{histograms}'
+        f"<figure><figcaption>cost per 1,000 requests</figcaption>{cost_chart(costs)}</figure>"
+        f"<figure><figcaption>judge: the candidate's win / tie / loss</figcaption>{verdict_chart(c.verdicts)}</figure>"
+        f"</div><p><b>{escape(c.conclusion)}</b></p>"
+    )
+
+
+def verdict_chart(v: Verdicts) -> str:
+    """An SVG bar of the candidate's wins, ties and losses, with the 95% interval of win-or-tie and 50% marked."""
+    if not v.judged:
+        return "<p>no judge verdicts (multillm worker judge)</p>"
+    plot_w, bar_y, bar_h, height = WIDTH - 2 * MARGIN, 24, 20, 74
+    shapes, x = [], float(MARGIN)
+    for count, colour, name in ((v.win, "#2a2", "win"), (v.tie, "#aaa", "tie"), (v.loss, "#c22", "loss")):
+        w = count / v.judged * plot_w
+        shapes.append(
+            f'<rect x="{x:.1f}" y="{bar_y}" width="{w:.1f}" height="{bar_h}" fill="{colour}">'
+            f"<title>{count} {name}</title></rect>"
+        )
+        x += w
+    low = MARGIN + (v.win_or_tie_ci95_low or 0.0) * plot_w
+    high = MARGIN + (v.win_or_tie_ci95_high or 0.0) * plot_w
+    whisker_y = bar_y + bar_h + 10
+    half = MARGIN + plot_w / 2
+    shapes.append(
+        f'<line x1="{low:.1f}" x2="{high:.1f}" y1="{whisker_y}" y2="{whisker_y}" stroke="#222" stroke-width="2">'
+        "<title>95% interval of the win-or-tie share</title></line>"
+        f'<line x1="{half:.1f}" x2="{half:.1f}" y1="{bar_y - 4}" y2="{whisker_y + 4}" stroke="#222"'
+        ' stroke-dasharray="3"/>'
+        f'<text x="{MARGIN}" y="12">{v.win} win, {v.tie} tie, {v.loss} loss of {v.judged}</text>'
+        f'<text x="{half:.1f}" y="{height - 4}" text-anchor="middle">50%</text>'
+    )
     return f'<svg width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" role="img">{"".join(shapes)}</svg>'
 
 
