@@ -4,7 +4,7 @@ A worker builds one `WorkerMetrics` (its own `CollectorRegistry`, not the global
 one, so that tests and several workers in one process never collide) and passes
 it to the parts that count: the consumer loop, the model runner, the providers
 and the sink (through `GroupCommit`'s observer). `serve` exposes it over HTTP only when
-`--metrics-port` is given. All metrics carry `kind` (`primary` or `model`).
+`--metrics-port` is given. All metrics carry `kind` (`primary`, `model` or `judge`).
 
 | metric | type | labels (besides kind) | counts or measures |
 |---|---|---|---|
@@ -103,7 +103,7 @@ class WorkerMetrics:
     """The metrics of one worker, in a registry of its own; every method is thread-safe and cheap.
 
     Args:
-        kind: `primary` or `model`, the `kind` label of every metric.
+        kind: `primary`, `model` or `judge`, the `kind` label of every metric.
     """
 
     def __init__(self, kind: str = "unserved") -> None:

@@ -46,7 +46,9 @@ def test_each_non_primary_answer_gets_one_verdict_against_the_primary(
     start_worker: StartWorker, client: Client, sink: Sink, config_path: Path
 ) -> None:
     config_path.write_text(
-        config_path.read_text() + f'[prices."{JUDGE}"]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n'
+        config_path.read_text()
+        + f'[prices."{JUDGE}"]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n'
+        + '[judge]\nprompt = "Be a fair judge."\n'
     )
     _start_pipeline(start_worker)
 
@@ -76,7 +78,7 @@ def test_each_non_primary_answer_gets_one_verdict_against_the_primary(
             assert ask.model_name == JUDGE and ask.status == "ok"
             assert ask.cost_usd == (ask.prompt_tokens * 1.0 + ask.completion_tokens * 2.0) / 1e6
             assert ask.trace_id == scored.trace_id and ask.parent_span_id == scored.span_id
-            assert "<answer_a>" in (ask.messages[1].content or "")
+            assert ask.messages[0].content == "Be a fair judge." and "<answer_a>" in (ask.messages[1].content or "")
         assert "capital letters" in (score.comment or "")
 
 
