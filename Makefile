@@ -68,7 +68,7 @@ typecheck: $(VENV)/.installed
 # pip check: every installed package's own requirements are met (a bound too loose shows here first).
 test: $(VENV)/.installed services lint typecheck
 	$(PY) -m pip check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache multillm.egg-info

@@ -289,3 +289,54 @@ def test_multillm_mock_llm_by_hand_takes_150_ms_and_the_help_example_works() -> 
         assert c.post(path, body.encode())[0] == 200
         assert [c.chat("echo", "hi")[0] for _ in range(3)] == [503, 429, 200]  # the faults the example sets
         c.conn.close()
+
+
+# --- streaming, read by the openai SDK's own streaming API ------------------------------------
+
+
+@pytest.fixture
+def sdk(mock_llm: MockLLM) -> Iterator[Any]:
+    import openai
+
+    with openai.OpenAI(base_url=mock_llm.url, api_key="tok", max_retries=0, timeout=10) as opened:
+        yield opened
+
+
+def test_a_streamed_answer_is_the_whole_answer_a_word_a_chunk(sdk: Any, mock_control: MockControl) -> None:
+    whole = sdk.chat.completions.create(model="upper", messages=[{"role": "user", "content": "one two three"}])
+    stream = sdk.chat.completions.create(
+        model="upper",
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert deltas == ["upper ", "says: ", "ONE ", "TWO ", "THREE"]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id == mock_control.calls()[-1].id
+
+
+def test_a_stream_cut_after_n_tokens_fails_after_them(sdk: Any, mock_control: MockControl) -> None:
+    import openai
+
+    mock_control.set_fault("echo", cut_after_tokens=2, token_delay_ms=5)
+    stream = sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b c d"}], stream=True)
+    seen: list[str] = []
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen.append(chunk.choices[0].delta.content)
+    assert seen == ["echo ", "says: "]
+
+
+def test_a_stream_can_fail_before_its_first_token(sdk: Any, mock_control: MockControl) -> None:
+    import openai
+
+    mock_control.set_fault("echo", statuses=[503])
+    with pytest.raises(openai.InternalServerError) as failed:
+        sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
+    assert failed.value.status_code == 503

@@ -52,7 +52,9 @@ fault injection, over HTTP while it runs (in Python: multillm.mock_llm.MockContr
   model without its own), "statuses" (answered in order, 0 = close the socket without
   answering), "always" (answered after them, for ever), "latency_ms", "retry_after" and
   "retry_after_ms" (headers of the error answers), "drop_connection", "echo_auth" (put the
-  caller's key in the error, to test scrubbing), "error_rate" with "error_statuses" and "seed".
+  caller's key in the error, to test scrubbing), "error_rate" with "error_statuses" and "seed";
+  for a streamed answer ("stream": true, server-sent events a word each), "token_delay_ms"
+  and "cut_after_tokens" (reset the connection after that many tokens).
   e.g. curl -X POST http://127.0.0.1:8089/_mock/faults -d '{"model": "echo", "statuses": [503, 429]}'
 """
 
@@ -167,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MOCK_LATENCY_MS,
         metavar="MS",
         help=f"delay before every answer, unless a fault sets another (default {DEFAULT_MOCK_LATENCY_MS:g})",
+    )
+    mock.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay before each token of a streamed answer, unless a fault sets another (default 0)",
     )
 
     demo = _command(sub, "demo", "the whole pipeline end to end against the mock", _BOTH)

@@ -22,7 +22,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "mock-llm":
         from multillm.mock_llm import main as serve_mock
 
-        serve_mock(args.host, args.port, args.latency_ms)
+        serve_mock(args.host, args.port, args.latency_ms, args.token_delay_ms)
         return 0
     settings = load_settings(args.config)
     if args.command == "worker":

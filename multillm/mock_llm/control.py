@@ -42,6 +42,8 @@ class MockControl:
         error_rate: float = 0.0,
         error_statuses: Sequence[int] = (500,),
         seed: int = 0,
+        token_delay_ms: float | None = None,
+        cut_after_tokens: int | None = None,
     ) -> None:
         """Replace the fault of `model` (the provider-side name, or `*`); see `Fault`."""
         fault = Fault(
@@ -56,6 +58,8 @@ class MockControl:
             error_rate=error_rate,
             error_statuses=list(error_statuses),
             seed=seed,
+            token_delay_ms=token_delay_ms,
+            cut_after_tokens=cut_after_tokens,
         )
         self._request("POST", "/_mock/faults", _encoder.encode(fault))
 

@@ -27,8 +27,10 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     replaces the server's latency for this model; `echo_auth` puts the caller's bearer
     token in error messages (to test that it gets scrubbed). `error_rate` makes each
     call after those fail at random, with one of `error_statuses` (0 = drop), from a
-    generator seeded with `seed` (for chaos runs). Setting a model's fault replaces the
-    one it had.
+    generator seeded with `seed` (for chaos runs). For a streamed answer (`"stream": true`),
+    `token_delay_ms` replaces the server's delay between tokens, and `cut_after_tokens` resets
+    the connection after that many tokens (a stream cut mid-answer; a status fails the call
+    before the first token). Setting a model's fault replaces the one it had.
     """
 
     model: str
@@ -42,6 +44,8 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
     error_statuses: list[Status] = msgspec.field(default_factory=lambda: [500])
     seed: int = 0
+    token_delay_ms: Annotated[float, Meta(ge=0)] | None = None
+    cut_after_tokens: Annotated[int, Meta(ge=0)] | None = None
 
 
 class MockCall(Struct, kw_only=True):
@@ -72,11 +76,17 @@ class _InMessage(Struct):
     content: str | list[_Part] | None = None
 
 
+class _StreamOptions(Struct):
+    include_usage: bool = False
+
+
 class _ChatRequest(Struct):
     model: str
     messages: Annotated[list[_InMessage], Meta(min_length=1)]
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
 
 
 class _OutMessage(Struct):
@@ -110,6 +120,35 @@ class _Completion(Struct):
     choices: list[_Choice]
     usage: _Usage
     object: str = "chat.completion"
+
+
+class _Delta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class _ChunkChoice(Struct):
+    delta: _Delta
+    finish_reason: str | None = None
+    index: int = 0
+
+
+class _Chunk(Struct, omit_defaults=True):
+    """One server-sent event of a streamed answer (OpenAI's `chat.completion.chunk`)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[_ChunkChoice]
+    usage: _Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+def _pieces(content: str) -> list[str]:
+    """The streamed tokens of `content`: its words, each but the last with the space after it,
+    so that the deltas joined are `content` again."""
+    words = content.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]]
 
 
 class _ErrorDetail(Struct):

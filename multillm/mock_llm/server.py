@@ -30,14 +30,20 @@ from multillm.mock_llm.protocol import (
     MockCall,
     _answer,
     _chat_decoder,
+    _ChatRequest,
     _Choice,
+    _Chunk,
+    _ChunkChoice,
     _Completion,
+    _Delta,
     _encoder,
     _ErrorBody,
     _ErrorDetail,
     _fault_decoder,
     _OutMessage,
+    _pieces,
     _prompt,
+    _Usage,
 )
 
 log = get_logger(__name__)
@@ -61,8 +67,9 @@ class _ModelFault:
 class _State:
     """Faults and the call log, shared by the connection threads."""
 
-    def __init__(self, latency_ms: float) -> None:
+    def __init__(self, latency_ms: float, token_delay_ms: float = 0.0) -> None:
         self.latency_ms = latency_ms
+        self.token_delay_ms = token_delay_ms
         self.lock = threading.Lock()
         self.faults: dict[str, _ModelFault] = {}
         # Bounded: a mock that serves a long benchmark must not grow without limit.
@@ -192,9 +199,11 @@ class _Handler(BaseHTTPRequestHandler):
         if latency_ms:
             time.sleep(latency_ms / 1000)
         if status == DROP:
-            self.close_connection = True
-            # Linger 0 makes close() send a reset, like a peer that crashed.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._reset()
+        elif external_id is not None and request.stream:
+            delay = fault.token_delay_ms if fault and fault.token_delay_ms is not None else None
+            cut = fault.cut_after_tokens if fault else None
+            self._stream(request, external_id, (content, finish, usage), delay, cut)
         elif external_id is not None:
             completion = _Completion(
                 id=external_id,
@@ -216,6 +225,55 @@ class _Handler(BaseHTTPRequestHandler):
                 message = f"Incorrect API key provided: {token}"
             self._error(status, message, headers)
 
+    def _stream(
+        self,
+        request: _ChatRequest,
+        external_id: str,
+        answer: tuple[str, str, _Usage],
+        token_delay_ms: float | None,
+        cut_after: int | None,
+    ) -> None:
+        """The answer as server-sent events, a token each `token_delay_ms` apart, over chunked
+        transfer encoding; reset after `cut_after` tokens when given, like a provider that died."""
+        content, finish, usage = answer
+        delay = (self._server.state.token_delay_ms if token_delay_ms is None else token_delay_ms) / 1000
+        created = int(time.time())
+
+        def event(choices: list[_ChunkChoice], usage: _Usage | None = None) -> bytes:
+            chunk = _Chunk(id=external_id, created=created, model=request.model, choices=choices, usage=usage)
+            return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._chunk(event([_ChunkChoice(delta=_Delta(role="assistant", content=""))]))
+            for sent, piece in enumerate(_pieces(content)):
+                if cut_after is not None and sent >= cut_after:
+                    self._reset()
+                    return
+                if delay:
+                    time.sleep(delay)
+                self._chunk(event([_ChunkChoice(delta=_Delta(content=piece))]))
+            self._chunk(event([_ChunkChoice(delta=_Delta(), finish_reason=finish)]))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                self._chunk(event([], usage))
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")  # the last chunk of the body
+        except OSError:  # the client went away mid-stream
+            self.close_connection = True
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _reset(self) -> None:
+        """Close the connection with a reset (linger 0), as a peer that crashed."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
     def _record(self, call: MockCall) -> None:
         with self._server.state.lock:
             self._server.state.calls.append(call)
@@ -233,8 +291,10 @@ class MockLLM:
             client = openai.OpenAI(base_url=mock.url, api_key="unused")
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0) -> None:
-        self._server = _Server((host, port), _State(latency_ms))
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0, token_delay_ms: float = 0
+    ) -> None:
+        self._server = _Server((host, port), _State(latency_ms, token_delay_ms))
         self._thread: threading.Thread | None = None
 
     @property
@@ -279,19 +339,25 @@ class MockLLM:
         self.stop()
 
 
-def main(host: str = "127.0.0.1", port: int = DEFAULT_MOCK_PORT, latency_ms: float = DEFAULT_MOCK_LATENCY_MS) -> None:
+def main(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_MOCK_PORT,
+    latency_ms: float = DEFAULT_MOCK_LATENCY_MS,
+    token_delay_ms: float = 0.0,
+) -> None:
     """Run the mock until SIGINT or SIGTERM (`multillm mock-llm`).
 
     Args:
         host: address to bind.
         port: port to bind (0 picks a free one).
         latency_ms: delay before every answer, unless a fault sets another.
+        token_delay_ms: delay before each token of a streamed answer, unless a fault sets another.
     """
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
-    mock = MockLLM(host, port, latency_ms).start()
-    log.info("mock_llm.listening", url=mock.url, latency_ms=latency_ms)
+    mock = MockLLM(host, port, latency_ms, token_delay_ms).start()
+    log.info("mock_llm.listening", url=mock.url, latency_ms=latency_ms, token_delay_ms=token_delay_ms)
     # Signals reach only the main thread, so it waits here while another serves.
     while not stopping.wait(0.5):
         pass
