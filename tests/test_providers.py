@@ -64,6 +64,22 @@ class BlockingProviders:
     def complete(self, model: V1Model, messages: list[ChatMessage]) -> ModelResult:
         return self._calls.run(self.providers.complete(model, messages), timeout=30)
 
+    def stream(self, model: V1Model, messages: list[ChatMessage], listener: Heard) -> ModelResult:
+        return self._calls.run(self.providers.stream(model, messages, listener), timeout=30)
+
+
+class Heard:
+    """A StreamListener that writes down what it is told: a list of deltas per try."""
+
+    def __init__(self) -> None:
+        self.tries: list[list[str]] = []
+
+    def started(self) -> None:
+        self.tries.append([])
+
+    def delta(self, text: str) -> None:
+        self.tries[-1].append(text)
+
     def has(self, name: str) -> bool:
         return self.providers.has(name)
 
@@ -477,3 +493,35 @@ def test_nothing_listening_names_the_host_and_port_not_a_timeout(calls: LoopThre
     assert f"down/m: cannot connect to host 127.0.0.1:{port} (ConnectionRefusedError: " in error.message
     assert "timed out" not in error.message
     assert CONFIGURED_KEY not in error.message and REQUEST_KEY not in error.message
+
+
+def test_a_streamed_call_tells_each_delta_and_returns_the_whole(
+    make_providers: MakeProviders, mock_control: MockControl
+) -> None:
+    heard = Heard()
+    result = make_providers().stream(V1Model(name="mock/upper"), HELLO, heard)
+    whole = make_providers().complete(V1Model(name="mock/upper"), HELLO)
+    assert heard.tries == [["upper ", "says: ", "HELLO ", "BIG ", "WORLD"]]
+    assert result.choices[0].message.content == whole.choices[0].message.content
+    assert result.choices[0].finish_reason == "stop"
+    assert result.usage == whole.usage
+    assert result.external_id == mock_control.calls()[0].id
+    assert result.first_token_ms is not None and 0 < result.first_token_ms <= result.latency_ms
+
+
+def test_a_stream_cut_midway_is_retried_from_the_start(
+    make_providers: MakeProviders, mock_control: MockControl
+) -> None:
+    # The fault cuts every stream of `echo` after two words; the retry gets the same cut, so the
+    # call fails for good after max_attempts, each try heard from its start.
+    mock_control.set_fault("echo", cut_after_tokens=2)
+    heard = Heard()
+    with pytest.raises(ProviderError) as failed:
+        make_providers().stream(V1Model(name="mock/echo"), HELLO, heard)
+    assert failed.value.code == Code.UNAVAILABLE
+    assert heard.tries == [["echo ", "says: "]] * FAST.max_attempts
+    mock_control.set_fault("echo", statuses=[503])
+    heard = Heard()
+    result = make_providers().stream(V1Model(name="mock/echo"), HELLO, heard)
+    assert heard.tries == [[], ["echo ", "says: ", "hello ", "big ", "world"]]
+    assert result.attempts == 2

@@ -19,7 +19,13 @@ import openai
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code, ConfigError, ProviderError, describe
 from multillm.metrics import WorkerMetrics
-from multillm.providers.openai_compat import JsonSchemaFormat, ModelCall, ModelResult, OpenAICompatProvider
+from multillm.providers.openai_compat import (
+    JsonSchemaFormat,
+    ModelCall,
+    ModelResult,
+    OpenAICompatProvider,
+    StreamListener,
+)
 from multillm.redact import scrub
 from multillm.schemas import ChatMessage, V1Model
 
@@ -31,6 +37,7 @@ __all__ = [
     "Provider",
     "ProviderError",
     "Providers",
+    "StreamListener",
 ]
 
 
@@ -146,6 +153,21 @@ class Providers:
             response_format=response_format,
         )
         return await self.get(model.provider).complete(call)
+
+    async def stream(self, model: V1Model, messages: list[ChatMessage], listener: StreamListener) -> ModelResult:
+        """As `complete`, streamed: `listener` is told each try's start and each text delta.
+
+        Raises:
+            ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
+        """
+        call = ModelCall(
+            model=model.provider_model,
+            messages=messages,
+            temperature=model.temperature,
+            max_tokens=model.max_tokens,
+            api_key=model.api_key,
+        )
+        return await self._built_provider(model.provider).stream(call, listener)
 
     async def aclose(self) -> None:
         """Close every provider's connections; in the loop that used them."""

@@ -24,7 +24,9 @@ HTTP errors to `openai.APIStatusError` are the SDK's either way.
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Final
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Final, Protocol, TypeVar
 
 import httpx2
 import msgspec
@@ -87,6 +89,8 @@ class ModelResult(Struct, frozen=True, kw_only=True):
     # spent on reasoning (both are parts of the totals in `usage`, as OpenAI counts them).
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    # A streamed call: from its start (retries included) to the first text of the try that answered.
+    first_token_ms: float | None = None
 
 
 # OpenAI's response body (snake_case), only what we keep. `ToolCall`'s fields are
@@ -132,6 +136,7 @@ class _Completion(Struct):
 
 
 _completion_decoder: Final = msgspec.json.Decoder(_Completion)
+T = TypeVar("T")
 
 
 def _openai_message(message: ChatMessage) -> dict[str, object]:
@@ -209,11 +214,11 @@ class OpenAICompatProvider:
             )
         return self._client
 
-    async def complete(self, call: ModelCall) -> ModelResult:
-        """Ask for one chat completion, retrying brief faults.
+    def _prepared(self, call: ModelCall) -> tuple[openai.AsyncOpenAI, dict[str, object], str]:
+        """The client, request body and name of `call`.
 
         Raises:
-            ProviderError: the call failed for good; its message holds no api key.
+            ProviderError: UNAUTHENTICATED, no key is configured or given.
         """
         describe = f"{self.name}/{call.model}"
         if not call.api_key and not self._key and self._config.api_key_env:
@@ -233,11 +238,12 @@ class OpenAICompatProvider:
             body["max_tokens"] = call.max_tokens
         if call.response_format is not None:
             body["response_format"] = call.response_format.body()
+        return client, body, describe
 
-        async def attempt(timeout: float) -> _Completion:
-            return _decode(await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))
-
-        completion, attempts, latency_ms = await call_with_retry(
+    async def _with_retry(
+        self, call: ModelCall, describe: str, attempt: Callable[[float], Awaitable[T]]
+    ) -> tuple[T, int, float]:
+        return await call_with_retry(
             attempt,
             self._retry,
             timeout=self._config.timeout,
@@ -245,36 +251,122 @@ class OpenAICompatProvider:
             secrets=(call.api_key, self._key),
             on_retry=functools.partial(self._metrics.retried, describe) if self._metrics else None,
         )
+
+    async def complete(self, call: ModelCall) -> ModelResult:
+        """Ask for one chat completion, retrying brief faults.
+
+        Raises:
+            ProviderError: the call failed for good; its message holds no api key.
+        """
+        client, body, describe = self._prepared(call)
+
+        async def attempt(timeout: float) -> _Completion:
+            return _decode(await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))
+
+        completion, attempts, latency_ms = await self._with_retry(call, describe, attempt)
         log.debug("provider.call", model=describe, attempts=attempts, latency_ms=round(latency_ms, 1))
-        usage = completion.usage or _Usage()
-        return ModelResult(
-            external_id=completion.id,
-            model=completion.model or call.model,
-            choices=[
-                V1Choice(
-                    index=c.index,
-                    message=V1ChatCompletionMessage(
-                        role=c.message.role, content=c.message.content, tool_calls=c.message.tool_calls
-                    ),
-                    finish_reason=c.finish_reason,
-                )
-                for c in completion.choices
-            ],
-            usage=V1Usage(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-            ),
-            attempts=attempts,
-            latency_ms=latency_ms,
-            cached_tokens=usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None,
-            reasoning_tokens=(
-                usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else None
-            ),
-        )
+        return _result(completion, call, attempts, latency_ms)
+
+    async def stream(self, call: ModelCall, listener: StreamListener) -> ModelResult:
+        """Ask for one chat completion as it is generated (the SDK's streaming API), telling `listener`
+        each text delta of the first choice; retrying brief faults, a stream cut midway among them,
+        each try from the start (`listener.started`). Tool calls come whole in the result only.
+
+        Raises:
+            ProviderError: the call failed for good; its message holds no api key.
+        """
+        client, body, describe = self._prepared(call)
+        started = time.monotonic()
+        first_token: list[float] = []  # of the try that answered
+
+        async def attempt(timeout: float) -> _Completion:
+            first_token.clear()
+            listener.started()
+            parts: list[str] = []
+            answer = _Completion()
+            finish: str | None = None
+            stream = await client.chat.completions.create(  # type: ignore[call-overload]
+                **body, stream=True, stream_options={"include_usage": True}, timeout=timeout
+            )
+            async with stream:
+                async for chunk in stream:
+                    answer.id, answer.model = answer.id or chunk.id, answer.model or chunk.model
+                    if chunk.usage is not None:
+                        answer.usage = _usage_of(chunk.usage)
+                    for choice in chunk.choices[:1]:
+                        if text := choice.delta.content:
+                            if not first_token:
+                                first_token.append(time.monotonic())
+                            parts.append(text)
+                            listener.delta(text)
+                        finish = choice.finish_reason or finish
+            answer.choices = [_Choice(message=_Message(content="".join(parts)), finish_reason=finish)]
+            return answer
+
+        completion, attempts, latency_ms = await self._with_retry(call, describe, attempt)
+        first_token_ms = (first_token[0] - started) * 1000 if first_token else None
+        log.debug("provider.stream", model=describe, attempts=attempts, latency_ms=round(latency_ms, 1))
+        return _result(completion, call, attempts, latency_ms, first_token_ms)
 
     async def aclose(self) -> None:
         """Close the client's connections; in the loop that used it."""
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+class StreamListener(Protocol):
+    """Told of a streamed completion as it comes, on the caller's event loop; must not block."""
+
+    def started(self) -> None:
+        """A try begins: whatever earlier tries delivered is void."""
+        ...
+
+    def delta(self, text: str) -> None:
+        """The next piece of the first choice's text."""
+        ...
+
+
+def _usage_of(usage: openai.types.CompletionUsage) -> _Usage:
+    """The SDK's usage as ours, with the cached and reasoning parts where reported."""
+    prompt = usage.prompt_tokens_details
+    completion = usage.completion_tokens_details
+    return _Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=_PromptDetails(prompt.cached_tokens) if prompt else None,
+        completion_tokens_details=_CompletionDetails(completion.reasoning_tokens) if completion else None,
+    )
+
+
+def _result(
+    completion: _Completion, call: ModelCall, attempts: int, latency_ms: float, first_token_ms: float | None = None
+) -> ModelResult:
+    usage = completion.usage or _Usage()
+    return ModelResult(
+        external_id=completion.id,
+        model=completion.model or call.model,
+        choices=[
+            V1Choice(
+                index=c.index,
+                message=V1ChatCompletionMessage(
+                    role=c.message.role, content=c.message.content, tool_calls=c.message.tool_calls
+                ),
+                finish_reason=c.finish_reason,
+            )
+            for c in completion.choices
+        ],
+        usage=V1Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        ),
+        attempts=attempts,
+        latency_ms=latency_ms,
+        cached_tokens=usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None,
+        reasoning_tokens=(
+            usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else None
+        ),
+        first_token_ms=first_token_ms,
+    )
