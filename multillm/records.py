@@ -132,6 +132,8 @@ def build_record(
         record.total_tokens = outcome.usage.total_tokens
         record.cached_tokens = outcome.cached_tokens
         record.reasoning_tokens = outcome.reasoning_tokens
+        if outcome.time_to_first_token_ms is not None:
+            record.time_to_first_token_ms = round(outcome.time_to_first_token_ms, 3)
         if prices is not None:
             usage = TokenUsage(
                 prompt_tokens=outcome.usage.prompt_tokens,
@@ -162,6 +164,7 @@ def outcome_of(record: LLMLogRecord) -> ModelResult | ProviderError:
         latency_ms=latency_ms,
         cached_tokens=record.cached_tokens,
         reasoning_tokens=record.reasoning_tokens,
+        time_to_first_token_ms=record.time_to_first_token_ms,
     )
 
 

@@ -349,6 +349,9 @@ class LLMLogRecord(Struct, kw_only=True):
     # What the call cost (multillm/pricing.py); None when the model's price is unknown.
     cost_usd: float | None = None
     latency_ms: float | None = None
+    # A streamed call (the primary's, when the request asked for a stream): from the call's start,
+    # retries included, to the first text of the try that answered; else None.
+    time_to_first_token_ms: float | None = None
     attempts: int = 0
     session_id: str | None = None
     trace_id: str | None = None

@@ -93,7 +93,7 @@ def test_a_bad_price_is_a_configuration_error_that_names_it(tmp_path: Path, tabl
 
 # --- sinks made by an earlier version gain the new columns, keeping their rows -------------
 
-NEW_COLUMNS = ("cached_tokens", "reasoning_tokens", "cost_usd")
+NEW_COLUMNS = ("cached_tokens", "reasoning_tokens", "cost_usd", "time_to_first_token_ms")
 _OLD_TYPES = {Kind.TEXT: "TEXT", Kind.INTEGER: "INTEGER", Kind.REAL: "REAL", Kind.BOOLEAN: "INTEGER", Kind.JSON: "TEXT"}
 
 

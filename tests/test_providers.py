@@ -67,6 +67,12 @@ class BlockingProviders:
     def stream(self, model: V1Model, messages: list[ChatMessage], listener: Heard) -> ModelResult:
         return self._calls.run(self.providers.stream(model, messages, listener), timeout=30)
 
+    def has(self, name: str) -> bool:
+        return self.providers.has(name)
+
+    def get(self, name: str) -> Provider:
+        return self.providers.get(name)
+
 
 class Heard:
     """A StreamListener that writes down what it is told: a list of deltas per try."""
@@ -79,12 +85,6 @@ class Heard:
 
     def delta(self, text: str) -> None:
         self.tries[-1].append(text)
-
-    def has(self, name: str) -> bool:
-        return self.providers.has(name)
-
-    def get(self, name: str) -> Provider:
-        return self.providers.get(name)
 
 
 MakeProviders = Callable[..., BlockingProviders]
@@ -506,7 +506,7 @@ def test_a_streamed_call_tells_each_delta_and_returns_the_whole(
     assert result.choices[0].finish_reason == "stop"
     assert result.usage == whole.usage
     assert result.external_id == mock_control.calls()[0].id
-    assert result.first_token_ms is not None and 0 < result.first_token_ms <= result.latency_ms
+    assert result.time_to_first_token_ms is not None and 0 < result.time_to_first_token_ms <= result.latency_ms
 
 
 def test_a_stream_cut_midway_is_retried_from_the_start(

@@ -90,7 +90,7 @@ class ModelResult(Struct, frozen=True, kw_only=True):
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     # A streamed call: from its start (retries included) to the first text of the try that answered.
-    first_token_ms: float | None = None
+    time_to_first_token_ms: float | None = None
 
 
 # OpenAI's response body (snake_case), only what we keep. `ToolCall`'s fields are
@@ -304,9 +304,9 @@ class OpenAICompatProvider:
             return answer
 
         completion, attempts, latency_ms = await self._with_retry(call, describe, attempt)
-        first_token_ms = (first_token[0] - started) * 1000 if first_token else None
+        time_to_first_token_ms = (first_token[0] - started) * 1000 if first_token else None
         log.debug("provider.stream", model=describe, attempts=attempts, latency_ms=round(latency_ms, 1))
-        return _result(completion, call, attempts, latency_ms, first_token_ms)
+        return _result(completion, call, attempts, latency_ms, time_to_first_token_ms)
 
     async def aclose(self) -> None:
         """Close the client's connections; in the loop that used it."""
@@ -341,7 +341,11 @@ def _usage_of(usage: openai.types.CompletionUsage) -> _Usage:
 
 
 def _result(
-    completion: _Completion, call: ModelCall, attempts: int, latency_ms: float, first_token_ms: float | None = None
+    completion: _Completion,
+    call: ModelCall,
+    attempts: int,
+    latency_ms: float,
+    time_to_first_token_ms: float | None = None,
 ) -> ModelResult:
     usage = completion.usage or _Usage()
     return ModelResult(
@@ -368,5 +372,5 @@ def _result(
         reasoning_tokens=(
             usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else None
         ),
-        first_token_ms=first_token_ms,
+        time_to_first_token_ms=time_to_first_token_ms,
     )
