@@ -26,25 +26,18 @@ from multillm.producers import Client
 from multillm.schemas import LLMLogRecord
 from multillm.sinks import Sink, open_sink
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers
-from multillm.testbed.rabbitmq import VhostPool
+from multillm.testbed.rabbitmq import scratch_vhost
 
 pytest_plugins = ["tests.cluster_fixtures"]
 
 API_KEY_IN_CONFIG = "sk-config-0123456789abcdef"
 
 
-@pytest.fixture(scope="session")
-def vhosts() -> Iterator[VhostPool]:
-    """Fresh vhosts for the run's tests, all deleted at its end."""
-    pool = VhostPool("amqp://guest:guest@127.0.0.1:5672/%2F", "multillm-test")
-    yield pool
-    pool.close()
-
-
 @pytest.fixture
-def broker_url(vhosts: VhostPool) -> str:
-    """An AMQP URL on a fresh vhost of this test's own (deleted with the others when the run ends)."""
-    return vhosts.take()
+def broker_url() -> Iterator[str]:
+    """An AMQP URL on a fresh vhost of this test's own."""
+    with scratch_vhost("amqp://guest:guest@127.0.0.1:5672/%2F", "multillm-test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
