@@ -111,7 +111,7 @@ def test_one_score_per_record_under_redelivery_and_two_judges(
     start_worker: StartWorker, client: Client, sink: Sink, broker_url: str, mock_control: MockControl
 ) -> None:
     # The judge answers slowly, so that the first judge is killed while its asks are in flight.
-    mock_control.set_fault("judge", latency_ms=1500)
+    mock_control.set_fault("judge", latency_ms=800)
     start_worker("primary")
     start_worker("model", model="mock/upper")
     first = start_worker("judge", model=JUDGE)
