@@ -144,15 +144,7 @@ class Providers:
         Raises:
             ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
         """
-        call = ModelCall(
-            model=model.provider_model,
-            messages=messages,
-            temperature=model.temperature,
-            max_tokens=model.max_tokens,
-            api_key=model.api_key,
-            response_format=response_format,
-        )
-        return await self.get(model.provider).complete(call)
+        return await self.get(model.provider).complete(_call(model, messages, response_format))
 
     async def stream(self, model: V1Model, messages: list[ChatMessage], listener: StreamListener) -> ModelResult:
         """As `complete`, streamed: `listener` is told each try's start and each text delta.
@@ -160,14 +152,7 @@ class Providers:
         Raises:
             ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
         """
-        call = ModelCall(
-            model=model.provider_model,
-            messages=messages,
-            temperature=model.temperature,
-            max_tokens=model.max_tokens,
-            api_key=model.api_key,
-        )
-        return await self._built_provider(model.provider).stream(call, listener)
+        return await self._built_provider(model.provider).stream(_call(model, messages), listener)
 
     async def aclose(self) -> None:
         """Close every provider's connections; in the loop that used them."""
@@ -175,3 +160,15 @@ class Providers:
             built, self._built = list(self._built.values()), {}
         for provider in built:
             await provider.aclose()
+
+
+def _call(model: V1Model, messages: list[ChatMessage], response_format: JsonSchemaFormat | None = None) -> ModelCall:
+    """What the provider of `model` is asked: its provider-side name, temperature, max tokens and key."""
+    return ModelCall(
+        model=model.provider_model,
+        messages=messages,
+        temperature=model.temperature,
+        max_tokens=model.max_tokens,
+        api_key=model.api_key,
+        response_format=response_format,
+    )
