@@ -18,11 +18,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import pika
 import pytest
 
 from multillm import contract
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG
 from multillm.errors import RequestTimeout
+from multillm.metrics import Published
 from multillm.mock_llm import MockControl, MockLLM
 from multillm.producers import AsyncClient, Client, PendingReply, Reply, ReplyQueue, make_request
 from multillm.schemas import V1MultiLLMChatCompletion
@@ -30,6 +32,9 @@ from multillm.sinks import open_sink
 from multillm.testbed.cluster import LocalCluster
 from multillm.testbed.processes import WorkerProcess, wait_for_consumers
 from multillm.testbed.rabbitmq import vhost_of
+from multillm.workers.amqp_session import AmqpSession
+from multillm.workers.confirms import PipelinedConfirms
+from multillm.workers.messages import Outgoing
 from tests.test_cli import multillm
 
 PRIMARY, OTHER = "mock/echo", "mock/upper"
@@ -299,3 +304,40 @@ def _read_replies(broker_url: str, name: str, count: int) -> list[Reply]:
     finally:
         queue.close()
     return replies
+
+
+def test_a_publish_refused_on_a_channel_that_met_a_dead_leader_goes_through(
+    rabbit_cluster: LocalCluster, cluster_url: str
+) -> None:
+    """RabbitMQ 3.10 refuses, for as long as the channel lives, what a channel publishes to a quorum queue
+    when its first publish there came while the queue's leader was on a node that had just died (as a
+    worker's does when it reconnects after that node's death). The worker's publisher retries on a channel
+    of its own, and the message is taken."""
+    doomed = rabbit_cluster.names[0]
+    leader_url, survivor_url = cluster_url.split(";")[:2]
+    declaring = pika.BlockingConnection(pika.URLParameters(leader_url))
+    declaring.channel().queue_declare("probe", durable=True, arguments=contract.requests_queue().arguments)
+    assert rabbit_cluster.leader_of("probe", vhost_of(cluster_url)).startswith(doomed)
+    rabbit_cluster.kill(doomed)
+
+    async def publish_once() -> tuple[list[bool], list[bool]]:
+        session = await AmqpSession.open(pika.URLParameters(survivor_url))
+        try:
+            confirms = await PipelinedConfirms.start(session, session.lose)
+            results: list[list[bool]] = []
+            for attempt in range(2):
+                done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+                message = Outgoing(
+                    "", "probe", f"message {attempt}".encode(), pika.BasicProperties(delivery_mode=2), Published.REPLY
+                )
+                confirms.publish_all([message], done.set_result)
+                results.append(await asyncio.wait_for(done, 30))
+            return results[0], results[1]
+        finally:
+            await session.aclose()
+
+    first, second = asyncio.run(publish_once())
+    assert (first, second) == ([True], [True])
+    reading = pika.BlockingConnection(pika.URLParameters(survivor_url)).channel()
+    bodies = [reading.basic_get("probe", auto_ack=True)[2] for _ in range(2)]
+    assert sorted(bodies) == [b"message 0", b"message 1"]

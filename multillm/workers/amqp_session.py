@@ -63,16 +63,39 @@ class AmqpSession:
         session = cls(connection)
         await opened
         try:
-            channel_open, answered = session._answer()
-            channel = connection.channel(on_open_callback=answered)
-            # Before the channel is open: a broker that closes it while opening must fail the wait too.
-            channel.add_on_close_callback(lambda _channel, reason: session.lose(reason))
-            await session._wait(channel_open)
+            session.channel = await session._open_channel(lambda _channel, reason: session.lose(reason))
         except BaseException:
             await session.aclose()
             raise
-        session.channel = channel
         return session
+
+    async def side_channel(
+        self, on_close: Callable[[pika.channel.Channel, BaseException], None]
+    ) -> pika.channel.Channel:
+        """Another channel on this connection, whose closing ends only itself (`on_close` is told).
+
+        Raises:
+            the reason the session ended, when it ends first; the broker's, when it refuses the channel.
+        """
+        return await self._open_channel(on_close)
+
+    async def _open_channel(
+        self, on_close: Callable[[pika.channel.Channel, BaseException], None]
+    ) -> pika.channel.Channel:
+        opened, answered = self._answer()
+        if self.gone.done():
+            raise self.gone.result()
+        channel = self.connection.channel(on_open_callback=answered)
+
+        def closed(channel: pika.channel.Channel, reason: BaseException) -> None:
+            # Before the channel is open: a broker that closes it while opening must fail the wait too.
+            if not opened.done():
+                opened.set_exception(reason)
+            on_close(channel, reason)
+
+        channel.add_on_close_callback(closed)
+        await self._wait(opened)
+        return channel
 
     async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`method(*args, callback=..., **kwargs)`, awaited until pika calls back; returns what it passes.

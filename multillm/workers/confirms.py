@@ -15,8 +15,12 @@ return matches several, all of them count as not taken: a reply dead-lettered
 twice is better than one lost.
 
 A message the broker refuses (a nack) is published again after a short wait, a few times
-(`config.REFUSED_PUBLISH_WAITS`): a quorum queue may refuse while it cannot take a message
-just then. Only then does it count as not taken.
+(`config.REFUSED_PUBLISH_WAITS`), each time on a channel of its own: a quorum queue may refuse
+while it cannot take a message just then, and RabbitMQ 3.10 keeps refusing, for as long as
+the channel lives, a channel whose first publish to a quorum queue came while the queue's
+leader was on a node that had just died (its queue client keeps asking the dead node; a new
+channel starts from the new leader). Workers reconnect at exactly that moment when a node
+dies. Only after the last wait does a message count as not taken.
 
 Threads: only the event loop's thread touches this, as every pika object.
 """
@@ -86,17 +90,20 @@ class PipelinedConfirms:
 
     def __init__(
         self,
-        channel: pika.channel.Channel,
+        session: AmqpSession,
         on_failure: Callable[[Exception], None],
         observe: Callable[[Outgoing, str], None] = lambda message, outcome: None,
     ) -> None:
-        self._channel = channel
+        assert session.channel is not None
+        self._session = session
+        self._channel = session.channel
         self._on_failure = on_failure
         self._observe = observe
         self._unconfirmed: dict[int, _Unconfirmed] = {}
         self._next_tag = 1
         self._done: list[_Batch] = []
         self._scheduled = False
+        self._retries: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def start(
@@ -106,10 +113,9 @@ class PipelinedConfirms:
         observe: Callable[[Outgoing, str], None] = lambda message, outcome: None,
     ) -> PipelinedConfirms:
         """Put the session's channel in confirm mode and publish on it from now on."""
-        assert session.channel is not None
-        confirms = cls(session.channel, on_failure, observe)
-        session.channel.add_on_return_callback(confirms._on_return)
-        await session.call(session.channel.confirm_delivery, confirms._on_confirm)
+        confirms = cls(session, on_failure, observe)
+        confirms._channel.add_on_return_callback(confirms._on_return)
+        await session.call(confirms._channel.confirm_delivery, confirms._on_confirm)
         return confirms
 
     def publish_all(self, messages: Sequence[Outgoing], then: Then) -> None:
@@ -170,43 +176,75 @@ class PipelinedConfirms:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
         tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
-        loop = asyncio.get_running_loop()
         for tag in tags:
             entry = self._unconfirmed.pop(tag, None)
-            if entry is None:
-                continue
-            if not acked:
-                retry = entry.refusals < len(REFUSED_PUBLISH_WAITS)
-                wait = REFUSED_PUBLISH_WAITS[entry.refusals] if retry else None
-                log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1], retry_in=wait)
-                if wait is not None:
-                    entry.refusals += 1
-                    loop.call_later(wait, self._publish_again, entry)
-                    continue
-                # Refused for good (e.g. a full queue with reject-publish): not taken, like unroutable.
-            self._observe(entry.message, "refused" if not acked else "unroutable" if entry.returned else "ok")
-            if entry.batch.resolve(entry.index, acked and not entry.returned):
-                self._done.append(entry.batch)
+            if entry is not None:
+                self._confirmed(entry, acked)
+
+    def _confirmed(self, entry: _Unconfirmed, acked: bool) -> None:
+        """The broker answered one publish of `entry`: resolve it, or try again if refused and waits are left."""
+        if not acked:
+            retry = entry.refusals < len(REFUSED_PUBLISH_WAITS)
+            wait = REFUSED_PUBLISH_WAITS[entry.refusals] if retry else None
+            log.warning("publish.refused", exchange=entry.key[0], routing_key=entry.key[1], retry_in=wait)
+            if wait is not None:
+                entry.refusals += 1
+                asyncio.get_running_loop().call_later(wait, self._publish_again, entry)
+                return
+            # Refused for good (e.g. a full queue with reject-publish): not taken, like unroutable.
+        self._observe(entry.message, "refused" if not acked else "unroutable" if entry.returned else "ok")
+        if entry.batch.resolve(entry.index, acked and not entry.returned):
+            self._done.append(entry.batch)
         if self._done and not self._scheduled:
             # What the callbacks do (publish, ack) must not run inside pika's frame handling.
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run_done)
 
     def _publish_again(self, entry: _Unconfirmed) -> None:
-        """Publish a refused message once more, under a new delivery tag; its batch waits for it."""
-        if not self._channel.is_open:
+        """Publish a refused message once more, on a channel of its own (see the module's docstring);
+        its batch waits for it."""
+        if self._session.gone.done():
             return  # the link is gone with it: whoever waits on the batch is failed by the session
+        task = asyncio.ensure_future(self._publish_alone(entry))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _publish_alone(self, entry: _Unconfirmed) -> None:
         message = entry.message
+        confirmed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def on_close(channel: pika.channel.Channel, reason: BaseException) -> None:
+            if not confirmed.done():
+                confirmed.set_exception(reason)
+
+        def on_confirm(frame: pika.frame.Method) -> None:
+            if not confirmed.done():
+                confirmed.set_result(isinstance(frame.method, pika.spec.Basic.Ack))
+
+        def on_return(*_: object) -> None:
+            entry.returned = True
+
+        channel: pika.channel.Channel | None = None
+        entry.returned = False
         try:
-            self._channel.basic_publish(
+            channel = await self._session.side_channel(on_close)
+            channel.add_on_return_callback(on_return)
+            await self._session.call(channel.confirm_delivery, on_confirm)
+            self._session.watch(confirmed)
+            channel.basic_publish(
                 message.exchange, message.routing_key, message.body, message.properties, mandatory=message.mandatory
             )
-        except Exception as exc:  # it went out once: only a closing channel fails here
-            self._on_failure(exc)
-            return
-        entry.returned = False
-        self._unconfirmed[self._next_tag] = entry
-        self._next_tag += 1
+            acked = await confirmed
+        except Exception as exc:
+            if self._session.gone.done():
+                return  # the session failed whoever waits on the batch
+            # The broker closed the side channel (it refused the message outright): refused.
+            log.warning("publish.retry_failed", routing_key=message.routing_key, error=str(exc))
+            acked = False
+        finally:
+            if channel is not None and channel.is_open:
+                channel.close()
+        self._confirmed(entry, acked)
 
     def _run_done(self) -> None:
         self._scheduled = False
