@@ -1,7 +1,7 @@
 """Fixtures: a RabbitMQ vhost per test, a mock LLM over real HTTP, worker processes.
 
-Every test that touches the broker gets a vhost of its own (created with
-rabbitmqctl, deleted afterwards), so tests never see each other's queues.
+Every test that touches the broker gets a vhost of its own (created through the management
+API, or with rabbitmqctl without it; deleted afterwards), so tests never see each other's queues.
 Workers are real child processes (`python -m multillm worker ...`), stopped
 with SIGTERM at the end of the test; a worker that does not exit 0 fails it.
 """
