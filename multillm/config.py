@@ -158,6 +158,16 @@ class JudgeConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     prompt: Annotated[str, Meta(min_length=1)] | None = None
 
 
+class StreamConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """`[stream]`: how the primary worker coalesces a streamed answer's deltas into chunk messages
+    (workers/streaming.py). The first delta of each try goes out at once; after it, a chunk goes
+    out when the oldest delta it holds is `flush_ms` old or it holds `flush_bytes` of text. The
+    defaults were measured with `multillm bench` (docs/benchmarks.md, "Streaming")."""
+
+    flush_ms: Annotated[float, Meta(ge=0, le=10_000)] = 25.0
+    flush_bytes: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 4096
+
+
 class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # One AMQP URL, or the nodes of one cluster joined by `;` (checked by `load_settings`).
     broker_url: str = DEFAULT_BROKER_URL
@@ -169,6 +179,7 @@ class Settings(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     prices: dict[str, PriceOverride] = msgspec.field(default_factory=dict)
     judge: JudgeConfig = msgspec.field(default_factory=JudgeConfig)
+    stream: StreamConfig = msgspec.field(default_factory=StreamConfig)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     shutdown_grace_seconds: PositiveFloat = 30.0
     # The broker's consumer_timeout (RabbitMQ's default: 30 min). A model call and

@@ -75,6 +75,8 @@ TYPE_FANOUT: Final = "MultiLLMFanOutCopy"
 # A record the sink would not take, in `multillm.dead` to be replayed.
 TYPE_RECORD: Final = "LLMLogRecord"
 TYPE_SCORE: Final = "V1Score"
+# A piece of the primary's answer, before the final reply, when the request asked for a stream.
+TYPE_CHUNK: Final = "V1ChatCompletionChunk"
 # A score the sink would not take, in `multillm.dead` as its row (schemas.LLMScore) to be replayed.
 TYPE_STORED_SCORE: Final = "LLMScore"
 
@@ -85,6 +87,8 @@ HEADER_DEADLINE: Final = "x-multillm-deadline"
 HEADER_ERROR: Final = "x-multillm-error"
 HEADER_ERROR_CODE: Final = "x-multillm-error-code"
 HEADER_SOURCE_QUEUE: Final = "x-multillm-source-queue"
+# On a request: `true` asks for the primary's answer as it is written (TYPE_CHUNK messages first).
+HEADER_STREAM: Final = "x-multillm-stream"
 # `RpcStatus.details`: google.rpc.ErrorInfo entries of our domain, and the keys of their metadata.
 ERROR_INFO_TYPE: Final = "type.googleapis.com/google.rpc.ErrorInfo"
 ERROR_DOMAIN: Final = "multillm"

@@ -17,6 +17,7 @@ and the sink (through `GroupCommit`'s observer). `serve` exposes it over HTTP on
 | `multillm_model_calls_in_flight` | gauge | model | model calls running now |
 | `multillm_retries_total` | counter | model, reason | retries; reason = HTTP status or error type |
 | `multillm_fanout_copies_total` | counter | model, result | copies: published, unroutable, refused |
+| `multillm_stream_chunks_total` | counter | result | chunks of streamed answers: published, refused |
 | `multillm_publish_failures_total` | counter | target, result | replies/dead letters/records' stream not taken |
 | `multillm_dead_letters_total` | counter | queue, code | messages put into `multillm.dead` |
 | `multillm_sink_write_seconds` | histogram | | one try of writing a record (the time of the batch it went in) |
@@ -67,6 +68,7 @@ class Published(StrEnum):
     FANOUT = "fanout"
     DEAD_LETTER = "dead_letter"
     RECORD = "record"
+    CHUNK = "chunk"
 
 
 class _Children(Generic[M]):
@@ -127,6 +129,7 @@ class WorkerMetrics:
         )
         self._retries = self._counter("retries", "Retries of model calls", "model", "reason")
         self._fanout = self._counter("fanout_copies", "Fan-out copies published", "model", "result")
+        self._chunks = self._counter("stream_chunks", "Chunks of streamed answers published", "result")
         self._publish_failures = self._counter(
             "publish_failures", "Replies and dead letters the broker did not take", "target", "result"
         )
@@ -169,6 +172,8 @@ class WorkerMetrics:
         """
         if kind is Published.FANOUT:
             self._fanout(about, "published" if result == "ok" else result).inc()
+        elif kind is Published.CHUNK:
+            self._chunks("published" if result == "ok" else result).inc()
         elif result != "ok":
             self._publish_failures(kind.value, result).inc()
         elif kind is Published.DEAD_LETTER:

@@ -262,6 +262,21 @@ class V1MultiLLMChatCompletion(_Reply, frozen=True):
         return self.completion.choices[0].message.content or ""
 
 
+class V1ChatCompletionChunk(_Reply, frozen=True):
+    """A piece of the primary's answer, sent to `reply_to` before the final reply of a request that
+    asked for a stream (header `x-multillm-stream`).
+
+    `id` is the primary's log id (the final reply's `id`); `stream_id` names one try at the answer
+    (a retry or a redelivery starts a new one, from `seq` 0); `delta` is the text that follows the
+    try's earlier chunks.
+    """
+
+    id: str
+    stream_id: str
+    seq: int
+    delta: str
+
+
 class ErrorInfo(_Reply, frozen=True):
     """A detail of an `RpcStatus`: google.rpc.ErrorInfo as a protobuf `Any` in JSON.
 
@@ -467,6 +482,7 @@ _request_decoder: Final = msgspec.json.Decoder(V1CreateMultiLLMChatCompletionReq
 _fanout_decoder: Final = msgspec.json.Decoder(FanOutCopy)
 _reply_decoder: Final = msgspec.json.Decoder(V1MultiLLMChatCompletion)
 _status_decoder: Final = msgspec.json.Decoder(RpcStatus)
+_chunk_decoder: Final = msgspec.json.Decoder(V1ChatCompletionChunk)
 _record_decoder: Final = msgspec.json.Decoder(LLMLogRecord)
 _score_decoder: Final = msgspec.json.Decoder(V1Score)
 _encoder: Final = msgspec.json.Encoder()
@@ -521,6 +537,10 @@ def decode_fanout(body: bytes) -> FanOutCopy:
 
 def decode_reply(body: bytes) -> V1MultiLLMChatCompletion:
     return _reply_decoder.decode(body)
+
+
+def decode_chunk(body: bytes) -> V1ChatCompletionChunk:
+    return _decoded(_chunk_decoder, body)
 
 
 def decode_status(body: bytes) -> RpcStatus:

@@ -154,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for the reply (default 60)"
     )
     request.add_argument("--json", action="store_true", help="print the reply as JSON")
+    request.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the primary's answer as it is written (with --json: a JSON line per delta, then the reply)",
+    )
 
     mock = _command(sub, "mock-llm", "an OpenAI-compatible mock server", (ENV_LOG_LEVEL,), _MOCK_FAULTS)
     mock.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

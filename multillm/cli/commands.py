@@ -13,7 +13,7 @@ import msgspec
 from multillm import contract
 from multillm.config import Settings, load_settings
 from multillm.errors import CommandError, MultiLLMError, RpcError
-from multillm.producers import Client, PendingReply, make_request
+from multillm.producers import Client, ReplyStream, make_request
 from multillm.producers.publishing import queue_counts
 from multillm.schemas import ChatMessage, encode
 
@@ -82,7 +82,7 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
         request = make_request(args.model, messages, display_model=args.display_model)
     except (ValueError, msgspec.ValidationError) as exc:
         raise CommandError(f"invalid request: {exc}") from None
-    pending: PendingReply | None = None
+    request_id: str | None = None
     try:
         with connect_client(settings) as client:
             if not queue_counts(settings.broker_url, contract.REQUEST_QUEUE)[1]:
@@ -91,30 +91,55 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
                     f" waiting up to {args.timeout:g}s",
                     file=sys.stderr,
                 )
-            pending = client.submit(request, timeout=args.timeout)
-            reply = client.wait(pending, timeout=args.timeout)
+            if args.stream:
+                stream = client.stream(request, timeout=args.timeout)
+                request_id = stream.request_id
+                _print_stream(stream, args.json)
+                assert stream.reply is not None
+                reply = stream.reply
+            else:
+                pending = client.submit(request, timeout=args.timeout)
+                request_id = pending.request_id
+                reply = client.wait(pending, timeout=args.timeout)
     except RpcError as exc:
+        if args.stream and not args.json:
+            print()  # end the line the deltas were on
         print(encode(exc.to_status()).decode() if args.json else f"error: {exc}")
-        _print_request_id(pending)
+        _print_request_id(request_id)
         return 1
     except MultiLLMError as exc:
         raise CommandError(str(exc)) from None
     if args.json:
         print(encode(reply).decode())
     else:
-        print(reply.text)
+        if not args.stream:
+            print(reply.text)
         print(
             f"\n(primary log id {reply.id}, {reply.completion.model}, external id {reply.primary_external_id})",
             file=sys.stderr,
         )
-    _print_request_id(pending)
+    _print_request_id(request_id)
     return 0
 
 
-def _print_request_id(pending: PendingReply | None) -> None:
+def _print_stream(stream: ReplyStream, as_json: bool) -> None:
+    """The deltas as they come: text on stdout, then a newline once the reply is in; or a JSON line each."""
+    for delta in stream:
+        if as_json:
+            print(encode(delta).decode(), flush=True)
+            continue
+        if delta.restart:
+            print("\n(the answer started over: a retry or another worker)", file=sys.stderr, flush=True)
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    if not as_json:
+        print()
+
+
+def _print_request_id(request_id: str | None) -> None:
     """On stderr, so that stdout stays the answer (or its JSON) alone."""
-    if pending is not None:
-        print(f"request id {pending.request_id}  (multillm logs show {pending.request_id})", file=sys.stderr)
+    if request_id is not None:
+        print(f"request id {request_id}  (multillm logs show {request_id})", file=sys.stderr)
 
 
 def connect_client(settings: Settings) -> Client:

@@ -44,6 +44,7 @@ class MockControl:
         seed: int = 0,
         token_delay_ms: float | None = None,
         cut_after_tokens: int | None = None,
+        cut_streams: int | None = None,
     ) -> None:
         """Replace the fault of `model` (the provider-side name, or `*`); see `Fault`."""
         fault = Fault(
@@ -60,6 +61,7 @@ class MockControl:
             seed=seed,
             token_delay_ms=token_delay_ms,
             cut_after_tokens=cut_after_tokens,
+            cut_streams=cut_streams,
         )
         self._request("POST", "/_mock/faults", _encoder.encode(fault))
 

@@ -30,7 +30,8 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     generator seeded with `seed` (for chaos runs). For a streamed answer (`"stream": true`),
     `token_delay_ms` replaces the server's delay between tokens, and `cut_after_tokens` resets
     the connection after that many tokens (a stream cut mid-answer; a status fails the call
-    before the first token). Setting a model's fault replaces the one it had.
+    before the first token), in the first `cut_streams` streamed answers (None: in every one).
+    Setting a model's fault replaces the one it had.
     """
 
     model: str
@@ -46,6 +47,7 @@ class Fault(Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int = 0
     token_delay_ms: Annotated[float, Meta(ge=0)] | None = None
     cut_after_tokens: Annotated[int, Meta(ge=0)] | None = None
+    cut_streams: Annotated[int, Meta(ge=0)] | None = None
 
 
 class MockCall(Struct, kw_only=True):

@@ -54,6 +54,7 @@ class _ModelFault:
         self.fault = fault
         self.pending: deque[int] = deque(([DROP] if fault.drop_connection else []) + fault.statuses)
         self.random = random.Random(fault.seed)
+        self.cuts_left = fault.cut_streams
 
     def next_status(self) -> int:
         fault = self.fault
@@ -62,6 +63,14 @@ class _ModelFault:
         if fault.error_rate and self.random.random() < fault.error_rate:
             return self.random.choice(fault.error_statuses)
         return fault.always if fault.always is not None else 200
+
+    def next_cut(self) -> int | None:
+        """After how many tokens the next streamed answer is cut, if it is."""
+        if self.fault.cut_after_tokens is None or self.cuts_left == 0:
+            return None
+        if self.cuts_left is not None:
+            self.cuts_left -= 1
+        return self.fault.cut_after_tokens
 
 
 class _State:
@@ -75,16 +84,18 @@ class _State:
         # Bounded: a mock that serves a long benchmark must not grow without limit.
         self.calls: deque[MockCall] = deque(maxlen=MAX_LOGGED_CALLS)
 
-    def plan(self, model: str) -> tuple[int, float, Fault | None]:
-        """The status (0 = drop) and latency of the next call of `model`."""
+    def plan(self, model: str, stream: bool) -> tuple[int, float, Fault | None, int | None]:
+        """The status (0 = drop) and latency of the next call of `model`, and after how many tokens
+        its stream is cut (None: not cut)."""
         with self.lock:
             entry = self.faults.get(model) or self.faults.get("*")
             if entry is None:
-                return 200, self.latency_ms, None
+                return 200, self.latency_ms, None, None
             fault = entry.fault
             status = entry.next_status()
             latency = fault.latency_ms if fault.latency_ms is not None else self.latency_ms
-            return status, latency, fault
+            cut = entry.next_cut() if stream and status == 200 else None
+            return status, latency, fault, cut
 
 
 class _Server(ThreadingHTTPServer):
@@ -191,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._record(MockCall(id=None, model=None, status=400, auth_sha256=auth_sha, prompt=None))
             return self._error(400, f"invalid chat request: {exc}")
-        status, latency_ms, fault = self._server.state.plan(request.model)
+        status, latency_ms, fault, cut = self._server.state.plan(request.model, request.stream)
         content, finish, usage = _answer(request)
         prompt = _prompt(request)
         external_id = "chatcmpl-" + uuid.uuid4().hex if status == 200 else None
@@ -202,7 +213,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
         elif external_id is not None and request.stream:
             delay = fault.token_delay_ms if fault and fault.token_delay_ms is not None else None
-            cut = fault.cut_after_tokens if fault else None
             self._stream(request, external_id, (content, finish, usage), delay, cut)
         elif external_id is not None:
             completion = _Completion(

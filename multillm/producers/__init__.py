@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from multillm.producers.aio import AsyncClient
 from multillm.producers.client import Client, PendingReply
 from multillm.producers.replies import Reply, ReplyQueue
+from multillm.producers.streaming import AsyncReplyStream, ReplyStream, StreamDelta, StreamText
 from multillm.schemas import (
     ChatMessage,
     LogAttribute,
@@ -16,7 +17,18 @@ from multillm.schemas import (
     V1Tracing,
 )
 
-__all__ = ["AsyncClient", "Client", "PendingReply", "Reply", "ReplyQueue", "make_request"]
+__all__ = [
+    "AsyncClient",
+    "AsyncReplyStream",
+    "Client",
+    "PendingReply",
+    "Reply",
+    "ReplyQueue",
+    "ReplyStream",
+    "StreamDelta",
+    "StreamText",
+    "make_request",
+]
 
 
 def make_request(

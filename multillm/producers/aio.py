@@ -1,4 +1,4 @@
-"""`AsyncClient`: `Client.create` and `Client.score` for asyncio services.
+"""`AsyncClient`: `Client.create`, `Client.stream` and `Client.score` for asyncio services.
 
 It wraps a `Client`: the confirmed publish runs in a worker thread (kombu is
 blocking), and the reply's future is awaited without blocking the event loop.
@@ -11,6 +11,8 @@ from functools import partial
 
 from multillm.errors import RequestTimeout
 from multillm.producers.client import DEFAULT_TIMEOUT, Client
+from multillm.producers.publishing import new_request_id
+from multillm.producers.streaming import AsyncReplyStream
 from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion
 
 
@@ -43,6 +45,23 @@ class AsyncClient:
             raise RequestTimeout(f"no reply to request {pending.request_id} within {timeout:g}s") from None
         finally:
             self._client.forget(pending)
+
+    async def stream(
+        self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None
+    ) -> AsyncReplyStream:
+        """Publish `request` asking for the primary's answer as it is written; `async for` what this
+        returns (`Client.stream`, awaited).
+
+        Example:
+            stream = await client.stream(make_request(["mock/a"], "Hello"))
+            async for delta in stream:
+                print(delta.text, end="", flush=True)
+            reply = stream.reply
+        """
+        timeout = self._client.timeout if timeout is None else timeout
+        stream = AsyncReplyStream(new_request_id(), timeout, self._client.forget_stream)
+        await asyncio.to_thread(self._client.open_stream, request, stream.request_id, stream.put, timeout)
+        return stream
 
     async def score(
         self,

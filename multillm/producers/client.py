@@ -28,8 +28,15 @@ from multillm.config import client_broker_url
 from multillm.errors import BrokerUnavailable, MultiLLMError, RequestTimeout, describe
 from multillm.logging_setup import get_logger
 from multillm.producers.publishing import RequestPublisher, connect, drain, kombu_queue, new_request_id
-from multillm.producers.replies import Reply, decode_reply_message
-from multillm.schemas import V1CreateMultiLLMChatCompletionRequest, V1MultiLLMChatCompletion, V1Score, checked_score
+from multillm.producers.replies import Reply, dispatch
+from multillm.producers.streaming import Item, ReplyStream
+from multillm.schemas import (
+    V1ChatCompletionChunk,
+    V1CreateMultiLLMChatCompletionRequest,
+    V1MultiLLMChatCompletion,
+    V1Score,
+    checked_score,
+)
 from multillm.urls import broker_nodes, mask_url
 
 log = get_logger(__name__)
@@ -78,10 +85,12 @@ class Client:
         broker_url = client_broker_url(broker_url)
         self.timeout = timeout
         self._pending: dict[str, PendingReply] = {}
+        # Streamed requests by id: where their chunks and final reply go (`stream`).
+        self._streams: dict[str, Callable[[Item], None]] = {}
         self._lock = threading.Lock()
         spec = contract.client_reply_queue(uuid.uuid4().hex, replicated=len(broker_nodes(broker_url)) > 1)
         self.reply_queue = spec.name
-        self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply)
+        self._listener = _ReplyListener(broker_url, kombu_queue(spec), self._on_reply, self._on_chunk)
         self._listener.start()
         self._listener.wait_ready(broker_url, connect_timeout)
         try:
@@ -143,6 +152,52 @@ class Client:
             raise
         return future
 
+    def stream(self, request: V1CreateMultiLLMChatCompletionRequest, *, timeout: float | None = None) -> ReplyStream:
+        """Publish `request`, asking for the primary's answer as it is written; iterate what this returns.
+
+        Example:
+            stream = client.stream(make_request(["mock/a", "mock/b"], "Hello"))
+            for delta in stream:
+                print(delta.text, end="", flush=True)  # delta.restart: clear what was shown first
+            reply = stream.reply  # the final reply, as `create` returns it
+
+        Raises:
+            BrokerUnavailable, Unavailable: as `create`, when the publish fails. The iteration
+            raises what `create` raises when waiting (see `ReplyStream`).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        stream = ReplyStream(new_request_id(), timeout, self.forget_stream)
+        self.open_stream(request, stream.request_id, stream.put, timeout)
+        return stream
+
+    def open_stream(
+        self,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        put: Callable[[Item], None],
+        timeout: float,
+    ) -> None:
+        """Publish `request` as a streamed one; `put` gets its chunks, then its final reply (on the
+        listener's thread), or the reason it never will (`close`). For `stream` and `AsyncClient.stream`.
+
+        Raises:
+            BrokerUnavailable, Unavailable: as `create`, when the publish fails.
+        """
+        with self._lock:
+            self._streams[request_id] = put
+        try:
+            self._publisher.publish(
+                request, reply_to=self.reply_queue, request_id=request_id, timeout=timeout, stream=True
+            )
+        except BaseException:
+            self.forget_stream(request_id)
+            raise
+
+    def forget_stream(self, request_id: str) -> None:
+        """Stop listening for a streamed request's chunks and reply (the caller left its stream)."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+
     def publish(
         self,
         request: V1CreateMultiLLMChatCompletionRequest,
@@ -150,8 +205,12 @@ class Client:
         reply_to: str,
         request_id: str | None = None,
         timeout: float | None = None,
+        stream: bool = False,
     ) -> str:
         """Publish without waiting; the reply goes to the named durable queue `reply_to`.
+
+        `stream`: chunks of the primary's answer go there first (read them with
+        `ReplyQueue.consume(..., on_chunk=...)`).
 
         The queue is declared (durable, quorum), once per client, so that no reply is lost
         before its consumer starts; read it with `ReplyQueue(broker_url, reply_to)`. A name
@@ -166,7 +225,9 @@ class Client:
         """
         if not reply_to.startswith(contract.RESERVED_QUEUE_PREFIX):
             self._publisher.declare_once(contract.named_reply_queue(reply_to))
-        return self._publisher.publish(request, reply_to=reply_to, request_id=request_id, timeout=timeout)
+        return self._publisher.publish(
+            request, reply_to=reply_to, request_id=request_id, timeout=timeout, stream=stream
+        )
 
     def score(
         self,
@@ -208,9 +269,21 @@ class Client:
         )
         return self._publisher.publish_score(score, timeout=self.timeout if timeout is None else timeout)
 
+    def _on_chunk(self, request_id: str | None, chunk: V1ChatCompletionChunk) -> None:
+        with self._lock:
+            put = self._streams.get(request_id or "")
+        if put is None:
+            log.debug("chunk.unmatched", correlation_id=request_id)
+            return
+        put(chunk)
+
     def _on_reply(self, reply: Reply) -> None:
         with self._lock:
+            put = self._streams.pop(reply.request_id or "", None)
             future = self._pending.pop(reply.request_id or "", None)
+        if put is not None:
+            put(reply)
+            return
         if future is None:
             # A duplicate (at-least-once) or a reply to a call that timed out.
             log.debug("reply.unmatched", correlation_id=reply.request_id)
@@ -233,8 +306,11 @@ class Client:
         self._publisher.close()
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
+            streams, self._streams = dict(self._streams), {}
         for future in pending:
             _settle(future, MultiLLMError(f"the client was closed before request {future.request_id} was answered"))
+        for request_id, put in streams.items():
+            put(MultiLLMError(f"the client was closed before request {request_id} was answered"))
 
     def __enter__(self) -> Client:
         return self
@@ -259,11 +335,18 @@ _ACK_EVERY: Final = _REPLY_PREFETCH // 2
 class _ReplyListener(threading.Thread):
     """Owns the reply connection; runs `on_reply` on its own thread for every reply."""
 
-    def __init__(self, broker_url: str, queue: kombu.Queue, on_reply: Callable[[Reply], None]) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        queue: kombu.Queue,
+        on_reply: Callable[[Reply], None],
+        on_chunk: Callable[[str | None, V1ChatCompletionChunk], None],
+    ) -> None:
         super().__init__(name="multillm-replies", daemon=True)
         self._broker_url = broker_url
         self._queue = queue
         self._on_reply = on_reply
+        self._on_chunk = on_chunk
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
@@ -309,7 +392,7 @@ class _ReplyListener(threading.Thread):
     def _on_message(self, message: kombu.Message) -> None:
         props = message.properties
         try:
-            self._on_reply(decode_reply_message(message.body, props.get("type"), props.get("correlation_id")))
+            dispatch(message, self._on_reply, self._on_chunk)
         except Exception:
             # A reply must never take the listener down with it: that would strand every other caller.
             log.exception("reply.dispatch_failed", correlation_id=props.get("correlation_id"))

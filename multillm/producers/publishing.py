@@ -183,6 +183,7 @@ class RequestPublisher:
         request_id: str | None = None,
         correlation_id: str | None = None,
         timeout: float | None = None,
+        stream: bool = False,
     ) -> str:
         """Publish one request and wait for the broker's confirm; returns the request id.
 
@@ -196,6 +197,8 @@ class RequestPublisher:
                 Not an AMQP `expiration`, which counts from when the request entered the queue
                 (the worker cannot read it back as a point in time) and, once it passes there,
                 sends the request the long way round (through `multillm.triage`) to its reply 4.
+            stream: ask for the primary's answer as it is written: chunk messages to `reply_to`
+                before the reply (header `x-multillm-stream`).
 
         Raises:
             Unavailable: no queue is bound to the requests exchange.
@@ -205,6 +208,8 @@ class RequestPublisher:
         headers: dict[str, Any] = {}
         if timeout is not None:
             headers[contract.HEADER_DEADLINE] = int((time.time() + timeout) * 1000)
+        if stream:
+            headers[contract.HEADER_STREAM] = True
         message = _Message(
             contract.REQUEST_EXCHANGE,
             contract.REQUEST_ROUTING_KEY,

@@ -14,7 +14,14 @@ from multillm.config import client_broker_url
 from multillm.errors import Code, RpcError, describe
 from multillm.logging_setup import get_logger
 from multillm.producers.publishing import connect, declare_queues, drain, kombu_queue
-from multillm.schemas import RpcStatus, V1MultiLLMChatCompletion, decode_reply, decode_status
+from multillm.schemas import (
+    RpcStatus,
+    V1ChatCompletionChunk,
+    V1MultiLLMChatCompletion,
+    decode_chunk,
+    decode_reply,
+    decode_status,
+)
 
 log = get_logger(__name__)
 
@@ -45,6 +52,28 @@ def decode_reply_message(body: bytes, message_type: str | None, correlation_id: 
         return Reply(correlation_id, status=RpcStatus(code=Code.INTERNAL, message=f"undecodable reply: {exc}"))
 
 
+def dispatch(
+    message: kombu.Message,
+    on_reply: Callable[[Reply], None],
+    on_chunk: Callable[[str | None, V1ChatCompletionChunk], None] | None,
+) -> bool:
+    """Hand a message of a reply queue to `on_reply`, or a chunk of a streamed answer to `on_chunk`
+    (dropped when None, or undecodable: the final reply has the whole text). True for a reply."""
+    props = message.properties
+    message_type, correlation_id = props.get("type"), props.get("correlation_id")
+    if message_type != contract.TYPE_CHUNK:
+        on_reply(decode_reply_message(message.body, message_type, correlation_id))
+        return True
+    if on_chunk is not None:
+        try:
+            chunk = decode_chunk(message.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("chunk.undecodable", correlation_id=correlation_id, error=describe(exc))
+            return False
+        on_chunk(correlation_id, chunk)
+    return False
+
+
 class ReplyQueue:
     """A named, durable reply queue: publish with `reply_to=name`, read the replies later.
 
@@ -72,9 +101,18 @@ class ReplyQueue:
         declare_queues(self._connection, self._spec)
 
     def consume(
-        self, handler: Callable[[Reply], None], *, limit: int | None = None, idle_timeout: float | None = None
+        self,
+        handler: Callable[[Reply], None],
+        *,
+        limit: int | None = None,
+        idle_timeout: float | None = None,
+        on_chunk: Callable[[str | None, V1ChatCompletionChunk], None] | None = None,
     ) -> int:
         """Call `handler` for each reply until `limit` replies, or `idle_timeout` seconds without one.
+
+        `on_chunk(request_id, chunk)` gets the chunks of streamed answers (`Client.publish(...,
+        stream=True)`), before their reply; `StreamText` turns them into text to show. Without
+        it they are dropped. Chunks do not count toward `limit`.
 
         Returns:
             how many replies were handled.
@@ -84,15 +122,13 @@ class ReplyQueue:
 
         def on_message(message: kombu.Message) -> None:
             nonlocal handled
-            props = message.properties
-            reply = decode_reply_message(message.body, props.get("type"), props.get("correlation_id"))
             try:
-                handler(reply)
+                replied = dispatch(message, handler, on_chunk)
             except Exception:
                 message.requeue()
                 raise
             message.ack()
-            handled += 1
+            handled += replied
 
         def enough() -> bool:
             return limit is not None and handled >= limit

@@ -163,7 +163,7 @@ def run_primary_worker(settings: Settings, concurrency: int, metrics_port: int |
     """
     metrics = _metrics("primary", metrics_port)
     providers, runner = _runner(settings, metrics, concurrency)
-    primary = PrimaryHandler(providers, runner, settings.max_body_bytes)
+    primary = PrimaryHandler(providers, runner, settings.max_body_bytes, settings.stream)
     triage = TriageHandler(primary, runner, settings.max_body_bytes)
     scores = ScoreHandler(runner.storage, settings.max_body_bytes)
     return _serve(settings, [primary, triage, scores], runner, providers, concurrency, metrics)

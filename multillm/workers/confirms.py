@@ -52,8 +52,8 @@ def _key(exchange: str, routing_key: str, props: pika.BasicProperties) -> _Key:
     return exchange, routing_key, props.message_id, props.correlation_id
 
 
-def _ignore(taken: list[bool]) -> None:
-    pass
+def ignore(taken: list[bool]) -> None:
+    """A `Then` for messages whose outcome nobody waits for."""
 
 
 @dataclass(slots=True)
@@ -136,7 +136,7 @@ class PipelinedConfirms:
                 )
             except Exception:
                 # Those already sent are confirmed into a batch nobody waits for; the caller settles otherwise.
-                batch.then = _ignore
+                batch.then = ignore
                 raise
             self._unconfirmed[self._next_tag] = _Unconfirmed(
                 message, _key(message.exchange, message.routing_key, message.properties), batch, index

@@ -40,7 +40,7 @@ from multillm.errors import ConfigError, describe
 from multillm.metrics import WorkerMetrics
 from multillm.workers.admission import Admission
 from multillm.workers.link import CONNECTION_ERRORS, REQUEUE, Link
-from multillm.workers.messages import Decision, Delivery, Handler, Settlement, Work, last_resort
+from multillm.workers.messages import Decision, Delivery, Handler, Running, Settlement, Work, last_resort
 from multillm.workers.nodes import BrokerNodes
 from multillm.workers.topology import queues_for
 
@@ -256,7 +256,7 @@ async def _settlement_of(
     """What `work` returns, or what `on_failure.on_error` decides when it raises (None: the work is
     an `on_error`'s already, and its failure leaves the last resort); None if its connection is gone."""
     try:
-        return await work.run(taken)
+        return await work.run(Running(taken, partial(link.send, delivery)))
     except Exception as exc:
         if isinstance(exc, CONNECTION_ERRORS) and not link.owns(delivery):
             return None  # a publish it awaited failed with its connection: the broker redelivers it

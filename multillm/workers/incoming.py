@@ -80,5 +80,12 @@ def deadline_of(props: pika.BasicProperties, received_ms: int) -> int | None:
     return min(candidates, default=None)
 
 
+def wants_stream(props: pika.BasicProperties) -> bool:
+    """Whether the request asked for the primary's answer as it is written (header `x-multillm-stream`:
+    AMQP boolean true, or the string "true" from a client that can only send strings)."""
+    value = (props.headers or {}).get(contract.HEADER_STREAM)
+    return value is True or (isinstance(value, str | bytes) and value.lower() in ("true", b"true"))
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -21,7 +21,7 @@ record, for a person to look at. Nothing is retried for ever.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import msgspec
@@ -46,7 +46,7 @@ from multillm.judging import (
 from multillm.records import is_judge_record, origin_of
 from multillm.schemas import LLMLogRecord, decode_record
 from multillm.sinks import RecordFilter
-from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
+from multillm.workers.messages import Decision, Delivery, Outgoing, Running, Settlement, Work, dead_letter, too_large
 from multillm.workers.model_run import ModelRun, ModelRunner
 from multillm.workers.scores import unstored_score
 
@@ -79,7 +79,7 @@ class JudgeHandler:
             return Settlement()  # nothing to judge: an error, or the judge's own call
         return Work(partial(self._judge_pairs, delivery, record))
 
-    async def _judge_pairs(self, delivery: Delivery, record: LLMLogRecord, _: Awaitable[list[bool]]) -> Settlement:
+    async def _judge_pairs(self, delivery: Delivery, record: LLMLogRecord, _: Running) -> Settlement:
         owed: list[Outgoing] = []
         for scored, primary in await self._pairs(record):
             owed += await self._judge(delivery, scored, primary)

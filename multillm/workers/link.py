@@ -33,7 +33,7 @@ from multillm.contract import QueueSpec
 from multillm.errors import Code, ConnectionLost
 from multillm.metrics import WorkerMetrics
 from multillm.workers.amqp_session import AmqpSession
-from multillm.workers.confirms import PipelinedConfirms
+from multillm.workers.confirms import PipelinedConfirms, ignore
 from multillm.workers.messages import Delivery, Outgoing, Settlement, dead_letter, last_resort
 from multillm.workers.topology import declare
 
@@ -163,6 +163,18 @@ class Link:
             log.exception("publish.failed", messages=len(messages))
             _resolve(taken, [False] * len(messages))
         return taken
+
+    def send(self, delivery: Delivery, messages: Sequence[Outgoing]) -> None:
+        """Publish `messages` for `delivery` now, with nothing waiting on their confirms (`Running.send`);
+        dropped when the delivery's link is gone (its redelivery sends them again). Never raises."""
+        if not self.owns(delivery):
+            return
+        try:
+            self._confirms.publish_all(messages, ignore)
+        except CONNECTION_ERRORS as exc:
+            self.lose(exc)
+        except Exception:
+            log.exception("publish.failed", messages=len(messages))
 
     def settle(self, delivery: Delivery, settlement: Settlement) -> None:
         """Settle `delivery` as `settlement` says: the one place that acks or rejects. Never raises:

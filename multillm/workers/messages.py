@@ -79,16 +79,28 @@ Taken = Awaitable[list[bool]]
 
 
 @dataclass(frozen=True, slots=True)
+class Running:
+    """What a work gets while it runs.
+
+    `taken`: whether a queue took each message of its `publish_first`. A lost connection
+    fails that wait: the delivery is redelivered.
+    `send`: publish now, on the delivery's connection, what nothing waits for (the chunks of a
+    streamed answer); dropped once that connection is gone, since the delivery is redelivered.
+    """
+
+    taken: Taken
+    send: Callable[[Sequence[Outgoing]], None]
+
+
+@dataclass(frozen=True, slots=True)
 class Work:
     """A model call to run in a call slot, at most `concurrency` at once; `run` returns the Settlement.
 
     `publish_first` goes out as soon as the delivery is taken, before the work waits for
-    a slot (the primary's fan-out copies, so that the other models run meanwhile); `run`
-    gets whether a queue took each of them. A lost connection fails that wait: the
-    delivery is redelivered.
+    a slot (the primary's fan-out copies, so that the other models run meanwhile).
     """
 
-    run: Callable[[Taken], Awaitable[Settlement]]
+    run: Callable[[Running], Awaitable[Settlement]]
     publish_first: Sequence[Outgoing] = ()
 
 

@@ -7,7 +7,7 @@ is not paid for again.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import msgspec
@@ -16,7 +16,7 @@ import structlog
 from multillm import contract
 from multillm.errors import Code, ProviderError
 from multillm.schemas import FanOutCopy, decode_fanout
-from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
+from multillm.workers.messages import Decision, Delivery, Outgoing, Running, Settlement, Work, dead_letter, too_large
 from multillm.workers.model_run import ModelRunner
 
 log = structlog.get_logger(__name__)
@@ -39,7 +39,7 @@ class ModelHandler:
         bound.debug("copy.accepted", index=copy.model_index)
         return Work(partial(self._call_and_record, delivery, copy))
 
-    async def _call_and_record(self, delivery: Delivery, copy: FanOutCopy, _: Awaitable[list[bool]]) -> Settlement:
+    async def _call_and_record(self, delivery: Delivery, copy: FanOutCopy, _: Running) -> Settlement:
         maybe_done = copy.redelivered or delivery.redelivered
         run = await self._runner.run(
             copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done
@@ -60,7 +60,7 @@ class ModelHandler:
         if isinstance(copy, Settlement):
             return copy
 
-        async def record_and_dead_letter(_: Awaitable[list[bool]]) -> Settlement:
+        async def record_and_dead_letter(_: Running) -> Settlement:
             error = ProviderError(code, reason)
             run = await self._runner.record_failure(copy.request, copy.request_id, copy.model_index, error)
             return Settlement([self._dead_letter(delivery, reason, code), *run.owed(delivery, self.queue.name)])

@@ -13,7 +13,7 @@ from multillm import contract
 from multillm.errors import Code
 from multillm.metrics import Published, WorkerMetrics
 from multillm.pricing import Prices
-from multillm.providers import JsonSchemaFormat, ModelResult, ProviderError, Providers
+from multillm.providers import JsonSchemaFormat, ModelResult, ProviderError, Providers, StreamListener
 from multillm.records import build_record, log_id_for, outcome_of, utc_now
 from multillm.schemas import LLMLogRecord, V1CreateMultiLLMChatCompletionRequest, encode
 from multillm.workers.messages import Delivery, Outgoing, dead_letter
@@ -91,12 +91,14 @@ class ModelRunner:
         *,
         maybe_done: bool = False,
         response_format: JsonSchemaFormat | None = None,
+        listener: StreamListener | None = None,
     ) -> ModelRun:
         """Call `request.models[model_index]` unless the deadline has passed, then record it.
 
         With `maybe_done` (the message was delivered before), a record already in the
         sink is the answer: the model is not paid for twice, and the reply agrees with
         the record. `response_format`: the answer's JSON schema, if one is wanted (the judge's).
+        `listener`: stream the call, telling it each try's start and each text delta.
         """
         if maybe_done and (existing := await self.storage.existing_record(request_id, model_index)) is not None:
             log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
@@ -113,7 +115,10 @@ class ModelRunner:
             log_id = log_id_for(request_id, model_index)
             tokens = bind_contextvars(request_id=request_id, log_id=log_id, model=model.name)
             try:
-                outcome = await self._providers.complete(model, request.messages, response_format)
+                if listener is None:
+                    outcome = await self._providers.complete(model, request.messages, response_format)
+                else:
+                    outcome = await self._providers.stream(model, request.messages, listener)
             except ProviderError as exc:
                 outcome = exc
             finally:

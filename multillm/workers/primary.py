@@ -10,7 +10,7 @@ and only then acks the request.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import msgspec
@@ -18,6 +18,7 @@ import pika
 import structlog
 
 from multillm import contract
+from multillm.config import StreamConfig
 from multillm.errors import Code, InvalidArgument, ProviderError
 from multillm.metrics import Published
 from multillm.providers import Providers
@@ -31,9 +32,10 @@ from multillm.schemas import (
     V1MultiLLMChatCompletion,
     encode,
 )
-from multillm.workers.incoming import deadline_of, read_request, request_id_of
-from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter
+from multillm.workers.incoming import deadline_of, read_request, request_id_of, wants_stream
+from multillm.workers.messages import Decision, Delivery, Outgoing, Running, Settlement, Work, dead_letter
 from multillm.workers.model_run import ModelRun, ModelRunner, now_ms
+from multillm.workers.streaming import ChunkStream
 
 log = structlog.get_logger(__name__)
 
@@ -41,10 +43,13 @@ log = structlog.get_logger(__name__)
 class PrimaryHandler:
     queue = contract.requests_queue()
 
-    def __init__(self, providers: Providers, runner: ModelRunner, max_body_bytes: int) -> None:
+    def __init__(
+        self, providers: Providers, runner: ModelRunner, max_body_bytes: int, stream: StreamConfig | None = None
+    ) -> None:
         self._providers = providers
         self._runner = runner
         self._max_body_bytes = max_body_bytes
+        self._stream = stream or StreamConfig()
 
     # --- the life of a request ------------------------------------------------
 
@@ -80,17 +85,34 @@ class PrimaryHandler:
         request_id: str,
         others: list[int],
         deadline: int | None,
-        copies: Awaitable[list[bool]],
+        running: Running,
     ) -> Settlement:
+        chunks = self._chunk_stream(delivery, request, request_id, running)
         run = await self._runner.run(
-            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered
+            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered, listener=chunks
         )
+        if chunks is not None:
+            chunks.close()  # before the reply, on the same channel: the caller gets every chunk first
         # The copies' confirms came in while the primary model answered. A lost connection
         # fails this wait (the request is redelivered).
-        unrouted = [index for index, taken in zip(others, await copies, strict=True) if not taken]
+        unrouted = [index for index, taken in zip(others, await running.taken, strict=True) if not taken]
         owed = await self._record_unrouted(delivery, request, request_id, unrouted)
         reply = self._reply(delivery, request_id, _reply_body(request, run))
         return Settlement([*reply, *owed, *run.owed(delivery, self.queue.name)])
+
+    def _chunk_stream(
+        self,
+        delivery: Delivery,
+        request: V1CreateMultiLLMChatCompletionRequest,
+        request_id: str,
+        running: Running,
+    ) -> ChunkStream | None:
+        """Where the primary's answer streams to, when the request asked for it and has a reply queue."""
+        props = delivery.properties
+        if not props.reply_to or not wants_stream(props):
+            return None
+        log_id = log_id_for(request_id, request.display_model)
+        return ChunkStream(running.send, props.reply_to, props.correlation_id or request_id, log_id, self._stream)
 
     async def _record_unrouted(
         self,
@@ -160,7 +182,7 @@ class PrimaryHandler:
             # got this far): their model workers write those records; ours could only race them.
             not_taken = []
 
-        async def record_and_refuse(_: Awaitable[list[bool]]) -> Settlement:
+        async def record_and_refuse(_: Running) -> Settlement:
             error = ProviderError(Code.INTERNAL, reason)
             run = await self._runner.record_failure(request, request_id, request.display_model, error)
             owed = run.owed(delivery, self.queue.name)

@@ -16,7 +16,7 @@ name, a value that is not a finite number, neither value nor label) goes to
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 import structlog
@@ -25,7 +25,7 @@ from multillm import contract
 from multillm.errors import Code
 from multillm.records import stored_score, utc_now
 from multillm.schemas import LLMScore, decode_score, encode
-from multillm.workers.messages import Decision, Delivery, Outgoing, Settlement, Work, dead_letter, too_large
+from multillm.workers.messages import Decision, Delivery, Outgoing, Running, Settlement, Work, dead_letter, too_large
 from multillm.workers.storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -48,7 +48,7 @@ class ScoreHandler:
             log.warning("score.invalid", error=reason, message_id=delivery.properties.message_id)
             return self._dead(delivery, reason, Code.INVALID_ARGUMENT)
 
-        async def store(_: Awaitable[list[bool]]) -> Settlement:
+        async def store(_: Running) -> Settlement:
             bound = log.bind(score_id=score.score_id, log_id=score.log_id, name=score.name)
             written = await self._storage.store_score(score, bound)
             if written is None:
