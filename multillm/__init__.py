@@ -23,11 +23,23 @@ from multillm.errors import (
     Unauthenticated,
     Unavailable,
 )
-from multillm.producers import AsyncClient, Client, PendingReply, Reply, ReplyQueue, make_request
+from multillm.producers import (
+    AsyncClient,
+    AsyncReplyStream,
+    Client,
+    PendingReply,
+    Reply,
+    ReplyQueue,
+    ReplyStream,
+    StreamDelta,
+    StreamText,
+    make_request,
+)
 from multillm.schemas import (
     ChatMessage,
     LLMLogRecord,
     RpcStatus,
+    V1ChatCompletionChunk,
     V1CreateMultiLLMChatCompletionRequest,
     V1Model,
     V1MultiLLMChatCompletion,
@@ -40,6 +52,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AsyncClient",
+    "AsyncReplyStream",
     "BrokerUnavailable",
     "ChatMessage",
     "Client",
@@ -55,12 +68,16 @@ __all__ = [
     "PermissionDenied",
     "Reply",
     "ReplyQueue",
+    "ReplyStream",
     "RequestTimeout",
     "ResourceExhausted",
     "RpcError",
     "RpcStatus",
+    "StreamDelta",
+    "StreamText",
     "Unauthenticated",
     "Unavailable",
+    "V1ChatCompletionChunk",
     "V1CreateMultiLLMChatCompletionRequest",
     "V1Model",
     "V1MultiLLMChatCompletion",

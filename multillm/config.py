@@ -25,6 +25,9 @@ DEFAULT_MOCK_PORT: Final = 8089
 # The mock's latency in `multillm mock-llm` and the demo: about a small model's, so that
 # replies and the per-model records arriving later look as they will in production.
 DEFAULT_MOCK_LATENCY_MS: Final = 150.0
+# Between the tokens of a streamed answer of `multillm mock-llm` and the demo's mock: 33 tokens a
+# second, so that a streamed answer is seen arriving.
+DEFAULT_MOCK_TOKEN_DELAY_MS: Final = 30.0
 
 ENV_BROKER_URL: Final = "MULTILLM_BROKER_URL"
 ENV_SINK_URL: Final = "MULTILLM_SINK_URL"

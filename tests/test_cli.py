@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from multillm.cli import _parser, main
+from multillm.cli.demo import STREAMED_PROMPT
 from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_LOG_LEVEL, ENV_SINK_URL
 from multillm.mock_llm import Fault
 from tests.conftest import StartWorker
@@ -146,7 +147,8 @@ def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Pa
     assert "stopped 5 workers (exit codes [0, 0, 0, 0, 0])" in done.stdout
     lines = [json.loads(line) for line in sink.read_text().splitlines()]
     asks = [r for r in lines if any(a["key"] == "judgeOf" for a in r["log_attributes"])]
-    records = [r for r in lines if r not in asks]
+    [streamed] = [r for r in lines if {"key": "demo", "value": "streamed"} in r["log_attributes"]]
+    records = [r for r in lines if r not in asks and r is not streamed]
     assert len(records) == 9 and all(r["status"] == "ok" for r in records)
     assert sorted(r["is_primary"] for r in records).count(True) == 3
     # The judge asked twice about each of the 6 non-primary answers.
@@ -155,6 +157,9 @@ def test_demo_runs_end_to_end_and_stops_everything(broker_url: str, tmp_path: Pa
     # upper beats echo where either is the primary (requests 0 and 1); request 2's primary is reverse
     assert re.search(r"judge: win / tie / loss\s*│\s*│\s*2 / 0 / 0\s*│", done.stdout), done.stdout
     assert "On 3 pairs: the figures support: the candidate costs" in done.stdout
+    # One more answer, streamed and printed as it came: its record has the time to its first token.
+    assert f"echo says: {STREAMED_PROMPT}\n  first words after" in done.stdout
+    assert streamed["status"] == "ok" and 0 < streamed["time_to_first_token_ms"] < streamed["latency_ms"]
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ SCENARIOS: Final[dict[str, str]] = {
     "sinks": "records/s per sink, batched and not",
     "scale": "1, 2, 4 worker processes on one queue",
     "cluster": "one node against a three-node cluster (scripts/cluster.sh): what replication costs",
+    "streaming": "time to first token against the floor; tokens/s of 64 streams at once",
 }
 
 # Where the Celery peer finds the broker and the mock: `celery worker` starts it as a module,

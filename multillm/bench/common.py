@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -34,6 +35,11 @@ class Sizes(msgspec.Struct, frozen=True):
     sink_records: int = 10000
     scale_requests: int = 2000
     scale_processes: tuple[int, ...] = (1, 2, 4)
+    stream_samples: int = 300
+    stream_concurrency: int = 64
+    stream_requests: int = 256
+    # `[stream] flush_ms` settings the load runs with (the default among them is judged).
+    stream_flush_ms: tuple[float, ...] = (0.0, 25.0, 100.0)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -48,6 +54,10 @@ class Sizes(msgspec.Struct, frozen=True):
             sink_records=200,
             scale_requests=40,
             scale_processes=(1, 2),
+            stream_samples=10,
+            stream_concurrency=8,
+            stream_requests=16,
+            stream_flush_ms=(25.0,),
         )
 
 
@@ -73,8 +83,10 @@ def verdict(what: str, value: float, limit: float, *, at_most: bool) -> str:
 
 
 @contextlib.contextmanager
-def primary(bench: Bench, concurrency: int, count: int = 1, extra: Sequence[str] = ()) -> Iterator[list[WorkerProcess]]:
-    with bench.workers(["primary", "--concurrency", str(concurrency), *extra], count) as workers:
+def primary(
+    bench: Bench, concurrency: int, count: int = 1, extra: Sequence[str] = (), config: Path | None = None
+) -> Iterator[list[WorkerProcess]]:
+    with bench.workers(["primary", "--concurrency", str(concurrency), *extra], count, config) as workers:
         yield workers
 
 

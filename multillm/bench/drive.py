@@ -141,15 +141,30 @@ def windowed(submit: Callable[[int], Callable[[], object]], *, total: int, in_fl
 def interleaved(
     ours: Callable[[int], object], floor: Callable[[int], object], count: int
 ) -> tuple[list[float], list[float]]:
-    """Alternate the two sample by sample (and which goes first), so drift hits both alike."""
+    """The wall time (ms) of each, sampled alternately (`alternately`)."""
+    return alternately(_timed(ours), _timed(floor), count)
+
+
+def alternately(
+    ours: Callable[[int], float], floor: Callable[[int], float], count: int
+) -> tuple[list[float], list[float]]:
+    """Alternate the two sample by sample (and which goes first), so drift hits both alike; each
+    returns its sample (ms)."""
     for i in range(min(20, count)):  # warm connections and caches on both sides
         ours(i)
         floor(i)
-    timed: tuple[list[float], list[float]] = ([], [])
+    samples: tuple[list[float], list[float]] = ([], [])
     for i in range(count):
         order = (0, 1) if i % 2 else (1, 0)
         for side in order:
-            started = time.perf_counter()
-            (ours, floor)[side](i)
-            timed[side].append((time.perf_counter() - started) * 1000)
+            samples[side].append((ours, floor)[side](i))
+    return samples
+
+
+def _timed(run: Callable[[int], object]) -> Callable[[int], float]:
+    def timed(i: int) -> float:
+        started = time.perf_counter()
+        run(i)
+        return (time.perf_counter() - started) * 1000
+
     return timed

@@ -22,7 +22,7 @@ from prometheus_client.samples import Sample
 
 from multillm import contract
 from multillm.bench import ENV_BENCH_BROKER, ENV_BENCH_MOCK
-from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL
+from multillm.config import ENV_BROKER_URL, ENV_CONFIG, ENV_SINK_URL, StreamConfig
 from multillm.mock_llm import MockControl
 from multillm.producers.publishing import connect, declare_queues
 from multillm.testbed.processes import ChildProcess, WorkerProcess, wait_for_consumers, write_worker_config
@@ -190,10 +190,23 @@ class Bench:
             for name in names:
                 channel.queue_purge(name)
 
+    def config_with(self, stream: StreamConfig) -> Path:
+        """The workers' configuration with `stream` as its `[stream]`, for `workers(config=...)`."""
+        return write_worker_config(
+            self.folder,
+            broker_url=self.broker_url,
+            sink_url=self.sink_url,
+            mock_url=self.mock_url,
+            stream=stream,
+            name=f"multillm-stream-{stream.flush_ms:g}ms-{stream.flush_bytes}b.toml",
+        )
+
     @contextmanager
-    def workers(self, args: Sequence[str], count: int = 1) -> Iterator[list[WorkerProcess]]:
-        """`count` `multillm worker ARGS` processes, consuming, stopped with SIGTERM afterwards."""
-        started = [WorkerProcess(args, env=self.worker_env, log_path=self.log_path) for _ in range(count)]
+    def workers(self, args: Sequence[str], count: int = 1, config: Path | None = None) -> Iterator[list[WorkerProcess]]:
+        """`count` `multillm worker ARGS` processes, consuming, stopped with SIGTERM afterwards;
+        `config`: a configuration file other than the run's."""
+        env = self.worker_env if config is None else {**self.worker_env, ENV_CONFIG: str(config)}
+        started = [WorkerProcess(args, env=env, log_path=self.log_path) for _ in range(count)]
         try:
             queue = (
                 contract.REQUEST_QUEUE

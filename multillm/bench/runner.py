@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from multillm.bench import SCENARIOS, cluster, overhead, scale, sink_rates, slow, throughput
+from multillm.bench import SCENARIOS, cluster, overhead, scale, sink_rates, slow, streaming, throughput
 from multillm.bench.common import Section, Sizes
 from multillm.bench.harness import Bench, bench_environment
 
@@ -20,20 +20,21 @@ def run_bench(
     """Run the scenarios named in `only` (all by default) in a scratch vhost; their sections in order."""
     sizes = Sizes.quick() if quick else Sizes()
     chosen = [name for name in SCENARIOS if not only or name in only]
-    runners: dict[str, Callable[[Bench], Section]] = {
-        "overhead": lambda b: overhead.overhead(b, sizes),
-        "throughput": lambda b: throughput.throughput(b, sizes),
-        "slow": lambda b: slow.slow_models(b, sizes),
-        "fanout": lambda b: throughput.fanout_cost(b, sizes),
-        "sinks": lambda b: sink_rates.sinks(b, sizes, postgres_url),
-        "scale": lambda b: scale.horizontal(b, sizes),
-        "cluster": lambda b: cluster.cluster_cost(b, sizes),
+    runners: dict[str, Callable[[Bench], list[Section]]] = {
+        "overhead": lambda b: [overhead.overhead(b, sizes)],
+        "throughput": lambda b: [throughput.throughput(b, sizes)],
+        "slow": lambda b: [slow.slow_models(b, sizes)],
+        "fanout": lambda b: [throughput.fanout_cost(b, sizes)],
+        "sinks": lambda b: [sink_rates.sinks(b, sizes, postgres_url)],
+        "scale": lambda b: [scale.horizontal(b, sizes)],
+        "cluster": lambda b: [cluster.cluster_cost(b, sizes)],
+        "streaming": lambda b: [streaming.time_to_first_token(b, sizes), streaming.stream_load(b, sizes)],
     }
     sections = []
     with bench_environment(broker_url) as bench:
         for number, name in enumerate(chosen, 1):
             progress(f"[{number}/{len(chosen)}] {name}: {SCENARIOS[name]}")
-            sections.append(runners[name](bench))
+            sections += runners[name](bench)
     return sections
 
 

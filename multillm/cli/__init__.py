@@ -14,6 +14,7 @@ from multillm.cli import commands
 from multillm.config import (
     DEFAULT_MOCK_LATENCY_MS,
     DEFAULT_MOCK_PORT,
+    DEFAULT_MOCK_TOKEN_DELAY_MS,
     DEFAULT_SINK_URL,
     ENV_BROKER_URL,
     ENV_CONFIG,
@@ -54,7 +55,8 @@ fault injection, over HTTP while it runs (in Python: multillm.mock_llm.MockContr
   "retry_after_ms" (headers of the error answers), "drop_connection", "echo_auth" (put the
   caller's key in the error, to test scrubbing), "error_rate" with "error_statuses" and "seed";
   for a streamed answer ("stream": true, server-sent events a word each), "token_delay_ms"
-  and "cut_after_tokens" (reset the connection after that many tokens).
+  "cut_after_tokens" (reset the connection after that many tokens) and "cut_streams" (cut only
+  that many streamed answers; default every one).
   e.g. curl -X POST http://127.0.0.1:8089/_mock/faults -d '{"model": "echo", "statuses": [503, 429]}'
 """
 
@@ -178,9 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument(
         "--token-delay-ms",
         type=float,
-        default=0.0,
+        default=DEFAULT_MOCK_TOKEN_DELAY_MS,
         metavar="MS",
-        help="delay before each token of a streamed answer, unless a fault sets another (default 0)",
+        help="delay before each token of a streamed answer, unless a fault sets another"
+        f" (default {DEFAULT_MOCK_TOKEN_DELAY_MS:g})",
     )
 
     demo = _command(sub, "demo", "the whole pipeline end to end against the mock", _BOTH)

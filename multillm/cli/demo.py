@@ -4,8 +4,9 @@ Starts the mock (in this process, on a free port), a primary worker and one
 worker per extra model (as child processes, exactly as an operator would run
 them), sends a few multi-model requests, prints each reply and every model's
 record side by side, gives each primary answer a user's feedback (a score), waits
-for the judge worker's verdicts, ends with `logs compare` of two of the models on
-this run's requests, then stops everything with SIGTERM.
+for the judge worker's verdicts, shows `logs compare` of two of the models on this
+run's requests, streams one more answer as a chat window would show it, then stops
+everything with SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from multillm import contract
 from multillm.cli.commands import connect_client
 from multillm.cli.comparison import compare
 from multillm.cli.logs import comparison_table, print_output, side_by_side
-from multillm.config import DEFAULT_MOCK_LATENCY_MS, ENV_CONFIG, Settings
+from multillm.config import DEFAULT_MOCK_LATENCY_MS, DEFAULT_MOCK_TOKEN_DELAY_MS, ENV_CONFIG, Settings
 from multillm.errors import CommandError, MultiLLMError
 from multillm.mock_llm import MockLLM
 from multillm.producers import Client, make_request
@@ -39,6 +40,7 @@ BASELINE, CANDIDATE = "mock/echo", "mock/upper"
 # The mock's models are priced like real ones (USD per million input and output tokens), so that
 # the demo's records show costs; genai-prices' table does not know them.
 DEMO_PRICES = {"mock/echo": (0.15, 0.6), "mock/upper": (2.5, 10.0), "mock/reverse": (1.1, 4.4), JUDGE: (0.15, 0.6)}
+STREAMED_PROMPT = "Tell me, word by word, how a message queue hands work to a worker."
 PROMPTS = (
     "Summarise the plot of Hamlet in one sentence.",
     "What is a message queue good for?",
@@ -50,13 +52,19 @@ PROMPTS = (
 def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAULT_MOCK_LATENCY_MS) -> int:
     client = connect_client(settings)  # fails first, in one line, if no broker answers
     workers: list[WorkerProcess] = []
-    with tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp, MockLLM(latency_ms=latency_ms) as mock:
+    with (
+        tempfile.TemporaryDirectory(prefix="multillm-demo-") as tmp,
+        MockLLM(latency_ms=latency_ms, token_delay_ms=DEFAULT_MOCK_TOKEN_DELAY_MS) as mock,
+    ):
         config = write_worker_config(
             Path(tmp), broker_url=settings.broker_url, sink_url=settings.sink_url, mock_url=mock.url, prices=DEMO_PRICES
         )
         env = {ENV_CONFIG: str(config)}
         logs = os.path.join(tmp, "workers.log")
-        print(f"mock LLM at {mock.url} ({latency_ms:g} ms a call); sink {settings.sink_url}")
+        print(
+            f"mock LLM at {mock.url} ({latency_ms:g} ms a call, {DEFAULT_MOCK_TOKEN_DELAY_MS:g} ms a token when"
+            f" streamed); sink {settings.sink_url}"
+        )
         try:
             workers.append(WorkerProcess(["primary", "--concurrency", "4"], env=env, log_path=logs))
             for model in MODELS:
@@ -69,6 +77,7 @@ def run_demo(settings: Settings, *, requests: int = 3, latency_ms: float = DEFAU
                     started(done)
             print(f"started {len(workers)} workers: primary, one per model ({', '.join(MODELS)}), judge {JUDGE}\n")
             _send(client, settings, requests)
+            _stream(client)
         except (RuntimeError, MultiLLMError, TimeoutError) as exc:
             raise CommandError(f"{exc}; worker logs: {Path(logs).read_text()[-2000:]}") from None
         finally:
@@ -117,6 +126,24 @@ def _send(client: Client, settings: Settings, count: int) -> None:
     print(f"\nthe same again: multillm logs compare --baseline {BASELINE} --candidate {CANDIDATE} --attr demoRun={run}")
     print("see them again with: multillm logs show REQUEST_ID   (or: multillm logs list / stats)")
     print("score an answer with: multillm logs score LOG_ID --name feedback --label up")
+
+
+def _stream(client: Client) -> None:
+    """One request streamed, printed as it arrives, as a chat window would show it."""
+    request = make_request([MODELS[0]], STREAMED_PROMPT, log_attributes={"demo": "streamed"})
+    print(f"\nstreamed (multillm request --stream): the answer of {request.primary.name} as it is written")
+    started = time.monotonic()
+    first: float | None = None
+    stream = client.stream(request, timeout=60)
+    print("  ", end="", flush=True)
+    for delta in stream:
+        first = first or time.monotonic() - started
+        if delta.restart:
+            print("\n  (started over) ", end="")
+        print(delta.text, end="", flush=True)
+    print(
+        f"\n  first words after {(first or 0) * 1000:.0f} ms, the whole answer after {time.monotonic() - started:.2f}s"
+    )
 
 
 def _stored_scores(sink: Sink, score_ids: set[str], timeout: float = 30.0) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from multillm.config import DEFAULT_CONFIG_FILE
+from multillm.config import DEFAULT_CONFIG_FILE, StreamConfig
 from multillm.producers.publishing import queue_counts
 
 
@@ -108,11 +108,14 @@ def write_worker_config(
     sink_url: str,
     mock_url: str,
     prices: Mapping[str, tuple[float, float]] | None = None,
+    stream: StreamConfig | None = None,
+    name: str = DEFAULT_CONFIG_FILE,
 ) -> Path:
-    """A `multillm.toml` in `folder` for workers against the mock at `mock_url` (provider `mock`),
-    with `prices` (model name: USD per million input and output tokens) as `[prices."..."]`."""
+    """A `name` (`multillm.toml`) in `folder` for workers against the mock at `mock_url` (provider `mock`),
+    with `prices` (model name: USD per million input and output tokens) as `[prices."..."]`, and
+    `stream` as `[stream]`."""
     # TOML basic strings accept JSON's escapes, so json.dumps quotes safely.
-    path = folder / DEFAULT_CONFIG_FILE
+    path = folder / name
     text = (
         f"broker_url = {json.dumps(broker_url)}\n"
         f"sink_url = {json.dumps(sink_url)}\n\n"
@@ -120,5 +123,7 @@ def write_worker_config(
     )
     for model, (per_input, per_output) in (prices or {}).items():
         text += f"\n[prices.{json.dumps(model)}]\ninput_per_mtok = {per_input}\noutput_per_mtok = {per_output}\n"
+    if stream is not None:
+        text += f"\n[stream]\nflush_ms = {stream.flush_ms}\nflush_bytes = {stream.flush_bytes}\n"
     path.write_text(text)
     return path
