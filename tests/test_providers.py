@@ -525,3 +525,55 @@ def test_a_stream_cut_midway_is_retried_from_the_start(
     result = make_providers().stream(V1Model(name="mock/echo"), HELLO, heard)
     assert heard.tries == [[], ["echo ", "says: ", "hello ", "big ", "world"]]
     assert result.attempts == 2
+
+
+class _Events(_Garbage):
+    """A streamed answer as some servers write it: comments, `event:` fields, one event's data over
+    two lines, and no blank line after the last event."""
+
+    body = (
+        b": keep-alive\n\n"
+        b'event: chunk\ndata: {"id": "c1", "model": "x", "choices": [{"delta": {"content": "Hel"}}]}\n\n'
+        b'data: {"id": "c1", "choices": [{"delta": {"content": "lo"},\ndata:  "finish_reason": "stop"}]}\n\n'
+        b'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}'
+    )
+
+
+class _ErrorEvent(_Garbage):
+    body = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: {"error": {"message": "overloaded"}}\n\n'
+
+
+class _NotChunks(_Garbage):
+    body = b'data: {"choices": "nope"}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (_Events, "Hello"),
+        (_ErrorEvent, "overloaded"),
+        (_NotChunks, "the provider's stream is not chat completion chunks: Expected `array`, got `str`"),
+    ],
+)
+def test_server_sent_events_as_servers_write_them(calls: LoopThread, handler: type[_Garbage], expected: str) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd-1234")
+        provider = OpenAICompatProvider("odd", config, FAST)
+        heard = Heard()
+        try:
+            result = calls.run(provider.stream(ModelCall(model="x", messages=HELLO), heard), timeout=30)
+        except ProviderError as error:
+            # Neither is retried: a server that says so, or speaks garbage, would most likely again.
+            assert error.code == Code.INTERNAL and error.attempts == 1
+            assert expected in error.message
+        else:
+            assert handler is _Events
+            assert heard.tries == [["Hel", "lo"]]
+            assert result.choices[0].message.content == expected and result.choices[0].finish_reason == "stop"
+            assert (result.external_id, result.usage.total_tokens if result.usage else None) == ("c1", 3)
+        calls.run(provider.aclose(), timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()

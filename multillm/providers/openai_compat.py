@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Final, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import httpx2
 import msgspec
@@ -136,6 +136,33 @@ class _Completion(Struct):
 
 
 _completion_decoder: Final = msgspec.json.Decoder(_Completion)
+
+
+# A streamed answer's events (`chat.completion.chunk`), only what we keep.
+class _Delta(Struct):
+    content: str | None = None
+
+
+class _ChunkChoice(Struct):
+    index: int = 0
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _StreamError(Struct):
+    message: str = "the provider's stream reported an error"
+
+
+class _Chunk(Struct):
+    id: str = ""
+    model: str = ""
+    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
+    # An error event in the middle of a stream (the SDK raises `openai.APIError` for it too).
+    error: _StreamError | None = None
+
+
+_chunk_decoder: Final = msgspec.json.Decoder(_Chunk)
 T = TypeVar("T")
 
 
@@ -285,14 +312,15 @@ class OpenAICompatProvider:
             parts: list[str] = []
             answer = _Completion()
             finish: str | None = None
-            stream = await client.chat.completions.create(  # type: ignore[call-overload]
+            # The SDK's own streaming response (auth, timeouts, HTTP errors as `openai.APIStatusError`),
+            # read as lines and decoded with msgspec: its typed stream builds a pydantic model per token.
+            async with client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
                 **body, stream=True, stream_options={"include_usage": True}, timeout=timeout
-            )
-            async with stream:
-                async for chunk in stream:
+            ) as response:
+                async for chunk in _events(response.iter_lines(), response.http_request):
                     answer.id, answer.model = answer.id or chunk.id, answer.model or chunk.model
                     if chunk.usage is not None:
-                        answer.usage = _usage_of(chunk.usage)
+                        answer.usage = chunk.usage
                     for choice in chunk.choices[:1]:
                         if text := choice.delta.content:
                             if not first_token:
@@ -315,6 +343,46 @@ class OpenAICompatProvider:
             await client.close()
 
 
+async def _events(lines: AsyncIterator[str], request: Any) -> AsyncIterator[_Chunk]:
+    """The chunks of a server-sent event stream, up to `[DONE]`.
+
+    Raises:
+        ProviderError: INTERNAL, an event is not a chat completion chunk.
+        openai.APIError: the stream reported an error (as the SDK's own stream raises it).
+        openai.APIConnectionError: the connection broke mid-stream (retried, as a failed connect).
+    """
+    events = _event_data(lines)
+    while True:
+        try:
+            event = await anext(events)
+        except StopAsyncIteration:
+            return
+        except httpx2.TransportError as exc:
+            raise openai.APIConnectionError(message="the provider's stream broke off", request=request) from exc
+        if event == "[DONE]":
+            return
+        try:
+            chunk = _chunk_decoder.decode(event)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProviderError(Code.INTERNAL, f"the provider's stream is not chat completion chunks: {exc}") from None
+        if chunk.error is not None:
+            raise openai.APIError(chunk.error.message, request, body=None)
+        yield chunk
+
+
+async def _event_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each server-sent event: its `data:` lines joined; other fields are not read."""
+    data: list[str] = []
+    async for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield "\n".join(data)
+            data = []
+    if data:  # the last event, when the body ends without the blank line after it
+        yield "\n".join(data)
+
+
 class StreamListener(Protocol):
     """Told of a streamed completion as it comes, on the caller's event loop; must not block."""
 
@@ -325,19 +393,6 @@ class StreamListener(Protocol):
     def delta(self, text: str) -> None:
         """The next piece of the first choice's text."""
         ...
-
-
-def _usage_of(usage: openai.types.CompletionUsage) -> _Usage:
-    """The SDK's usage as ours, with the cached and reasoning parts where reported."""
-    prompt = usage.prompt_tokens_details
-    completion = usage.completion_tokens_details
-    return _Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        prompt_tokens_details=_PromptDetails(prompt.cached_tokens) if prompt else None,
-        completion_tokens_details=_CompletionDetails(completion.reasoning_tokens) if completion else None,
-    )
 
 
 def _result(
