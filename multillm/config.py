@@ -167,7 +167,7 @@ class StreamConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     out when the oldest delta it holds is `flush_ms` old or it holds `flush_bytes` of text. The
     defaults were measured with `multillm bench` (docs/benchmarks.md, "Streaming")."""
 
-    flush_ms: Annotated[float, Meta(ge=0, le=10_000)] = 25.0
+    flush_ms: Annotated[float, Meta(ge=0, le=10_000)] = 50.0
     flush_bytes: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 4096
 
 

@@ -125,7 +125,7 @@ def test_chunks_then_the_reply_on_the_wire(
     assert all(set(chunk) == {"id", "streamId", "seq", "delta"} for chunk in chunks)
     assert [chunk["seq"] for chunk in chunks] == list(range(len(chunks)))
     assert len({chunk["streamId"] for chunk in chunks}) == 1
-    # Coalesced: 42 tokens 15 ms apart, flushed every 25 ms at most, make fewer chunks than tokens.
+    # Coalesced: 42 tokens 15 ms apart, a chunk each 50 ms at most after the first, make fewer chunks than tokens.
     assert 2 <= len(chunks) < 42
 
     assert (final_props.type, final_props.correlation_id) == ("V1MultiLLMChatCompletion", "c-1")
@@ -184,7 +184,9 @@ def test_a_stream_cut_midway_is_retried_under_a_new_stream_id(
     first, second = ([c for c in chunks if c["streamId"] == s] for s in streams)
     assert [c["seq"] for c in second] == list(range(len(second)))
     assert chunks.index(first[-1]) < chunks.index(second[0])  # the new try starts after the old one ends
-    assert "".join(c["delta"] for c in first) == " ".join(ANSWER.split()[:10]) + " "
+    # What the cut try sent: the start of its 10 tokens (those still held when it broke were dropped).
+    cut_text = "".join(c["delta"] for c in first)
+    assert cut_text and (" ".join(ANSWER.split()[:10]) + " ").startswith(cut_text)
     assert (
         "".join(c["delta"] for c in second)
         == ANSWER
@@ -259,7 +261,7 @@ def test_a_named_reply_queue_gets_chunks_and_a_slow_reader_loses_nothing(
     finals: dict[str, str] = {}
 
     def on_chunk(request_id: str | None, chunk: V1ChatCompletionChunk) -> None:
-        time.sleep(0.04)  # a reader slower than the chunks come (one each 25 ms or so): they wait in the queue
+        time.sleep(0.06)  # a reader slower than the chunks come (one each 50 ms or so): they wait in the queue
         for delta in texts[request_id or ""].add(chunk):
             shown[request_id or ""] += delta.text
 

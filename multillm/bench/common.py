@@ -39,7 +39,7 @@ class Sizes(msgspec.Struct, frozen=True):
     stream_concurrency: int = 64
     stream_requests: int = 256
     # `[stream] flush_ms` settings the load runs with (the default among them is judged).
-    stream_flush_ms: tuple[float, ...] = (0.0, 25.0, 100.0)
+    stream_flush_ms: tuple[float, ...] = (0.0, 25.0, 50.0, 100.0)
 
     @classmethod
     def quick(cls) -> Sizes:
