@@ -49,7 +49,7 @@ def answer(
 
 
 RECORDS = [
-    answer(1, 0, "mock/alpha", "alpha one", latency=100, mode="MODE_PROD"),
+    answer(1, 0, "mock/alpha", "alpha one", latency=100, mode="MODE_PROD", time_to_first_token_ms=40),
     answer(1, 1, "mock/beta", HOSTILE, latency=300, mode="MODE_PROD"),
     answer(2, 0, "mock/alpha", "alpha two", latency=120, mode="MODE_TEST", trace_id="trace-2"),
     answer(2, 1, "mock/beta", "", latency=900, status="error", mode="MODE_TEST", trace_id="trace-2"),
@@ -120,7 +120,8 @@ def test_list_table(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
 def test_show_puts_every_model_side_by_side(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = run(capsys, "show", "req-1")
     assert "mock/alpha (primary)" in out and "mock/beta" in out
-    assert "alpha one" in out and "100 ms" in out and "300 ms" in out and "10 / 2" in out
+    assert "alpha one" in out and "300 ms" in out and "10 / 2" in out
+    assert "100 ms (first token 40 ms)" in out  # a streamed call: its time to first token too
     assert "[bold]" in out  # model output is shown as it is, not read as rich markup
     shown = json.loads(run(capsys, "show", "req-2", "--json"))
     assert [(r["model_name"], r["status"]) for r in shown] == [("mock/alpha", "ok"), ("mock/beta", "error")]

@@ -241,7 +241,7 @@ def side_by_side_rows(
     scored = scored or {}
     return [
         ("status", [r.status if r.status == "ok" else f"error {r.error_code}" for r in records]),
-        ("latency", ["-" if r.latency_ms is None else f"{format_ms(r.latency_ms)} ms" for r in records]),
+        ("latency", [latency_text(r) for r in records]),
         ("tokens in/out", [f"{r.prompt_tokens} / {r.completion_tokens}" if r.total_tokens else "-" for r in records]),
         ("attempts", [str(r.attempts) for r in records]),
         ("cost $", [format_usd(r.cost_usd) for r in records]),
@@ -249,6 +249,14 @@ def side_by_side_rows(
         ("external id", [r.external_id or "-" for r in records]),
         ("answer", [output_text(r) for r in records]),
     ]
+
+
+def latency_text(record: LLMLogRecord) -> str:
+    """`457 ms`, and the time to the first token of a streamed call: `457 ms (first token 190 ms)`."""
+    if record.latency_ms is None:
+        return "-"
+    first = record.time_to_first_token_ms
+    return f"{format_ms(record.latency_ms)} ms" + ("" if first is None else f" (first token {format_ms(first)} ms)")
 
 
 def score_text(score: LLMScore) -> str:
