@@ -10,6 +10,7 @@ from typing import Final
 import msgspec
 
 from multillm.bench.harness import Bench
+from multillm.config import StreamConfig
 from multillm.testbed.processes import WorkerProcess
 
 ONE: Final = ["mock/echo"]
@@ -57,7 +58,7 @@ class Sizes(msgspec.Struct, frozen=True):
             stream_samples=10,
             stream_concurrency=8,
             stream_requests=16,
-            stream_flush_ms=(25.0,),
+            stream_flush_ms=(StreamConfig().flush_ms,),
         )
 
 

@@ -10,7 +10,7 @@ import threading
 import kombu.exceptions
 import msgspec
 
-from multillm import contract
+from multillm import contract, tracing
 from multillm.config import Settings, load_settings
 from multillm.errors import CommandError, MultiLLMError, RpcError
 from multillm.producers import Client, ReplyStream, make_request
@@ -25,6 +25,16 @@ def dispatch(args: argparse.Namespace) -> int:
         serve_mock(args.host, args.port, args.latency_ms, args.token_delay_ms)
         return 0
     settings = load_settings(args.config)
+    if args.command in ("worker", "request", "demo", "replay"):
+        # Spans go out only where the OTEL_* environment asks (multillm/tracing.py).
+        tracing.configure(f"multillm-{args.command}" + (f"-{args.kind}" if args.command == "worker" else ""))
+    try:
+        return _dispatch(settings, args)
+    finally:
+        tracing.shutdown()
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "worker":
         return _worker(settings, args)
     if args.command == "request":
@@ -63,6 +73,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         code = run_judge_worker(settings, args.model, args.concurrency, args.sample, args.metrics_port)
     else:
         code = run_model_worker(settings, args.model, args.concurrency, args.metrics_port)
+    tracing.shutdown()  # its last spans out, before an exit that would skip `dispatch`'s
     if stuck := [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]:
         # The worker left a sink thread stuck in a write (a database that stopped answering, see
         # `workers._serve`): the interpreter's exit would wait for it for ever. Everything else is

@@ -21,7 +21,7 @@ import kombu
 import kombu.exceptions
 import kombu.pools
 
-from multillm import contract
+from multillm import contract, tracing
 from multillm.config import PUBLISH_RETRY
 from multillm.contract import QueueSpec
 from multillm.errors import BrokerUnavailable, Code, Unavailable
@@ -271,7 +271,12 @@ class RequestPublisher:
     def _publish(self, message: _Message, timeout: float | None) -> None:
         # The caller's timeout bounds the whole publish too, reconnects included.
         confirm = CONFIRM_TIMEOUT_SECONDS if timeout is None else max(0.5, min(CONFIRM_TIMEOUT_SECONDS, timeout))
-        with self._pool.acquire(block=True, timeout=confirm) as producer:
+        with (
+            tracing.client_publish(
+                message.exchange, message.routing_key, message.message_id, message.correlation_id, message.headers
+            ),
+            self._pool.acquire(block=True, timeout=confirm) as producer,
+        ):
             producer.publish(
                 message.body,
                 exchange=message.exchange,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Protocol
 
 import httpx2
 import openai
 
+from multillm import tracing
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code, ConfigError, ProviderError, describe
 from multillm.metrics import WorkerMetrics
@@ -144,7 +145,9 @@ class Providers:
         Raises:
             ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
         """
-        return await self.get(model.provider).complete(_call(model, messages, response_format))
+        provider = self._built_provider(model.provider)
+        call = _call(model, messages, response_format)
+        return await self._traced(model.provider, call, provider.complete(call))
 
     async def stream(self, model: V1Model, messages: list[ChatMessage], listener: StreamListener) -> ModelResult:
         """As `complete`, streamed: `listener` is told each try's start and each text delta.
@@ -152,7 +155,25 @@ class Providers:
         Raises:
             ProviderError: the provider is unknown (INVALID_ARGUMENT) or the call failed for good.
         """
-        return await self._built_provider(model.provider).stream(_call(model, messages), listener)
+        provider = self._built_provider(model.provider)
+        call = _call(model, messages)
+        return await self._traced(model.provider, call, provider.stream(call, listener))
+
+    async def _traced(self, provider: str, call: ModelCall, answer: Awaitable[ModelResult]) -> ModelResult:
+        """`answer`, in a GenAI span of its own when this process exports traces."""
+        if not tracing.ENABLED:
+            return await answer
+        span = tracing.model_call(provider, call, self._configs[provider].base_url)
+        try:
+            result = await answer
+        except ProviderError as exc:
+            tracing.model_answered(span, exc)
+            raise
+        except BaseException as exc:
+            tracing.model_answered(span, ProviderError(Code.INTERNAL, type(exc).__name__))
+            raise
+        tracing.model_answered(span, result)
+        return result
 
     async def aclose(self) -> None:
         """Close every provider's connections; in the loop that used them."""

@@ -39,6 +39,9 @@ _POSTGRES_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+psycopg"})
 class Sink(Protocol):
     """Where `LLMLogRecord`s and `LLMScore`s are stored. Implementations are thread-safe."""
 
+    # What stores the rows, as OpenTelemetry's `db.system.name` says it (`jsonl` for the files).
+    system: str
+
     def write(self, record: LLMLogRecord) -> bool:
         """Store `record`. True if written, False if a record with its `log_id` already existed."""
         ...

@@ -163,6 +163,8 @@ class _KeyedFile(Generic[Row]):
 class JsonlSink:
     """Records appended to a JSON Lines file, scores to its sibling. Thread-safe and multi-process safe."""
 
+    system = "jsonl"
+
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         """Open (creating the file and its parent folders as needed) the file at `path`; the scores'
         file is made on the first score.

@@ -98,6 +98,8 @@ class PostgresSink(SqlReader):
     the call that saw it break raises `psycopg.OperationalError`.
     """
 
+    system = "postgresql"
+
     _dialect = DIALECT
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:

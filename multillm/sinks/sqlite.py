@@ -55,6 +55,8 @@ class SqliteSink(SqlReader):
     Open one per process, after forking: an SQLite connection must not cross a fork.
     """
 
+    system = "sqlite"
+
     _dialect = DIALECT
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:

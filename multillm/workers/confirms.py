@@ -36,8 +36,11 @@ import pika
 import pika.channel
 import pika.spec
 import structlog
+from opentelemetry.trace import Span
 
+from multillm import tracing
 from multillm.config import REFUSED_PUBLISH_WAITS
+from multillm.metrics import Published
 from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.messages import Outgoing
 
@@ -77,6 +80,8 @@ class _Unconfirmed:
     index: int
     returned: bool = False
     refusals: int = 0
+    # The publish's span, when this process exports traces; ended with the broker's answer.
+    span: Span | None = None
 
 
 class PipelinedConfirms:
@@ -130,6 +135,8 @@ class PipelinedConfirms:
             self._finish(batch)
             return
         for index, message in enumerate(messages):
+            # Chunks of a streamed answer go without: one span a chunk would drown the request's trace.
+            span = tracing.publishing(message) if tracing.ENABLED and message.kind is not Published.CHUNK else None
             try:
                 self._channel.basic_publish(
                     message.exchange, message.routing_key, message.body, message.properties, mandatory=message.mandatory
@@ -137,9 +144,11 @@ class PipelinedConfirms:
             except Exception:
                 # Those already sent are confirmed into a batch nobody waits for; the caller settles otherwise.
                 batch.then = ignore
+                if span is not None:
+                    tracing.published(span, "failed")
                 raise
             self._unconfirmed[self._next_tag] = _Unconfirmed(
-                message, _key(message.exchange, message.routing_key, message.properties), batch, index
+                message, _key(message.exchange, message.routing_key, message.properties), batch, index, span=span
             )
             self._next_tag += 1
 
@@ -192,7 +201,10 @@ class PipelinedConfirms:
                 asyncio.get_running_loop().call_later(wait, self._publish_again, entry)
                 return
             # Refused for good (e.g. a full queue with reject-publish): not taken, like unroutable.
-        self._observe(entry.message, "refused" if not acked else "unroutable" if entry.returned else "ok")
+        result = "refused" if not acked else "unroutable" if entry.returned else "ok"
+        self._observe(entry.message, result)
+        if entry.span is not None:
+            tracing.published(entry.span, result)
         if entry.batch.resolve(entry.index, acked and not entry.returned):
             self._done.append(entry.batch)
         if self._done and not self._scheduled:

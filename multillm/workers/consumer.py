@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import structlog
 
-from multillm import contract
+from multillm import contract, tracing
 from multillm.config import PREFETCH_PER_CALL, RECONNECT_FIRST_WAIT, RECONNECT_MAX_WAIT, Failover
 from multillm.errors import ConfigError, describe
 from multillm.metrics import WorkerMetrics
@@ -201,6 +201,10 @@ class Consumer:
     # --- a delivery's life ---------------------------------------------------
 
     def _on_delivery(self, link: Link, handler: Handler, delivery: Delivery) -> None:
+        with tracing.active(delivery.span):  # what it publishes carries its trace on
+            self._decide(link, handler, delivery)
+
+    def _decide(self, link: Link, handler: Handler, delivery: Delivery) -> None:
         give_up = delivery.delivery_count >= contract.GIVE_UP_AT_DELIVERY_COUNT
         self._metrics.consumed(delivery.queue, delivery.redelivered, give_up)
         # Who decides if the work fails: the handler, unless the work is already its `on_error`'s.
@@ -242,12 +246,13 @@ class Consumer:
         if self._stopping.is_set():
             link.settle(delivery, REQUEUE)  # came in while the consumer was being cancelled: not begun
             return
-        settlement = await _settlement_of(link, on_failure, delivery, work, taken)
-        # Never an ack before what went out first is confirmed: an ack must not lose a fan-out copy.
-        if not taken.done():
-            await asyncio.wait([taken])
-        if settlement is not None:
-            link.settle(delivery, settlement)
+        with tracing.active(delivery.span):
+            settlement = await _settlement_of(link, on_failure, delivery, work, taken)
+            # Never an ack before what went out first is confirmed: an ack must not lose a fan-out copy.
+            if not taken.done():
+                await asyncio.wait([taken])
+            if settlement is not None:
+                link.settle(delivery, settlement)
 
 
 async def _settlement_of(

@@ -29,6 +29,7 @@ import pika.exceptions
 import pika.spec
 import structlog
 
+from multillm import tracing
 from multillm.contract import QueueSpec
 from multillm.errors import Code, ConnectionLost
 from multillm.metrics import WorkerMetrics
@@ -120,7 +121,8 @@ class Link:
             props: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self.generation, queue)
+            span = tracing.consumed(queue, props, len(body), method.redelivered) if tracing.ENABLED else None
+            delivery = Delivery(method.delivery_tag, props, body, method.redelivered, self.generation, queue, span)
             if self.owns(delivery):  # else it arrived as the link ended: the broker redelivers it
                 self._unsettled.add(delivery.tag)
                 on_delivery(delivery)
@@ -180,6 +182,8 @@ class Link:
         """Settle `delivery` as `settlement` says: the one place that acks or rejects. Never raises:
         a failure ends the link, and the broker redelivers what it had not settled."""
         if not self.owns(delivery):
+            if delivery.span is not None:
+                tracing.settled(delivery.span, "lost")
             # The broker redelivers it, and the sink's idempotent write keeps the record single.
             log.warning(
                 "worker.settle_dropped",
@@ -244,6 +248,8 @@ class Link:
             self._confirms.ack(delivery.tag)
         else:
             self._confirms.requeue(delivery.tag)
+        if delivery.span is not None:
+            tracing.settled(delivery.span, "ack" if all(taken) else "requeue")
         self._unsettled.discard(delivery.tag)
         if self._settled is not None and not self._settled.done():
             self._settled.set_result(None)

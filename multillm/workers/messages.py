@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import pika
+from opentelemetry.trace import Span
 
 from multillm import contract
 from multillm.contract import QueueSpec
@@ -26,6 +27,8 @@ class Delivery:
     redelivered: bool
     generation: int
     queue: str
+    # Its processing's span, when this process exports traces (`tracing`); ended when it is settled.
+    span: Span | None = None
 
     @property
     def delivery_count(self) -> int:

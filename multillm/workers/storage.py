@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from functools import partial
 from typing import Final
@@ -16,7 +17,9 @@ from typing import Final
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from multillm import tracing
 from multillm.config import SINK_RETRY_WAITS
+from multillm.contract import LOG_TABLE, SCORE_TABLE
 from multillm.errors import describe
 from multillm.metrics import WorkerMetrics
 from multillm.records import log_id_for
@@ -44,11 +47,22 @@ class Storage:
     async def store_record(self, record: LLMLogRecord, bound: FilteringBoundLogger) -> bool | None:
         """Write `record`: True, False if a record with its `log_id` was there already, None if
         the sink would not take it (after retrying; `bound` logged each failure)."""
-        return await _store(self._records, record, bound, "record.write_failed")
+        return await self._traced(LOG_TABLE, _store(self._records, record, bound, "record.write_failed"))
 
     async def store_score(self, score: LLMScore, bound: FilteringBoundLogger) -> bool | None:
         """Write `score`, as `store_record` does (False: its `score_id` was there already)."""
-        return await _store(self._scores, score, bound, "score.write_failed")
+        return await self._traced(SCORE_TABLE, _store(self._scores, score, bound, "score.write_failed"))
+
+    async def _traced(self, table: str, write: Awaitable[bool | None]) -> bool | None:
+        if not tracing.ENABLED:
+            return await write
+        span = tracing.record_write(table, self._sink.system)
+        written = None
+        try:
+            written = await write
+            return written
+        finally:
+            tracing.record_written(span, written)
 
     async def existing_record(self, request_id: str, model_index: int) -> LLMLogRecord | None:
         """The record of that model of that request, if the sink has it (None too if it cannot say)."""
