@@ -65,7 +65,7 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     assert "\nold\n" not in text
     tables = {block.split("\n", 1)[0]: block for block in text.split("### ")[1:]}
     headings = ("1. Overhead", "2. Throughput", "3. Slow models", "4. Fan-out cost", "5. Sinks", "6. Horizontal")
-    for heading in (*headings, "7. Cluster", "8. Streaming", "9. Streaming"):
+    for heading in (*headings, "7. Cluster", "8. Streaming", "9. Streaming", "10. Tracing"):
         [block] = [b for title, b in tables.items() if title.startswith(heading)]
         data_rows = [line for line in block.splitlines() if line.startswith("| ")][1:]
         assert data_rows and all(any(ch.isdigit() for ch in row) for row in data_rows), block
@@ -83,6 +83,7 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert any("time to first token p99" in v for v in verdicts) and any("tokens/s / bare SDK" in v for v in verdicts)
+    assert any("throughput with tracing / without" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
     assert _bench_vhosts() <= before

@@ -20,6 +20,7 @@ SCENARIOS: Final[dict[str, str]] = {
     "scale": "1, 2, 4 worker processes on one queue",
     "cluster": "one node against a three-node cluster (scripts/cluster.sh): what replication costs",
     "streaming": "time to first token against the floor; tokens/s of 64 streams at once",
+    "tracing": "a primary worker exporting OpenTelemetry spans against the same worker not",
 }
 
 # Where the Celery peer finds the broker and the mock: `celery worker` starts it as a module,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -85,9 +85,14 @@ def verdict(what: str, value: float, limit: float, *, at_most: bool) -> str:
 
 @contextlib.contextmanager
 def primary(
-    bench: Bench, concurrency: int, count: int = 1, extra: Sequence[str] = (), config: Path | None = None
+    bench: Bench,
+    concurrency: int,
+    count: int = 1,
+    extra: Sequence[str] = (),
+    config: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[list[WorkerProcess]]:
-    with bench.workers(["primary", "--concurrency", str(concurrency), *extra], count, config) as workers:
+    with bench.workers(["primary", "--concurrency", str(concurrency), *extra], count, config, env) as workers:
         yield workers
 
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -202,10 +202,16 @@ class Bench:
         )
 
     @contextmanager
-    def workers(self, args: Sequence[str], count: int = 1, config: Path | None = None) -> Iterator[list[WorkerProcess]]:
+    def workers(
+        self,
+        args: Sequence[str],
+        count: int = 1,
+        config: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Iterator[list[WorkerProcess]]:
         """`count` `multillm worker ARGS` processes, consuming, stopped with SIGTERM afterwards;
-        `config`: a configuration file other than the run's."""
-        env = self.worker_env if config is None else {**self.worker_env, ENV_CONFIG: str(config)}
+        `config`: a configuration file other than the run's; `env`: more environment."""
+        env = {**self.worker_env, **({ENV_CONFIG: str(config)} if config else {}), **(env or {})}
         started = [WorkerProcess(args, env=env, log_path=self.log_path) for _ in range(count)]
         try:
             queue = (

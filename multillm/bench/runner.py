@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from multillm.bench import SCENARIOS, cluster, overhead, scale, sink_rates, slow, streaming, throughput
+from multillm.bench import (
+    SCENARIOS,
+    cluster,
+    overhead,
+    scale,
+    sink_rates,
+    slow,
+    streaming,
+    throughput,
+    tracing_cost,
+)
 from multillm.bench.common import Section, Sizes
 from multillm.bench.harness import Bench, bench_environment
 
@@ -29,6 +39,7 @@ def run_bench(
         "scale": lambda b: [scale.horizontal(b, sizes)],
         "cluster": lambda b: [cluster.cluster_cost(b, sizes)],
         "streaming": lambda b: [streaming.time_to_first_token(b, sizes), streaming.stream_load(b, sizes)],
+        "tracing": lambda b: [tracing_cost.tracing_cost(b, sizes)],
     }
     sections = []
     with bench_environment(broker_url) as bench:
