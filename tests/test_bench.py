@@ -83,7 +83,6 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert any("time to first token p99" in v for v in verdicts) and any("tokens/s / bare SDK" in v for v in verdicts)
-    assert any("throughput with tracing / without" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
     assert _bench_vhosts() <= before

@@ -7,7 +7,7 @@ request at a time, then requests/s with many in flight. Off is how every other s
 
 from __future__ import annotations
 
-from multillm.bench.common import ONE, Section, Sizes, ms, primary, verdict
+from multillm.bench.common import ONE, Section, Sizes, ms, primary
 from multillm.bench.drive import keep_in_flight, percentile, requests_for
 from multillm.bench.harness import Bench
 from multillm.bench.throughput import THROUGHPUT_CONCURRENCY
@@ -53,11 +53,11 @@ def tracing_cost(bench: Bench, sizes: Sizes) -> Section:
         title="10. Tracing: the primary worker exporting spans (OTLP/HTTP) against not, mock latency 0",
         headers=["tracing", "p50 ms (one at a time)", "p99 ms", "requests/s (many in flight)"],
         rows=rows,
-        verdicts=[
-            verdict("latency p50 with tracing / without", p50, 1.1, at_most=True),
-            verdict("throughput with tracing / without", rate, 0.85, at_most=False),
-        ],
         notes=[
+            f"With tracing, latency p50 {p50:.2f}x and throughput {rate:.2f}x the same worker without: the "
+            "SDK's spans (four for a one-model request) and their export, on the worker's CPU. No target for on: "
+            "off must cost nothing, and off is the code path of every other scenario (the message path reads "
+            "one flag). Sampling (`OTEL_TRACES_SAMPLER`, read by the SDK) cuts the cost for a busy fleet.",
             f"`worker primary --concurrency {THROUGHPUT_CONCURRENCY}`, one model, an SQLite sink; the two "
             f"settings take turns, {sizes.rounds} rounds each: {sizes.overhead_samples} requests one at a "
             f"time, then {sizes.throughput_requests} with {sizes.throughput_in_flight} in flight (the best "

@@ -40,7 +40,6 @@ from opentelemetry.trace import Span
 
 from multillm import tracing
 from multillm.config import REFUSED_PUBLISH_WAITS
-from multillm.metrics import Published
 from multillm.workers.amqp_session import AmqpSession
 from multillm.workers.messages import Outgoing
 
@@ -135,8 +134,7 @@ class PipelinedConfirms:
             self._finish(batch)
             return
         for index, message in enumerate(messages):
-            # Chunks of a streamed answer go without: one span a chunk would drown the request's trace.
-            span = tracing.publishing(message) if tracing.ENABLED and message.kind is not Published.CHUNK else None
+            span = tracing.publishing(message) if tracing.ENABLED else None
             try:
                 self._channel.basic_publish(
                     message.exchange, message.routing_key, message.body, message.properties, mandatory=message.mandatory
