@@ -50,6 +50,7 @@ services:
 	@PY=$(PY) bash scripts/services.sh broker --install
 	@PY=$(PY) bash scripts/services.sh postgres --install
 	@PY=$(PY) bash scripts/services.sh compose --install
+	@PY=$(PY) bash scripts/services.sh prometheus --install
 
 # Three RabbitMQ nodes clustered beside the system's own (AMQP on 5681..5683); prints their URLs.
 cluster:
@@ -68,7 +69,8 @@ typecheck: $(VENV)/.installed
 # pip check: every installed package's own requirements are met (a bound too loose shows here first).
 test: $(VENV)/.installed services lint typecheck
 	$(PY) -m pip check
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 -m "not serial" --durations=10
+	$(PY) -m pytest -q -m serial --durations=5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache multillm.egg-info

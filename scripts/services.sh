@@ -8,8 +8,12 @@
 #   scripts/services.sh compose --install   Docker Compose, which tests/test_compose.py asks to read
 #                                         docker-compose.yml (no Docker engine needed): Debian's v1
 #                                         when neither the v2 plugin nor v1 is there
+#   scripts/services.sh prometheus --install  Prometheus and promtool, which tests/test_prometheus.py runs
+#                                         (it starts servers of its own): Debian's package when either
+#                                         is missing; and RabbitMQ's rabbitmq_prometheus plugin on a
+#                                         local broker, whose metrics the alert rules read
 set -euo pipefail
-what=${1:?usage: services.sh broker|postgres [--install]}
+what=${1:?usage: services.sh broker|postgres|compose|prometheus [--install]}
 install=${2:-}
 PY=${PY:-python3}
 BROKER_URL=${MULTILLM_BROKER_URL:-amqp://guest:guest@localhost:5672/%2F}
@@ -99,6 +103,27 @@ compose() {
   command -v docker-compose >/dev/null && return 0
   [ "$install" = --install ] || { echo "no Docker Compose (sudo apt-get install docker-compose)" >&2; exit 1; }
   apt_install docker-compose
+}
+
+# The broker's own metrics (per queue: messages, consumers) come from its rabbitmq_prometheus plugin
+# on port 15692; the alerts on a queue nobody consumes and on dead letters piling up read them.
+# Enabled on a local broker that lacks it; on a node that is down, in its plugins file, for its next start.
+broker_metrics() {
+  command -v rabbitmq-plugins >/dev/null || return 0
+  grep -q rabbitmq_prometheus /etc/rabbitmq/enabled_plugins 2>/dev/null && return 0
+  echo "enabling RabbitMQ's Prometheus plugin (rabbitmq-plugins enable rabbitmq_prometheus)" >&2
+  as_root rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null 2>&1 \
+    || as_root rabbitmq-plugins -q enable --offline rabbitmq_prometheus >/dev/null \
+    || echo "could not enable it: the broker's queries in tests/test_prometheus.py will fail" >&2
+}
+
+prometheus() {
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    [ "$install" = --install ] || { echo "no prometheus and promtool (sudo apt-get install prometheus)" >&2; exit 1; }
+    # Without its recommends: node-exporter would take port 9100, the workers' metrics port in the docs.
+    apt_install --no-install-recommends prometheus
+  fi
+  broker_metrics
 }
 
 "$what"

@@ -31,6 +31,8 @@ README = ROOT / "README.md"
 README_SECTION = "## Run everything with Docker Compose"
 METRICS_PORT = "9100"
 CLUSTER_PROFILE = "cluster"
+MONITORING_PROFILE = "monitoring"
+PROFILES = (CLUSTER_PROFILE, MONITORING_PROFILE)
 # What a plain `docker compose up` starts (the services without a profile): the same six
 # as before the cluster profile existed.
 DEFAULT_SERVICES = {"rabbitmq", "postgres", "mock-llm", "primary", "worker-upper", "worker-reverse"}
@@ -144,7 +146,7 @@ def run_compose(command: list[str], *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-@pytest.mark.parametrize("profile_args", [[], ["--profile", CLUSTER_PROFILE]], ids=["default", "cluster"])
+@pytest.mark.parametrize("profile_args", [[], *(["--profile", p] for p in PROFILES)], ids=["default", *PROFILES])
 def test_docker_compose_config_accepts_the_file(profile_args: list[str]) -> None:
     command = compose_command()
     if command is None:
@@ -156,15 +158,16 @@ def test_docker_compose_config_accepts_the_file(profile_args: list[str]) -> None
 def test_a_plain_up_starts_what_it_did_and_the_profile_only_adds() -> None:
     found = services()
     for name, service in found.items():
-        assert profiles(service) in ([], [CLUSTER_PROFILE]), f"{name}: profiles {profiles(service)}"
+        assert profiles(service) in ([], *([p] for p in PROFILES)), f"{name}: profiles {profiles(service)}"
     assert set(in_setup(None, found)) == DEFAULT_SERVICES
-    assert set(in_setup(CLUSTER_PROFILE, found)), "the cluster profile has no services"
+    for profile in PROFILES:
+        assert set(in_setup(profile, found)), f"the {profile} profile has no services"
     # A default service waiting for one of the profile's would not start without it.
     for name, service in in_setup(None, found).items():
         assert set(service.get("depends_on", {})) <= DEFAULT_SERVICES, name
 
 
-@pytest.mark.parametrize("profile", [None, CLUSTER_PROFILE], ids=["default", "cluster"])
+@pytest.mark.parametrize("profile", [None, *PROFILES], ids=["default", *PROFILES])
 def test_compose_enables_the_services_of_the_profiles_named(profile: str | None) -> None:
     """The same, asked of Compose itself (v2: v1's `config --services` lists every profile's)."""
     command = compose_command()
