@@ -39,13 +39,13 @@ import msgspec
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from multillm.errors import ConfigError, code_name
+from multillm.errors import ConfigError, ProviderError, code_name
 from multillm.metrics import Published
 
 if TYPE_CHECKING:
     import pika
 
-    from multillm.providers import ModelCall, ModelResult, ProviderError
+    from multillm.providers import ModelCall, ModelResult
     from multillm.workers.messages import Outgoing
 
 # Whether this process exports spans (`configure`). Read on every delivery: a module global, not a call.
@@ -257,8 +257,6 @@ def model_call(provider: str, call: ModelCall, base_url: str) -> Span:
 
 def model_answered(span: Span, outcome: ModelResult | ProviderError) -> None:
     """End a model call's span with what it got: the response's id and usage, or the error's code."""
-    from multillm.providers import ProviderError
-
     span.set_attribute("multillm.attempts", outcome.attempts)
     if isinstance(outcome, ProviderError):
         span.set_attribute("error.type", code_name(outcome.code))

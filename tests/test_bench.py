@@ -30,6 +30,8 @@ HAND_WRITTEN = (
 # About 70 s on an idle machine, and a loaded one (or a fresh clone compiling its imports) has
 # taken over the suite's 180 s default: its own limit, under the subprocess's.
 @pytest.mark.timeout(600)
+# Its cluster scenario starts and stops the local cluster: never beside the cluster's tests.
+@pytest.mark.serial
 def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: Path, rabbit_cluster: object) -> None:
     """`rabbit_cluster`: the cluster scenario finds the run's cluster up and leaves it so."""
     before = _bench_vhosts()

@@ -37,6 +37,10 @@ from multillm.workers.confirms import PipelinedConfirms
 from multillm.workers.messages import Outgoing
 from tests.test_cli import multillm
 
+# The local cluster is one per run and its nodes have fixed ports: never two of its tests at once.
+pytestmark = pytest.mark.serial
+
+
 PRIMARY, OTHER = "mock/echo", "mock/upper"
 
 

@@ -12,11 +12,16 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pika
+import pytest
 
 from multillm.testbed.cluster import LocalCluster
 from multillm.testbed.rabbitmq import vhost_of
 
 T = TypeVar("T")
+
+
+# The local cluster is one per run and its nodes have fixed ports: never two of its tests at once.
+pytestmark = pytest.mark.serial
 
 
 def eventually(probe: Callable[[], T | None], timeout: float = 30.0) -> T:

@@ -113,6 +113,7 @@ def test_a_second_signal_exits_at_once_and_the_message_is_redelivered(
 # --- the broker going away ----------------------------------------------------
 
 
+@pytest.mark.serial  # it stops the broker every other test uses
 def test_broker_restart_under_load_loses_nothing_that_was_confirmed(
     start_worker: StartWorker, client: Client, broker_url: str, sink: Sink
 ) -> None:

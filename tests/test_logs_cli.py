@@ -137,6 +137,8 @@ def test_stats(filled: str, capsys: pytest.CaptureFixture[str]) -> None:
         "latency_ms_p50": 120.0,
         "latency_ms_p95": 140.0,
         "latency_ms_p99": 140.0,
+        # One of its calls was streamed, 40 ms to its first token.
+        "time_to_first_token_ms_p50": 40.0,
         "prompt_tokens": 30,
         "completion_tokens": 6,
         "mean_total_tokens": 12.0,

@@ -25,7 +25,6 @@ from multillm.cli.comparison import Comparison, compare, comparison_rows, report
 from multillm.cli.replay_dead import replay_dead_records, summary
 from multillm.cli.report import render_report
 from multillm.cli.summaries import (
-    STATS_COLUMNS,
     ModelStats,
     RequestSummary,
     by_log_id,
@@ -36,6 +35,7 @@ from multillm.cli.summaries import (
     shown,
     side_by_side_rows,
     stats_cells,
+    stats_columns,
     summarize,
 )
 from multillm.config import ENV_SINK_URL, Settings
@@ -244,12 +244,13 @@ def _stats_table(stats: Sequence[ModelStats]) -> Table | str:
     )
     # As wide as the longest name (up to 40 characters): the numbers give way, not the model.
     widest = min(40, max(len(s.model_name) for s in stats))
-    table.add_column(STATS_COLUMNS[0], overflow="fold", min_width=widest)
-    for name in STATS_COLUMNS[1:-1]:
+    columns = stats_columns(stats)
+    table.add_column(columns[0], overflow="fold", min_width=widest)
+    for name in columns[1:-1]:
         table.add_column(name, justify="right")
     # One score name a line, "quality 0.55 n=2" whole unless the name is long: rich folds this column first.
-    table.add_column(STATS_COLUMNS[-1], min_width=16)
+    table.add_column(columns[-1], min_width=16)
     for s in stats:
-        cells = stats_cells(s)
+        cells = stats_cells(s, columns)
         table.add_row(Text(printable(cells[0])), *cells[1:])
     return table

@@ -15,7 +15,6 @@ from typing import Final
 
 from multillm.cli.comparison import Comparison, Verdicts, comparison_rows, pairs
 from multillm.cli.summaries import (
-    STATS_COLUMNS,
     ModelStats,
     by_log_id,
     by_model,
@@ -29,6 +28,7 @@ from multillm.cli.summaries import (
     request_created_at,
     side_by_side_rows,
     stats_cells,
+    stats_columns,
 )
 from multillm.schemas import LLMLogRecord, LLMScore
 
@@ -91,10 +91,11 @@ def render_report(
 
 
 def _stats_table(stats: Sequence[ModelStats]) -> str:
-    head = "".join(f"<th>{escape(name)}</th>" for name in STATS_COLUMNS)
+    columns = stats_columns(stats)
+    head = "".join(f"<th>{escape(name)}</th>" for name in columns)
     rows = []
     for one in stats:
-        name, *figures = stats_cells(one)
+        name, *figures = stats_cells(one, columns)
         cells = f"<td>{escape(name)}</td>" + "".join(f'<td class="n">{escape(v)}</td>' for v in figures)
         rows.append(f"<tr>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

@@ -24,6 +24,7 @@ _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 # The columns of the per-model table, in the terminal and in the HTML report.
+FIRST_TOKEN_COLUMN = "first token p50 ms"
 STATS_COLUMNS = (
     "model",
     "records",
@@ -32,6 +33,7 @@ STATS_COLUMNS = (
     "p50 ms",
     "p95 ms",
     "p99 ms",
+    FIRST_TOKEN_COLUMN,
     "tokens in",
     "tokens out",
     "tries",
@@ -72,6 +74,8 @@ class ModelStats(msgspec.Struct):
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     latency_ms_p99: float | None
+    # Of its streamed calls (the primary's of requests that asked for a stream); None when none was.
+    time_to_first_token_ms_p50: float | None
     prompt_tokens: int
     completion_tokens: int
     mean_total_tokens: float | None
@@ -192,6 +196,7 @@ def model_stats(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()
         feedback, up_share, means = score_figures([s for r in group for s in scored.get(r.log_id, [])])
         errors = sum(1 for r in group if r.status != "ok")
         latencies = ok_latencies(group)
+        first_tokens = sorted(r.time_to_first_token_ms for r in group if r.time_to_first_token_ms is not None)
         totals = [r.total_tokens for r in group if r.total_tokens is not None]
         priced = sum(1 for r in group if r.cost_usd is not None)
         cost = total_cost(group)
@@ -205,6 +210,7 @@ def model_stats(records: Sequence[LLMLogRecord], scores: Sequence[LLMScore] = ()
                 latency_ms_p50=percentile(latencies, 0.50),
                 latency_ms_p95=percentile(latencies, 0.95),
                 latency_ms_p99=percentile(latencies, 0.99),
+                time_to_first_token_ms_p50=percentile(first_tokens, 0.50),
                 prompt_tokens=sum(r.prompt_tokens or 0 for r in group),
                 completion_tokens=sum(r.completion_tokens or 0 for r in group),
                 mean_total_tokens=round(statistics.fmean(totals), 1) if totals else None,
@@ -274,15 +280,25 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def stats_cells(s: ModelStats) -> list[str]:
-    """One model's figures as the cells of a `STATS_COLUMNS` row."""
+def stats_columns(stats: Sequence[ModelStats]) -> list[str]:
+    """The columns of a stats table: `STATS_COLUMNS`, without the time to first token when no call
+    of these models was streamed (the table is wide enough without a column of dashes)."""
+    if any(s.time_to_first_token_ms_p50 is not None for s in stats):
+        return list(STATS_COLUMNS)
+    return [c for c in STATS_COLUMNS if c != FIRST_TOKEN_COLUMN]
+
+
+def stats_cells(s: ModelStats, columns: Sequence[str] = STATS_COLUMNS) -> list[str]:
+    """One model's figures as the cells of a row of `columns` (`stats_columns`)."""
     latencies = (s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99)
+    first_token = [format_ms(s.time_to_first_token_ms_p50)] if FIRST_TOKEN_COLUMN in columns else []
     return [
         s.model_name,
         str(s.records),
         str(s.errors),
         f"{s.error_rate * 100:.1f}",
         *(format_ms(v) for v in latencies),
+        *first_token,
         str(s.prompt_tokens),
         str(s.completion_tokens),
         f"{s.mean_attempts:g}",
