@@ -3,7 +3,7 @@
 One `openai.AsyncOpenAI` client per provider, built when the worker starts
 (`open`) and shared by every call of its event loop; the SDK's retries are off
 (`retry.py` is the one loop). The raw HTTP body is decoded with msgspec into our
-own Structs, skipping the SDK's pydantic models.
+own Structs (`wire.py`), skipping the SDK's pydantic models.
 
 Why asynchronous, over aiohttp: a worker keeps up to `--concurrency` calls in
 flight, and most of a call's life is waiting for the model. With a blocking call
@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Final, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol, TypeVar
 
 import httpx2
 import msgspec
 import openai
 import structlog
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from multillm.config import ProviderConfig, RetryConfig
 from multillm.errors import Code, ProviderError
 from multillm.metrics import WorkerMetrics
 from multillm.providers.retry import call_with_retry
-from multillm.schemas import ChatMessage, ToolCall, V1ChatCompletionMessage, V1Choice, V1Usage
+from multillm.providers.wire import Choice, Completion, Message, Usage, decode_completion, events
+from multillm.schemas import ChatMessage, V1ChatCompletionMessage, V1Choice, V1Usage
 
 log = structlog.get_logger(__name__)
 
@@ -93,76 +94,6 @@ class ModelResult(Struct, frozen=True, kw_only=True):
     time_to_first_token_ms: float | None = None
 
 
-# OpenAI's response body (snake_case), only what we keep. `ToolCall`'s fields are
-# single words, so its camelCase wire names are OpenAI's too.
-class _Message(Struct):
-    role: str = "assistant"
-    content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class _Choice(Struct):
-    index: int = 0
-    message: _Message = msgspec.field(default_factory=_Message)
-    finish_reason: str | None = None
-
-
-# What the sinks' integer columns hold: a provider that reports more is refused at the door
-# (an error record, code 13), instead of making a record no sink can store.
-_TokenCount = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-
-
-class _PromptDetails(Struct):
-    cached_tokens: _TokenCount | None = None
-
-
-class _CompletionDetails(Struct):
-    reasoning_tokens: _TokenCount | None = None
-
-
-class _Usage(Struct):
-    prompt_tokens: _TokenCount = 0
-    completion_tokens: _TokenCount = 0
-    total_tokens: _TokenCount = 0
-    prompt_tokens_details: _PromptDetails | None = None
-    completion_tokens_details: _CompletionDetails | None = None
-
-
-class _Completion(Struct):
-    id: str = ""
-    model: str = ""
-    choices: list[_Choice] = msgspec.field(default_factory=list)
-    usage: _Usage | None = None
-
-
-_completion_decoder: Final = msgspec.json.Decoder(_Completion)
-
-
-# A streamed answer's events (`chat.completion.chunk`), only what we keep.
-class _Delta(Struct):
-    content: str | None = None
-
-
-class _ChunkChoice(Struct):
-    index: int = 0
-    delta: _Delta = msgspec.field(default_factory=_Delta)
-    finish_reason: str | None = None
-
-
-class _StreamError(Struct):
-    message: str = "the provider's stream reported an error"
-
-
-class _Chunk(Struct):
-    id: str = ""
-    model: str = ""
-    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
-    usage: _Usage | None = None
-    # An error event in the middle of a stream (the SDK raises `openai.APIError` for it too).
-    error: _StreamError | None = None
-
-
-_chunk_decoder: Final = msgspec.json.Decoder(_Chunk)
 T = TypeVar("T")
 
 
@@ -178,14 +109,6 @@ def _openai_message(message: ChatMessage) -> dict[str, object]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _decode(body: bytes) -> _Completion:
-    try:
-        return _completion_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        # Not retried: a provider that answers 200 with garbage will most likely do it again.
-        raise ProviderError(Code.INTERNAL, f"the provider's answer is not a chat completion: {exc}") from None
 
 
 class OpenAICompatProvider:
@@ -287,8 +210,10 @@ class OpenAICompatProvider:
         """
         client, body, describe = self._prepared(call)
 
-        async def attempt(timeout: float) -> _Completion:
-            return _decode(await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}))
+        async def attempt(timeout: float) -> Completion:
+            return decode_completion(
+                await client.post(_CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout})
+            )
 
         completion, attempts, latency_ms = await self._with_retry(call, describe, attempt)
         log.debug("provider.call", model=describe, attempts=attempts, latency_ms=round(latency_ms, 1))
@@ -306,18 +231,18 @@ class OpenAICompatProvider:
         started = time.monotonic()
         first_token: list[float] = []  # of the try that answered
 
-        async def attempt(timeout: float) -> _Completion:
+        async def attempt(timeout: float) -> Completion:
             first_token.clear()
             listener.started()
             parts: list[str] = []
-            answer = _Completion()
+            answer = Completion()
             finish: str | None = None
             # The SDK's own streaming response (auth, timeouts, HTTP errors as `openai.APIStatusError`),
             # read as lines and decoded with msgspec: its typed stream builds a pydantic model per token.
             async with client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
                 **body, stream=True, stream_options={"include_usage": True}, timeout=timeout
             ) as response:
-                async for chunk in _events(response.iter_lines(), response.http_request):
+                async for chunk in events(response.iter_lines(), response.http_request):
                     answer.id, answer.model = answer.id or chunk.id, answer.model or chunk.model
                     if chunk.usage is not None:
                         answer.usage = chunk.usage
@@ -328,7 +253,7 @@ class OpenAICompatProvider:
                             parts.append(text)
                             listener.delta(text)
                         finish = choice.finish_reason or finish
-            answer.choices = [_Choice(message=_Message(content="".join(parts)), finish_reason=finish)]
+            answer.choices = [Choice(message=Message(content="".join(parts)), finish_reason=finish)]
             return answer
 
         completion, attempts, latency_ms = await self._with_retry(call, describe, attempt)
@@ -341,46 +266,6 @@ class OpenAICompatProvider:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-
-
-async def _events(lines: AsyncIterator[str], request: Any) -> AsyncIterator[_Chunk]:
-    """The chunks of a server-sent event stream, up to `[DONE]`.
-
-    Raises:
-        ProviderError: INTERNAL, an event is not a chat completion chunk.
-        openai.APIError: the stream reported an error (as the SDK's own stream raises it).
-        openai.APIConnectionError: the connection broke mid-stream (retried, as a failed connect).
-    """
-    events = _event_data(lines)
-    while True:
-        try:
-            event = await anext(events)
-        except StopAsyncIteration:
-            return
-        except httpx2.TransportError as exc:
-            raise openai.APIConnectionError(message="the provider's stream broke off", request=request) from exc
-        if event == "[DONE]":
-            return
-        try:
-            chunk = _chunk_decoder.decode(event)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProviderError(Code.INTERNAL, f"the provider's stream is not chat completion chunks: {exc}") from None
-        if chunk.error is not None:
-            raise openai.APIError(chunk.error.message, request, body=None)
-        yield chunk
-
-
-async def _event_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The data of each server-sent event: its `data:` lines joined; other fields are not read."""
-    data: list[str] = []
-    async for line in lines:
-        if line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif not line and data:
-            yield "\n".join(data)
-            data = []
-    if data:  # the last event, when the body ends without the blank line after it
-        yield "\n".join(data)
 
 
 class StreamListener(Protocol):
@@ -396,13 +281,13 @@ class StreamListener(Protocol):
 
 
 def _result(
-    completion: _Completion,
+    completion: Completion,
     call: ModelCall,
     attempts: int,
     latency_ms: float,
     time_to_first_token_ms: float | None = None,
 ) -> ModelResult:
-    usage = completion.usage or _Usage()
+    usage = completion.usage or Usage()
     return ModelResult(
         external_id=completion.id,
         model=completion.model or call.model,
