@@ -13,6 +13,8 @@ from typing import Any
 
 import structlog
 
+from multillm import tracing
+
 
 class _CurrentStderr:
     """Whatever `sys.stderr` is when a line is written, not when logging was configured.
@@ -43,6 +45,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            tracing.log_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

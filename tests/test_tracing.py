@@ -3,6 +3,7 @@ receiver (protobuf decoded with OpenTelemetry's own generated classes), and one 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,7 +130,10 @@ def test_one_request_to_three_models_is_one_trace_across_the_processes(
 def test_a_raw_callers_traceparent_is_continued_and_content_only_when_asked(
     start_worker: StartWorker, raw_channel: pika.adapters.blocking_connection.BlockingChannel, receiver: OtlpReceiver
 ) -> None:
-    start_worker("primary", env=otel_env(receiver, OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT="true"))
+    worker = start_worker(
+        "primary",
+        env=otel_env(receiver, OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT="true", MULTILLM_LOG_LEVEL="debug"),
+    )
     trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     raw_channel.basic_publish(
         "multillm.requests",
@@ -146,6 +150,11 @@ def test_a_raw_callers_traceparent_is_continued_and_content_only_when_asked(
     assert chat.trace_id == trace_id
     assert '"content":"raw"' in chat.attributes["gen_ai.input.messages"]
     assert '"content":"echo says: raw"' in chat.attributes["gen_ai.output.messages"]
+    # The worker's log lines about the request name its trace and span: a line leads to the trace.
+    lines = [json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{")]
+    about = [line for line in lines if line.get("request_id") == "raw-traced"]
+    assert about and all(line["trace_id"] == trace_id for line in about)
+    assert {line["span_id"] for line in about} <= {s.span_id for s in receiver.spans()}
 
 
 @pytest.mark.parametrize(
