@@ -31,6 +31,7 @@ application set, which is a no-op when it set none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 # Whether this process exports spans (`configure`). Read on every delivery: a module global, not a call.
 ENABLED = False
+# Whether model calls' spans hold their messages (`configure`, from ENV_CAPTURE_CONTENT).
+CAPTURE_CONTENT = False
 
 _TRACER_NAME: Final = "multillm"
 _tracer = trace.get_tracer(_TRACER_NAME)
@@ -95,7 +98,7 @@ def configure(service_name: str) -> bool:
     Raises:
         ConfigError: as `wanted`.
     """
-    global ENABLED, _provider
+    global ENABLED, CAPTURE_CONTENT, _provider
     if ENABLED or not wanted():
         return ENABLED
     # Imported here: a process that exports nothing never loads the SDK.
@@ -111,6 +114,7 @@ def configure(service_name: str) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
+    CAPTURE_CONTENT = os.environ.get(ENV_CAPTURE_CONTENT, "").strip().lower() == "true"
     ENABLED = True
     return True
 
@@ -168,19 +172,29 @@ def publishing(message: Outgoing) -> Span | None:
     if message.kind is Published.RECORD:
         props.headers = _with_context(props.headers, None)
         return None
-    exchange = message.exchange or DEFAULT_EXCHANGE
+    name, attributes = _publish_span(message.exchange, message.routing_key, props.message_id, None)
+    span = _tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+    props.headers = _with_context(props.headers, span)
+    return span
+
+
+def _publish_span(
+    exchange: str, routing_key: str, message_id: str | None, correlation_id: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The name and attributes of a publish's span (semantic conventions for RabbitMQ)."""
+    destination = exchange or DEFAULT_EXCHANGE
     attributes: dict[str, Any] = {
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.operation.type": "send",
         "messaging.operation.name": "publish",
-        "messaging.destination.name": exchange,
-        "messaging.rabbitmq.destination.routing_key": message.routing_key,
+        "messaging.destination.name": destination,
+        "messaging.rabbitmq.destination.routing_key": routing_key,
     }
-    if props.message_id:
-        attributes["messaging.message.id"] = props.message_id
-    span = _tracer.start_span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attributes)
-    props.headers = _with_context(props.headers, span)
-    return span
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    if correlation_id:
+        attributes["messaging.message.conversation_id"] = correlation_id
+    return f"publish {destination}", attributes
 
 
 def _with_context(headers: dict[str, Any] | None, span: Span | None) -> dict[str, Any]:
@@ -203,19 +217,8 @@ def client_publish(
 ) -> Iterator[None]:
     """A `Client`'s publish: a PRODUCER span of the application's tracer provider (a no-op when it set
     none), in the caller's current context, whose context goes into `headers`."""
-    attributes: dict[str, Any] = {
-        "messaging.system": MESSAGING_SYSTEM,
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
-        "messaging.destination.name": exchange or DEFAULT_EXCHANGE,
-        "messaging.rabbitmq.destination.routing_key": routing_key,
-        "messaging.message.id": message_id,
-    }
-    if correlation_id:
-        attributes["messaging.message.conversation_id"] = correlation_id
-    with _tracer.start_as_current_span(
-        f"publish {exchange or DEFAULT_EXCHANGE}", kind=SpanKind.PRODUCER, attributes=attributes
-    ):
+    name, attributes = _publish_span(exchange, routing_key, message_id, correlation_id)
+    with _tracer.start_as_current_span(name, kind=SpanKind.PRODUCER, attributes=attributes):
         propagate.inject(headers)
         yield
 
@@ -257,7 +260,7 @@ def model_call(provider: str, call: ModelCall, base_url: str) -> Span:
         attributes["server.address"] = host
     if port:
         attributes["server.port"] = port
-    if _capture_content():
+    if CAPTURE_CONTENT:
         messages = [
             {"role": m.role, "parts": [{"type": "text", "content": m.content if isinstance(m.content, str) else ""}]}
             for m in call.messages
@@ -281,7 +284,7 @@ def model_answered(span: Span, outcome: ModelResult | ProviderError) -> None:
     reasons = [c.finish_reason for c in outcome.choices if c.finish_reason]
     if reasons:
         span.set_attribute("gen_ai.response.finish_reasons", reasons)
-    if _capture_content():
+    if CAPTURE_CONTENT:
         output = [
             {"role": "assistant", "parts": [{"type": "text", "content": c.message.content or ""}]}
             for c in outcome.choices
@@ -307,10 +310,7 @@ def record_written(span: Span, written: bool | None) -> None:
     span.end()
 
 
-def _capture_content() -> bool:
-    return os.environ.get(ENV_CAPTURE_CONTENT, "").strip().lower() == "true"
-
-
+@functools.cache  # a provider's base URL, parsed at its first call, not at every one
 def _server(base_url: str) -> tuple[str | None, int | None]:
     from urllib.parse import urlsplit
 
