@@ -8,9 +8,10 @@ import subprocess
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache, partial
+from functools import cache
+from typing import Protocol
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from multillm.urls import NODE_SEPARATOR, broker_nodes
@@ -41,47 +42,71 @@ def scratch_vhost(broker_url: str, prefix: str) -> Iterator[str]:
     nodes = [urlsplit(node) for node in broker_nodes(broker_url)]
     vhost = f"{prefix}-{uuid.uuid4().hex[:12]}"
     user = unquote(nodes[0].username or "guest")
-    api = _management_api(nodes[0].hostname or "localhost", user, unquote(nodes[0].password or "guest"))
-    name = quote(vhost, safe="")
-    undo: Callable[[], object]
-    if api is not None:
-        api("PUT", f"vhosts/{name}")
-        undo = partial(api, "DELETE", f"vhosts/{name}")
-    else:
-        rabbitmqctl("add_vhost", vhost)
-        undo = partial(rabbitmqctl, "delete_vhost", vhost)
+    admin = _management_api(nodes[0].hostname or "localhost", user, unquote(nodes[0].password or "guest"))
+    admin = admin or _Rabbitmqctl()
+    admin.add(vhost)
     try:
-        if api is not None:
-            api("PUT", f"permissions/{name}/{quote(user, safe='')}", {"configure": ".*", "write": ".*", "read": ".*"})
-        else:
-            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-        yield NODE_SEPARATOR.join(urlunsplit(node._replace(path="/" + name)) for node in nodes)
+        admin.permit(vhost, user)
+        path = "/" + quote(vhost, safe="")
+        yield NODE_SEPARATOR.join(urlunsplit(node._replace(path=path)) for node in nodes)
     finally:
-        undo()
+        admin.delete(vhost)
 
 
-_Api = Callable[..., None]
+class _Admin(Protocol):
+    """Makes vhosts and lets a user do anything in them."""
+
+    def add(self, vhost: str) -> None: ...
+    def permit(self, vhost: str, user: str) -> None: ...
+    def delete(self, vhost: str) -> None: ...
 
 
-@cache
-def _management_api(host: str, user: str, password: str) -> _Api | None:
-    """A caller of the management HTTP API of the broker on `host`, or None when none answers
-    there (the plugin `rabbitmq_management`, which `scripts/services.sh broker` enables)."""
-    base = f"http://{host}:{MANAGEMENT_PORT}/api/"
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+class _Rabbitmqctl:
+    def add(self, vhost: str) -> None:
+        rabbitmqctl("add_vhost", vhost)
 
-    def call(method: str, path: str, body: dict[str, str] | None = None) -> None:
+    def permit(self, vhost: str, user: str) -> None:
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+    def delete(self, vhost: str) -> None:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+class _ManagementApi:
+    """The management HTTP API of the broker at `base` (`http://host:15672/api/`)."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        self._base = base
+        self._token = base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def add(self, vhost: str) -> None:
+        self._call("PUT", f"vhosts/{quote(vhost, safe='')}")
+
+    def permit(self, vhost: str, user: str) -> None:
+        path = f"permissions/{quote(vhost, safe='')}/{quote(user, safe='')}"
+        self._call("PUT", path, {"configure": ".*", "write": ".*", "read": ".*"})
+
+    def delete(self, vhost: str) -> None:
+        self._call("DELETE", f"vhosts/{quote(vhost, safe='')}")
+
+    def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> None:
         request = urllib.request.Request(
-            base + path,
+            self._base + path,
             method=method,
             data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+            headers={"Authorization": f"Basic {self._token}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60):
             pass
 
+
+@cache
+def _management_api(host: str, user: str, password: str) -> _Admin | None:
+    """The management HTTP API of the broker on `host`, or None when none answers there (the plugin
+    `rabbitmq_management`, which `scripts/services.sh broker` enables)."""
+    api = _ManagementApi(f"http://{host}:{MANAGEMENT_PORT}/api/", user, password)
     try:
-        call("GET", "overview")
+        api._call("GET", "overview")
     except (OSError, urllib.error.HTTPError):
         return None
-    return call
+    return api
