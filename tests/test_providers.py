@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -406,16 +407,23 @@ class _HugeUsage(_Garbage):
     ],
 )
 def test_undecodable_200_is_internal_and_not_retried(calls: LoopThread, handler: type[_Garbage], expected: str) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd-1234")
-        provider = OpenAICompatProvider("odd", config, FAST)
+    with odd_provider(calls, handler) as provider:
         with pytest.raises(ProviderError) as info:
             calls.run(provider.complete(ModelCall(model="x", messages=HELLO)), timeout=30)
         assert info.value.code == Code.INTERNAL
         assert info.value.attempts == 1
         assert expected in info.value.message
+
+
+@contextmanager
+def odd_provider(calls: LoopThread, handler: type[BaseHTTPRequestHandler]) -> Iterator[OpenAICompatProvider]:
+    """A provider whose endpoint is a server of `handler`'s, answering as it does; both closed afterwards."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd-1234")
+        provider = OpenAICompatProvider("odd", config, FAST)
+        yield provider
         calls.run(provider.aclose(), timeout=5)
     finally:
         server.shutdown()
@@ -556,11 +564,7 @@ class _NotChunks(_Garbage):
     ],
 )
 def test_server_sent_events_as_servers_write_them(calls: LoopThread, handler: type[_Garbage], expected: str) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        config = ProviderConfig(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="sk-odd-1234")
-        provider = OpenAICompatProvider("odd", config, FAST)
+    with odd_provider(calls, handler) as provider:
         heard = Heard()
         try:
             result = calls.run(provider.stream(ModelCall(model="x", messages=HELLO), heard), timeout=30)
@@ -573,7 +577,3 @@ def test_server_sent_events_as_servers_write_them(calls: LoopThread, handler: ty
             assert heard.tries == [["Hel", "lo"]]
             assert result.choices[0].message.content == expected and result.choices[0].finish_reason == "stop"
             assert (result.external_id, result.usage.total_tokens if result.usage else None) == ("c1", 3)
-        calls.run(provider.aclose(), timeout=5)
-    finally:
-        server.shutdown()
-        server.server_close()
