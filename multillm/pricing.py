@@ -16,6 +16,7 @@ price.
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from typing import Final
 
@@ -54,6 +55,10 @@ class Prices:
         self._overrides = overrides
         # model name -> how it is priced; None: it has no known price (warned once).
         self._resolved: dict[str, PriceOverride | _Table | None] = {}
+        # genai-prices reads its bundled table at the first lookup (about 25 ms, more under load):
+        # here, as the worker starts, rather than on the event loop under its first requests.
+        with contextlib.suppress(LookupError):
+            calc_price(Usage(input_tokens=0, output_tokens=0), "", provider_id="")
 
     def cost_usd(self, model_name: str, usage: TokenUsage) -> float | None:
         """The cost of `usage` on `model_name` (`provider/model`), or None when its price is unknown."""

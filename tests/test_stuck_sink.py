@@ -11,6 +11,7 @@ import pytest
 
 from multillm import contract
 from multillm.config import ENV_CONFIG
+from multillm.mock_llm import MockControl
 from multillm.producers import Client, ReplyQueue, make_request
 from multillm.sinks import Sink
 from tests.broker_tools import collect_replies
@@ -68,3 +69,33 @@ def _wait_for_waiting_insert(url: str, timeout: float = 20.0) -> None:
                 return
             time.sleep(0.05)
     raise AssertionError("the worker's record write never waited for the lock")
+
+
+@pytest.mark.parametrize("sink_url", ["postgres"], indirect=True)
+def test_a_call_slot_is_free_again_when_its_call_returns_not_when_its_record_is_written(
+    start_worker: StartWorker, client: Client, broker_url: str, sink: Sink, sink_url: str, mock_control: MockControl
+) -> None:
+    """With one call slot, a second request's model call begins while the first's record waits for the
+    database: the slot bounds model calls, and a wave of bookkeeping must not hold back the next calls."""
+    replies = ReplyQueue(broker_url, REPLIES)
+    replies.declare()
+    replies.close()
+    start_worker("primary", concurrency=1)
+    mock = mock_control
+    mock.clear_calls()
+    with psycopg.connect(sink_url) as blocker:
+        blocker.execute(f"LOCK TABLE {contract.LOG_TABLE} IN ACCESS EXCLUSIVE MODE")
+        first = client.publish(make_request(["mock/a"], "first"), reply_to=REPLIES)
+        second = client.publish(make_request(["mock/a"], "second"), reply_to=REPLIES)
+        _wait_for_waiting_insert(sink_url)
+        deadline = time.monotonic() + 20
+        while [c.prompt for c in mock.calls()] != ["first", "second"]:
+            assert time.monotonic() < deadline, f"the second call never began: {mock.calls()}"
+            time.sleep(0.05)
+        assert not collect_replies(broker_url, REPLIES, 1, idle_timeout=0.5)  # no reply before its record
+        blocker.rollback()
+    got = {reply.request_id: reply for reply in collect_replies(broker_url, REPLIES, 2)}
+    assert got.keys() == {first, second}
+    for request_id in (first, second):
+        [record] = wait_for_records(sink, request_id, 1)
+        assert record.status == "ok" and got[request_id].completion.id == record.log_id

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -239,15 +239,16 @@ class Consumer:
         delivery: Delivery,
         work: Work,
         taken: asyncio.Future[list[bool]],
+        called: Callable[[], None],
     ) -> None:
-        """In a call slot: run the work, then settle what it returns."""
+        """In a call slot (given back at `called()`): run the work, then settle what it returns."""
         if not link.owns(delivery):
             return  # its connection is gone and the broker has put it back: calling the model would be paid twice
         if self._stopping.is_set():
             link.settle(delivery, REQUEUE)  # came in while the consumer was being cancelled: not begun
             return
         with tracing.active(delivery.span):
-            settlement = await _settlement_of(link, on_failure, delivery, work, taken)
+            settlement = await _settlement_of(link, on_failure, delivery, work, taken, called)
             # Never an ack before what went out first is confirmed: an ack must not lose a fan-out copy.
             if not taken.done():
                 await asyncio.wait([taken])
@@ -256,12 +257,17 @@ class Consumer:
 
 
 async def _settlement_of(
-    link: Link, on_failure: Handler | None, delivery: Delivery, work: Work, taken: asyncio.Future[list[bool]]
+    link: Link,
+    on_failure: Handler | None,
+    delivery: Delivery,
+    work: Work,
+    taken: asyncio.Future[list[bool]],
+    called: Callable[[], None],
 ) -> Settlement | None:
     """What `work` returns, or what `on_failure.on_error` decides when it raises (None: the work is
     an `on_error`'s already, and its failure leaves the last resort); None if its connection is gone."""
     try:
-        return await work.run(Running(taken, partial(link.send, delivery)))
+        return await work.run(Running(taken, partial(link.send, delivery), called))
     except Exception as exc:
         if isinstance(exc, CONNECTION_ERRORS) and not link.owns(delivery):
             return None  # a publish it awaited failed with its connection: the broker redelivers it
@@ -275,7 +281,7 @@ async def _settlement_of(
         decision = _on_error(on_failure, delivery, exc, taken.result())
     if isinstance(decision, Settlement):
         return decision
-    return await _settlement_of(link, None, delivery, decision, _nothing_published())
+    return await _settlement_of(link, None, delivery, decision, _nothing_published(), called)
 
 
 def _on_error(handler: Handler, delivery: Delivery, error: Exception, taken: list[bool] | None) -> Decision:

@@ -89,10 +89,14 @@ class Running:
     fails that wait: the delivery is redelivered.
     `send`: publish now, on the delivery's connection, what nothing waits for (the chunks of a
     streamed answer); dropped once that connection is gone, since the delivery is redelivered.
+    `called`: the model call is over. Its call slot goes to the next delivery at once, while
+    this one writes its record and replies: the slot bounds calls, not bookkeeping (which the
+    prefetch bounds). Calling it again does nothing.
     """
 
     taken: Taken
     send: Callable[[Sequence[Outgoing]], None]
+    called: Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,10 +39,15 @@ class ModelHandler:
         bound.debug("copy.accepted", index=copy.model_index)
         return Work(partial(self._call_and_record, delivery, copy))
 
-    async def _call_and_record(self, delivery: Delivery, copy: FanOutCopy, _: Running) -> Settlement:
+    async def _call_and_record(self, delivery: Delivery, copy: FanOutCopy, running: Running) -> Settlement:
         maybe_done = copy.redelivered or delivery.redelivered
         run = await self._runner.run(
-            copy.request, copy.request_id, copy.model_index, copy.deadline_ms, maybe_done=maybe_done
+            copy.request,
+            copy.request_id,
+            copy.model_index,
+            copy.deadline_ms,
+            maybe_done=maybe_done,
+            called=running.called,
         )
         return Settlement(run.owed(delivery, self.queue.name))
 

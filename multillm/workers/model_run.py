@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pika
@@ -92,6 +94,7 @@ class ModelRunner:
         maybe_done: bool = False,
         response_format: JsonSchemaFormat | None = None,
         listener: StreamListener | None = None,
+        called: Callable[[], None] = lambda: None,
     ) -> ModelRun:
         """Call `request.models[model_index]` unless the deadline has passed, then record it.
 
@@ -99,8 +102,10 @@ class ModelRunner:
         sink is the answer: the model is not paid for twice, and the reply agrees with
         the record. `response_format`: the answer's JSON schema, if one is wanted (the judge's).
         `listener`: stream the call, telling it each try's start and each text delta.
+        `called()` comes once no call is left to make, before the record is written (`Running.called`).
         """
         if maybe_done and (existing := await self.storage.existing_record(request_id, model_index)) is not None:
+            called()
             log.info("record.reused", request_id=request_id, log_id=existing.log_id, model=existing.model_name)
             return ModelRun(existing, outcome_of(existing), stored=True)
         created_at = utc_now()
@@ -124,6 +129,11 @@ class ModelRunner:
             finally:
                 reset_contextvars(**tokens)
                 self._metrics.call_ended(model.name)
+        called()
+        # Let the delivery that takes the slot begin its call before this one's bookkeeping:
+        # when a wave of calls returns at once, the next wave then starts one response
+        # apart, not one record and reply apart.
+        await asyncio.sleep(0)
         return await self._record(request, request_id, model_index, outcome, created_at)
 
     async def record_failure(

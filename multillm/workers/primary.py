@@ -89,7 +89,13 @@ class PrimaryHandler:
     ) -> Settlement:
         chunks = self._chunk_stream(delivery, request, request_id, running)
         run = await self._runner.run(
-            request, request_id, request.display_model, deadline, maybe_done=delivery.redelivered, listener=chunks
+            request,
+            request_id,
+            request.display_model,
+            deadline,
+            maybe_done=delivery.redelivered,
+            listener=chunks,
+            called=running.called,
         )
         if chunks is not None:
             chunks.close()  # before the reply, on the same channel: the caller gets every chunk first
