@@ -67,12 +67,23 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     assert "\nold\n" not in text
     tables = {block.split("\n", 1)[0]: block for block in text.split("### ")[1:]}
     headings = ("1. Overhead", "2. Throughput", "3. Slow models", "4. Fan-out cost", "5. Sinks", "6. Horizontal")
-    for heading in (*headings, "7. Cluster", "8. Streaming", "9. Streaming", "10. Tracing"):
+    for heading in (*headings, "7. Cluster", "8. Streaming", "9. Streaming", "10. Tracing", "11. Seen", "12. A burst"):
         [block] = [b for title, b in tables.items() if title.startswith(heading)]
         data_rows = [line for line in block.splitlines() if line.startswith("| ")][1:]
         assert data_rows and all(any(ch.isdigit() for ch in row) for row in data_rows), block
     # Each system of the throughput scenario was measured, and each sink.
-    for name in ("multillm", "bare pika loop", "celery", "jsonl", "sqlite", "postgresql", "three-node cluster"):
+    # ... and the burst's calls made with no broker, through the SDK and through aiohttp alone.
+    baselines = ("openai SDK alone, no broker", "aiohttp alone, no broker")
+    for name in (
+        "multillm",
+        "bare pika loop",
+        "celery",
+        "jsonl",
+        "sqlite",
+        "postgresql",
+        "three-node cluster",
+        *baselines,
+    ):
         assert f"| {name} |" in text, name
     # The slow-models rows say how late the worker's loop ran, read from its metrics.
     [slow] = [block for title, block in tables.items() if title.startswith("3. Slow models")]
@@ -85,6 +96,7 @@ def test_quick_bench_runs_every_scenario_and_writes_tables_and_chart(tmp_path: P
     verdicts = [line for line in text.splitlines() if line.startswith(("- met:", "- MISSED:"))]
     assert any("overhead p50" in v for v in verdicts) and any("batched SQLite" in v for v in verdicts)
     assert any("time to first token p99" in v for v in verdicts) and any("tokens/s / bare SDK" in v for v in verdicts)
+    assert any("outside p99 / floor" in v for v in verdicts) and any("burst: bound / last reply" in v for v in verdicts)
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     # The run's scratch vhost is gone (a run killed elsewhere may have left one of its own).
     assert _bench_vhosts() <= before

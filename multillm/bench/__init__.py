@@ -21,6 +21,8 @@ SCENARIOS: Final[dict[str, str]] = {
     "cluster": "one node against a three-node cluster (scripts/cluster.sh): what replication costs",
     "streaming": "time to first token against the floor; tokens/s of 64 streams at once",
     "tracing": "a primary worker exporting OpenTelemetry spans against the same worker not",
+    "tail": "seen from outside: a raw pika caller, a mock not ours; p50 and p99 against the floor",
+    "burst": "seen from outside: 4x the concurrency at once, a 1 s model; the last reply against 4 s",
 }
 
 # Where the Celery peer finds the broker and the mock: `celery worker` starts it as a module,

@@ -7,6 +7,11 @@ Run as a process of its own (`python -m multillm.bench.bare MODE ...`), like a w
 - `loop`: the primary worker's job and nothing more: decode the request, call the
   model with the SDK, publish the other models' copies, reply, ack. No records, no
   retries, no deadlines, no bad-input handling: the limit our worker is held to.
+- `burst`: no broker at all: `--requests` model calls from one asyncio loop, at most
+  `--concurrency` at once, through the openai SDK's typed `create` over its aiohttp
+  transport (`--client sdk`) or through aiohttp alone (`--client aiohttp`, this
+  machine's floor for HTTP from Python); prints each call's end, in seconds from the
+  first, as JSON.
 
 Both keep the guarantees the pipeline gives, so that the comparison is of the code
 and not of the durability: quorum queues, persistent messages, publisher confirms,
@@ -16,6 +21,7 @@ and the ack only after the reply is confirmed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import signal
@@ -25,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pika
@@ -173,13 +180,112 @@ class RpcCaller:
         self._connection.close()
 
 
+class DirectCaller:
+    """A caller by hand on RabbitMQ's direct reply-to: one pika connection, used from one thread.
+
+    The caller "seen from outside" (`multillm.bench.outside`): it knows the wire, not our code.
+    Replies come to `amq.rabbitmq.reply-to` on the channel that published (auto-ack, as
+    direct reply-to requires). With `confirms`, every publish waits for the broker's confirm,
+    as a careful caller's would; without, a `burst` is written out with no wait between
+    messages, as close to one instant as a client can make it.
+    """
+
+    def __init__(self, broker_url: str, *, confirms: bool = True) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self._channel = self._connection.channel()
+        if confirms:
+            self._channel.confirm_delivery()
+        self._answers: dict[str, float] = {}
+        self._channel.basic_consume(contract.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+
+    def _on_reply(self, _channel: BlockingChannel, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        self._answers[props.correlation_id] = time.perf_counter()
+
+    def _publish(self, queue: str, body: bytes) -> str:
+        correlation_id = uuid.uuid4().hex
+        props = pika.BasicProperties(
+            content_type=contract.CONTENT_TYPE,
+            delivery_mode=contract.PERSISTENT,
+            correlation_id=correlation_id,
+            reply_to=contract.DIRECT_REPLY_TO,
+        )
+        self._channel.basic_publish("", queue, body, props)
+        return correlation_id
+
+    def _wait(self, correlation_ids: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not correlation_ids <= self._answers.keys():
+            if time.monotonic() > deadline:
+                missing = len(correlation_ids - self._answers.keys())
+                raise TimeoutError(f"{missing} of {len(correlation_ids)} replies did not come within {timeout:g}s")
+            self._connection.process_data_events(time_limit=0.05)
+
+    def call(self, queue: str, body: bytes, timeout: float = 30.0) -> None:
+        """Publish `body` to `queue` and wait for its reply."""
+        correlation_id = self._publish(queue, body)
+        self._wait({correlation_id}, timeout)
+        del self._answers[correlation_id]
+
+    def burst(self, queue: str, bodies: list[bytes], timeout: float = 120.0) -> tuple[float, list[float]]:
+        """Publish all of `bodies` at once, wait for every reply: the seconds the publishing took,
+        and each reply's time in seconds from the first publish, in order."""
+        started = time.perf_counter()
+        ids = {self._publish(queue, body) for body in bodies}
+        published = time.perf_counter() - started
+        self._wait(ids, timeout)
+        return published, sorted(self._answers.pop(i) - started for i in ids)
+
+    def close(self) -> None:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            self._connection.close()
+
+
+def burst(mock_url: str, concurrency: int, requests: int, client: str) -> list[float]:
+    """Each call's end in seconds from the first call, in order (see `burst` in the docstring)."""
+
+    async def run() -> list[float]:
+        slots = asyncio.Semaphore(concurrency)
+        ended: list[float] = []
+        async with (
+            openai.AsyncOpenAI(
+                base_url=mock_url, api_key="unused", max_retries=0, http_client=openai.DefaultAioHttpClient()
+            ) as sdk,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        ):
+
+            async def call(i: int) -> None:
+                messages = [{"role": "user", "content": f"Say something short about message queues. #{i}"}]
+                async with slots:
+                    if client == "sdk":
+                        await sdk.chat.completions.create(model="echo", messages=messages)  # type: ignore[arg-type]
+                    else:
+                        url = f"{mock_url}/chat/completions"
+                        async with session.post(url, json={"model": "echo", "messages": messages}) as response:
+                            response.raise_for_status()
+                            await response.read()
+                ended.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(call(i) for i in range(requests)))
+        return sorted(ended)
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m multillm.bench.bare", description=__doc__)
-    parser.add_argument("mode", choices=["echo", "loop"])
-    parser.add_argument("--broker-url", required=True)
+    parser.add_argument("mode", choices=["echo", "loop", "burst"])
+    parser.add_argument("--broker-url", default="")
     parser.add_argument("--mock-url", default="")
     parser.add_argument("--threads", type=int, default=1, help="loop: consumers, one connection each")
+    parser.add_argument("--concurrency", type=int, default=64, help="burst: calls at once")
+    parser.add_argument("--requests", type=int, default=256, help="burst: calls in all")
+    parser.add_argument("--client", choices=["sdk", "aiohttp"], default="sdk", help="burst: what calls")
     args = parser.parse_args()
+    if args.mode == "burst":
+        ended = burst(args.mock_url, args.concurrency, args.requests, args.client)
+        print(msgspec.json.encode(ended).decode())
+        return
     # A SIGTERM ends the process at once: a bare loop has no graceful stop.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if args.mode == "echo":

@@ -41,6 +41,9 @@ class Sizes(msgspec.Struct, frozen=True):
     stream_requests: int = 256
     # `[stream] flush_ms` settings the load runs with (the default among them is judged).
     stream_flush_ms: tuple[float, ...] = (0.0, 25.0, 50.0, 100.0)
+    # Enough that p99 is ten requests, not three: one stall alone does not decide it.
+    tail_samples: int = 1000
+    burst_concurrency: tuple[int, ...] = (64, 256)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -59,6 +62,8 @@ class Sizes(msgspec.Struct, frozen=True):
             stream_concurrency=8,
             stream_requests=16,
             stream_flush_ms=(StreamConfig().flush_ms,),
+            tail_samples=10,
+            burst_concurrency=(8,),
         )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from multillm.bench import (
     SCENARIOS,
     cluster,
+    outside,
     overhead,
     scale,
     sink_rates,
@@ -40,6 +41,8 @@ def run_bench(
         "cluster": lambda b: [cluster.cluster_cost(b, sizes)],
         "streaming": lambda b: [streaming.time_to_first_token(b, sizes), streaming.stream_load(b, sizes)],
         "tracing": lambda b: [tracing_cost.tracing_cost(b, sizes)],
+        "tail": lambda b: [outside.tail(b, sizes)],
+        "burst": lambda b: [outside.burst(b, sizes)],
     }
     sections = []
     with bench_environment(broker_url) as bench:
