@@ -60,6 +60,18 @@ LOG_TABLE: Final = "llm_logs"
 SCORE_TABLE: Final = "llm_scores"
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+
+
+def is_direct_reply_to(reply_to: str) -> bool:
+    """A caller's direct reply-to name (`amq.rabbitmq.reply-to.…`, as the broker rewrites it).
+
+    The broker hands such a message straight to the caller's channel, through no queue: a
+    mandatory publish to it comes back as unroutable even when it was delivered (RabbitMQ's
+    direct reply-to guide says so), so replies to it go out not mandatory.
+    """
+    return reply_to.startswith(DIRECT_REPLY_TO)
+
+
 # Queue names the broker keeps for itself (direct reply-to among them): never declared by us.
 RESERVED_QUEUE_PREFIX: Final = "amq."
 CLIENT_REPLY_QUEUE_PREFIX: Final = "multillm.reply."

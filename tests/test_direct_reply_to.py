@@ -1,4 +1,7 @@
-"""A raw pika caller on RabbitMQ's direct reply-to (no reply queue at all) gets its reply."""
+"""A raw pika caller on RabbitMQ's direct reply-to (no reply queue at all) gets its reply, and
+nothing else happens: the broker returns every mandatory publish to a direct reply-to name, even
+one it delivered, which once put a bogus "reply could not be delivered" dead letter in
+`multillm.dead` for every such request."""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import pika
 from multillm import contract
 from multillm.producers import make_request
 from multillm.schemas import decode_reply, encode
+from tests.broker_tools import wait_until_settled
 from tests.conftest import StartWorker
 
 
 def test_a_caller_on_direct_reply_to_gets_its_reply(start_worker: StartWorker, broker_url: str) -> None:
-    start_worker("primary")
+    worker = start_worker("primary")
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     try:
         channel = connection.channel()
@@ -44,3 +48,13 @@ def test_a_caller_on_direct_reply_to_gets_its_reply(start_worker: StartWorker, b
     assert props.correlation_id == "corr-direct-1"
     reply = decode_reply(body)
     assert reply.completion.model == "mock/a" and reply.completion.choices
+    # Everything the request owed was published before its ack: once it is settled, nothing
+    # went to the dead letters and no reply was called unroutable.
+    wait_until_settled(broker_url, contract.REQUEST_QUEUE)
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        dead = connection.channel().queue_declare(contract.DEAD_QUEUE, passive=True)
+    finally:
+        connection.close()
+    assert dead.method.message_count == 0
+    assert "reply.unroutable" not in worker.log_text()

@@ -225,6 +225,10 @@ class PrimaryHandler:
         if not props.reply_to:
             return []
         kind = contract.TYPE_ERROR if isinstance(reply, RpcStatus) else contract.TYPE_REPLY
+        # A named reply queue that is gone makes the reply unroutable: it is dead-lettered. Direct
+        # reply-to cannot say so (the broker returns every mandatory publish to it): a caller
+        # whose connection is gone loses its reply, as direct reply-to is made to.
+        direct = contract.is_direct_reply_to(props.reply_to)
         return [
             Outgoing(
                 exchange="",
@@ -239,7 +243,8 @@ class PrimaryHandler:
                 ),
                 kind=Published.REPLY,
                 code=reply.code if isinstance(reply, RpcStatus) else 0,
-                dead_letter_reason="reply could not be delivered",
+                dead_letter_reason=None if direct else "reply could not be delivered",
+                mandatory=not direct,
             )
         ]
 
