@@ -39,7 +39,7 @@ chaos-cluster: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker --install
 	$(VENV)/bin/multillm --log-level error chaos --cluster --requests 3000 --duration 150
 
-# The six scenarios of docs/benchmarks.md, each against its baseline in the same run (about 10 minutes);
+# The eleven scenarios of docs/benchmarks.md, each against its baseline in the same run (about 15 minutes);
 # rewrites the generated part of docs/benchmarks.md and docs/benchmarks.png.
 bench: $(VENV)/.installed
 	@PY=$(PY) bash scripts/services.sh broker
