@@ -44,6 +44,7 @@ class Sizes(msgspec.Struct, frozen=True):
     # Enough that p99 is ten requests, not three: one stall alone does not decide it.
     tail_samples: int = 1000
     burst_concurrency: tuple[int, ...] = (64, 256)
+    burst_latency_s: float = 1.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -64,6 +65,7 @@ class Sizes(msgspec.Struct, frozen=True):
             stream_flush_ms=(StreamConfig().flush_ms,),
             tail_samples=10,
             burst_concurrency=(8,),
+            burst_latency_s=0.2,
         )
 
 

@@ -31,7 +31,6 @@ from multillm.bench.harness import Bench, CpuShares, free_port, python_module
 from multillm.schemas import encode
 from multillm.testbed.processes import ChildProcess, write_worker_config
 
-BURST_LATENCY_S = 1.0
 BURST_WAVES = 4
 
 
@@ -120,8 +119,9 @@ def burst(bench: Bench, sizes: Sizes) -> Section:
     make = requests_for(ONE)
     rows: list[list[str]] = []
     verdicts: list[str] = []
-    bound = BURST_WAVES * BURST_LATENCY_S
-    with foreign_mock(bench, BURST_LATENCY_S * 1000) as (url, config):
+    latency_s = sizes.burst_latency_s
+    bound = BURST_WAVES * latency_s
+    with foreign_mock(bench, latency_s * 1000) as (url, config):
         for concurrency in sizes.burst_concurrency:
             total = BURST_WAVES * concurrency
             alone = {client: _calls_alone(url, client, concurrency, total) for client in ("aiohttp", "sdk")}
@@ -161,7 +161,7 @@ def burst(bench: Bench, sizes: Sizes) -> Section:
     bench.purge()
     return Section(
         name="burst",
-        title=f"12. A burst: {BURST_WAVES}x the concurrency at once, model latency {BURST_LATENCY_S:g} s",
+        title=f"12. A burst: {BURST_WAVES}x the concurrency at once, model latency {latency_s:g} s",
         headers=[
             "concurrency",
             "system",
@@ -175,7 +175,7 @@ def burst(bench: Bench, sizes: Sizes) -> Section:
         notes=[
             f"multillm: a fresh `worker primary --concurrency C` per row; a raw pika caller publishes "
             f"{BURST_WAVES}*C requests without waiting for confirms, then waits for every reply on direct "
-            f"reply-to. Times run from the first publish. Bound: {BURST_WAVES} waves of {BURST_LATENCY_S:g} s "
+            f"reply-to. Times run from the first publish. Bound: {BURST_WAVES} waves of {latency_s:g} s "
             f"= {bound:g} s.",
             "The same calls with no broker, from one asyncio process (`python -m multillm.bench.bare burst`): "
             "through the openai SDK's typed `create` over its aiohttp transport, and through aiohttp alone. "
