@@ -69,7 +69,8 @@ def is_direct_reply_to(reply_to: str) -> bool:
     mandatory publish to it comes back as unroutable even when it was delivered (RabbitMQ's
     direct reply-to guide says so), so replies to it go out not mandatory.
     """
-    return reply_to.startswith(DIRECT_REPLY_TO)
+    # With the dot: any other `amq.rabbitmq.reply-to…` name is no caller's, and unroutable like any other.
+    return reply_to.startswith(DIRECT_REPLY_TO + ".")
 
 
 # Queue names the broker keeps for itself (direct reply-to among them): never declared by us.

@@ -78,3 +78,46 @@ def test_a_watched_future_fails_when_the_session_ends_and_at_once_after(broker_u
         await session.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_frames_of_one_turn_reach_the_socket_as_one_write_in_their_order(broker_url: str) -> None:
+    queue = "amqp-session-coalescing"
+
+    async def scenario() -> None:
+        session = await AmqpSession.open(pika.URLParameters(broker_url))
+        channel = session.channel
+        assert channel is not None
+        await session.call(channel.queue_declare, queue, durable=False)
+        await session.call(channel.queue_purge, queue)
+        # pika's own transport, watched as it is handed the bytes: it still sends them itself.
+        transport = session.connection._transport
+        handed = transport.write
+        writes: list[bytes] = []
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            handed(data)
+
+        transport.write = write
+        for i in range(50):  # 150 frames in one turn: method, header and body each
+            channel.basic_publish("", queue, str(i).encode())
+        assert writes == []  # nothing before the turn is over
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(writes) == 1
+        await session.call(channel.queue_declare, queue, passive=True)  # a round trip: all of it arrived
+        assert len(writes) == 2
+        await session.aclose()
+
+    asyncio.run(scenario())
+    # What the broker holds, read by a plain pika client: all fifty, in the order they were published.
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        bodies = []
+        while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            bodies.append(got[2])
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+    assert bodies == [str(i).encode() for i in range(50)]

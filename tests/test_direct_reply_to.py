@@ -58,3 +58,12 @@ def test_a_caller_on_direct_reply_to_gets_its_reply(start_worker: StartWorker, b
         connection.close()
     assert dead.method.message_count == 0
     assert "reply.unroutable" not in worker.log_text()
+
+
+def test_only_the_names_the_broker_gives_direct_reply_to_callers_are_taken_for_them() -> None:
+    # The broker rewrites `amq.rabbitmq.reply-to` to `amq.rabbitmq.reply-to.<token>` on delivery.
+    assert contract.is_direct_reply_to("amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMjM0NTY3OAAAAAAAAAAA")
+    # Anything else is a queue's name like any other: published mandatory, dead-lettered if unroutable.
+    assert not contract.is_direct_reply_to("amq.rabbitmq.reply-tox")
+    assert not contract.is_direct_reply_to("multillm.reply.amq.rabbitmq.reply-to.x")
+    assert not contract.is_direct_reply_to("my-replies")

@@ -81,16 +81,14 @@ def test_a_call_slot_is_free_again_when_its_call_returns_not_when_its_record_is_
     replies.declare()
     replies.close()
     start_worker("primary", concurrency=1)
-    mock = mock_control
-    mock.clear_calls()
     with psycopg.connect(sink_url) as blocker:
         blocker.execute(f"LOCK TABLE {contract.LOG_TABLE} IN ACCESS EXCLUSIVE MODE")
         first = client.publish(make_request(["mock/a"], "first"), reply_to=REPLIES)
         second = client.publish(make_request(["mock/a"], "second"), reply_to=REPLIES)
         _wait_for_waiting_insert(sink_url)
         deadline = time.monotonic() + 20
-        while [c.prompt for c in mock.calls()] != ["first", "second"]:
-            assert time.monotonic() < deadline, f"the second call never began: {mock.calls()}"
+        while [c.prompt for c in mock_control.calls()] != ["first", "second"]:
+            assert time.monotonic() < deadline, f"the second call never began: {mock_control.calls()}"
             time.sleep(0.05)
         assert not collect_replies(broker_url, REPLIES, 1, idle_timeout=0.5)  # no reply before its record
         blocker.rollback()

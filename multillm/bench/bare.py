@@ -196,9 +196,13 @@ class DirectCaller:
         if confirms:
             self._channel.confirm_delivery()
         self._answers: dict[str, float] = {}
+        self._errors: list[str] = []
         self._channel.basic_consume(contract.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
 
-    def _on_reply(self, _channel: BlockingChannel, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+    def _on_reply(self, _channel: BlockingChannel, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        if props.type == contract.TYPE_ERROR:
+            # An error answers as fast as a completion or faster: counted as one, it would flatter the figures.
+            self._errors.append(f"{props.type}: {body[:300].decode(errors='replace')}")
         self._answers[props.correlation_id] = time.perf_counter()
 
     def _publish(self, queue: str, body: bytes) -> str:
@@ -215,6 +219,8 @@ class DirectCaller:
     def _wait(self, correlation_ids: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not correlation_ids <= self._answers.keys():
+            if self._errors:
+                raise RuntimeError(f"{len(self._errors)} requests answered with an error, the first: {self._errors[0]}")
             if time.monotonic() > deadline:
                 missing = len(correlation_ids - self._answers.keys())
                 raise TimeoutError(f"{missing} of {len(correlation_ids)} replies did not come within {timeout:g}s")
@@ -282,6 +288,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256, help="burst: calls in all")
     parser.add_argument("--client", choices=["sdk", "aiohttp"], default="sdk", help="burst: what calls")
     args = parser.parse_args()
+    if args.mode in ("loop", "burst") and not args.mock_url:
+        parser.error(f"{args.mode} needs --mock-url")
+    if args.mode in ("echo", "loop") and not args.broker_url:
+        parser.error(f"{args.mode} needs --broker-url")
     if args.mode == "burst":
         ended = burst(args.mock_url, args.concurrency, args.requests, args.client)
         print(msgspec.json.encode(ended).decode())

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
-import os
-import signal
 
 from aiohttp import web
 
@@ -42,7 +39,6 @@ def app(latency_s: float) -> web.Application:
                 ],
                 "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17},
             },
-            dumps=json.dumps,
         )
 
     application = web.Application()
@@ -55,7 +51,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # run_app ends cleanly on SIGTERM (its own handler), which is how the benchmark stops it.
     web.run_app(app(args.latency_ms / 1000), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 

@@ -66,14 +66,14 @@ def tail(bench: Bench, sizes: Sizes) -> Section:
     bench.declare(ONE)
     count = sizes.tail_samples
     make = requests_for(ONE)
-    bodies = [encode(make(i)) for i in range(count + 20)]
+    bodies = [encode(make(i)) for i in range(count)]  # the warm-up sends the first 20 again
     echo = python_module("multillm.bench.bare", "echo", "--broker-url", bench.broker_url)
     with (
         foreign_mock(bench, 0) as (url, config),
         bench.child(echo, bare.ECHO_QUEUE),
         primary(bench, 4, config=config),
+        openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as sdk,
     ):
-        sdk = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         caller = bare.DirectCaller(bench.broker_url)
         try:
 

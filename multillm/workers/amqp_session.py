@@ -21,23 +21,26 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 
 class CoalescingConnection(AsyncioConnection):  # type: ignore[misc]  # pika has no type hints
-    """pika's `AsyncioConnection`, writing each turn of the loop's frames to the socket at once.
+    """pika's `AsyncioConnection`, writing the frames of each turn of the loop as one write.
 
     pika hands its transport every frame on its own (a publish is three, an ack one), and the
     transport sends each with a `send` of its own. A reply, the record for the stream and an ack
     were seven system calls on the loopback, each waking the broker: the largest item of a
     worker's own CPU in a burst (docs/benchmarks.md, "Seen from outside"). Here the frames of
-    one turn are joined and go to the transport as one write, at the end of the turn; pika's
-    transport itself only sends once the loop sees the socket writable, so nothing is later.
+    one turn are joined and reach the transport early in the next turn, in the order pika
+    made them. The transport sends them once the loop next finds the socket writable: one turn
+    later than pika alone. The benchmark saw no cost in that, and sending at once would take
+    calling a private method of pika's transport (docs/benchmarks.md, "Seen from outside").
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # Before pika's own __init__, which may already write (the protocol header).
         self._frames: list[bytes] = []
+        super().__init__(*args, **kwargs)
 
     def _adapter_emit_data(self, data: bytes) -> None:
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self._flush_frames)
+            self.ioloop.call_soon(self._flush_frames)
         self._frames.append(data)
 
     def _flush_frames(self) -> None:

@@ -147,7 +147,7 @@ class Link:
         return delivery.generation == self.generation and self.session.is_open
 
     def publish(self, messages: Sequence[Outgoing]) -> asyncio.Future[list[bool]]:
-        """Publish `messages` now, mandatory and confirmed, without waiting.
+        """Publish `messages` now, confirmed (and mandatory unless one says otherwise), without waiting.
 
         The future gets, per message, whether a queue took it (False: unroutable, refused
         by the broker, or not even encodable); it fails with the reason if the link is lost

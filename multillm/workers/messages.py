@@ -45,8 +45,9 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message to publish, with a confirm, and mandatory unless `mandatory` is False (a record for the
-    records' stream, which no queue may be bound to: then the broker's confirm is the whole of it).
+    """A message to publish, with a confirm, and mandatory unless `mandatory` is False: a record for the
+    records' stream, which no queue may be bound to, and a reply to a direct reply-to name, which the
+    broker returns even when it delivered it. For those, the broker's confirm is the whole of it.
 
     `kind`, `about` and `code` say what it is, for the metrics, by whoever builds it:
     `about` is the model of a fan-out copy or the source queue of a dead letter, and
