@@ -51,11 +51,17 @@ class Works:
         return work
 
 
+def _admitted(concurrency: int, count: int) -> tuple[Admission, Works]:
+    """`count` works (0, 1, ...) admitted in order to an `Admission(concurrency)`."""
+    admission, works = Admission(concurrency), Works()
+    for i in range(count):
+        admission.admit(_delivery(i), works.work(i))
+    return admission, works
+
+
 def test_at_most_concurrency_works_run_and_the_rest_begin_in_order() -> None:
     async def scenario() -> None:
-        admission, works = Admission(2), Works()
-        for i in range(5):
-            admission.admit(_delivery(i), works.work(i))
+        admission, works = _admitted(2, 5)
         await _turns()
         assert works.began == [0, 1]
         works.gates[1].set()
@@ -94,9 +100,7 @@ def test_a_slot_given_back_early_is_given_back_once() -> None:
 
 def test_cancelled_works_give_their_slots_back() -> None:
     async def scenario() -> None:
-        admission, works = Admission(1), Works()
-        admission.admit(_delivery(0), works.work(0))
-        admission.admit(_delivery(1), works.work(1))
+        admission, works = _admitted(1, 2)
         await _turns()
         await admission.cancel()  # past the grace period: the running one and the waiting one
         assert works.began == [0] and admission.running == 0
@@ -111,9 +115,7 @@ def test_cancelled_works_give_their_slots_back() -> None:
 
 def test_deliveries_taken_back_while_they_wait_never_begin() -> None:
     async def scenario() -> None:
-        admission, works = Admission(1), Works()
-        for i in range(3):
-            admission.admit(_delivery(i), works.work(i))
+        admission, works = _admitted(1, 3)
         await _turns()
         assert [d.tag for d in admission.take_waiting()] == [1, 2]
         works.gates[0].set()

@@ -202,7 +202,7 @@ class DirectCaller:
     def _on_reply(self, _channel: BlockingChannel, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
         if props.type == contract.TYPE_ERROR:
             # An error answers as fast as a completion or faster: counted as one, it would flatter the figures.
-            self._errors.append(f"{props.type}: {body[:300].decode(errors='replace')}")
+            self._errors.append(body[:300].decode(errors="replace"))
         self._answers[props.correlation_id] = time.perf_counter()
 
     def _publish(self, queue: str, body: bytes) -> str:

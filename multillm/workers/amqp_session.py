@@ -34,7 +34,7 @@ class CoalescingConnection(AsyncioConnection):  # type: ignore[misc]  # pika has
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Before pika's own __init__, which may already write (the protocol header).
+        # Before pika's own __init__, which sets the connection going: whatever it writes finds the list.
         self._frames: list[bytes] = []
         super().__init__(*args, **kwargs)
 
